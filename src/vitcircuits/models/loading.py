@@ -102,15 +102,18 @@ def hub_file(repo_id: str, filename: str) -> Path:
 
     try:
         return Path(hf_hub_download(repo_id, filename, etag_timeout=5))
-    except EntryNotFoundError:
-        raise
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
-        raise WeightsNotFoundError(
-            f"cannot get {filename} of hub repository {repo_id!r} (offline, or not in the HF cache): {type(err).__name__}. "
-            f"Provide the weights by pre-downloading on a machine with network "
-            f"(`hf download {repo_id}`, then copy its HF cache and point HF_HOME at it) "
-            f"or by passing --model with a folder holding that repository's config.json and model.safetensors."
-        ) from err
+    except EntryNotFoundError as err:
+        if not isinstance(err, LocalEntryNotFoundError):
+            raise
+        failure = err
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        failure = err
+    raise WeightsNotFoundError(
+        f"cannot get {filename} of hub repository {repo_id!r} (offline, or not in the HF cache): {type(failure).__name__}. "
+        f"Provide the weights by pre-downloading on a machine with network "
+        f"(`hf download {repo_id}`, then copy its HF cache and point HF_HOME at it) "
+        f"or by passing --model with a folder holding that repository's config.json and model.safetensors."
+    ) from failure
 
 
 def _hub_weights(repo_id: str) -> Path:

@@ -1,0 +1,3 @@
+from vitcircuits.cli import app
+
+app(prog_name="vitcircuits")

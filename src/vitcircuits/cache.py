@@ -1,0 +1,119 @@
+"""Per-token activations at chosen hooks, streamed to safetensors shards with bounded memory.
+
+Each shard holds, for every cached hook, a ``[rows, width]`` tensor (trailing dims flattened,
+e.g. ``hook_z`` ``[rows, H*Dh]``), plus per-row ``image_index`` (position in the image list),
+``token`` (sequence index), ``row`` and ``col`` (patch grid position; -1 for CLS, distillation
+and register tokens). Memory holds at most one shard's rows. ``index.json`` lists the
+finished shards and the images they cover, so an interrupted run resumes after the last one.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from vitcircuits.data.loader import ImageBatch
+from vitcircuits.models.hooked_vit import HookedViT
+from vitcircuits.runs import write_json, write_with
+
+PER_TOKEN_SUFFIXES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
+                      "hook_normalized", "hook_q", "hook_k", "hook_v", "hook_z", "hook_pre", "hook_post", "hook_result")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """What to cache and how to shard it."""
+
+    hooks: tuple[str, ...]
+    """Hook names with one vector per token (residual, ln, q/k/v/z, mlp pre/post, outputs)."""
+    include_prefix: bool = False
+    """Also keep CLS/distillation/register tokens (row = col = -1)."""
+    shard_rows: int = 65536
+    """Rows per shard file; memory holds at most about one shard."""
+    dtype: str = "float32"
+    """Storage dtype of the activations (``float32``, ``float16``, ``bfloat16``)."""
+
+
+def check_hooks(model: HookedViT, hooks: tuple[str, ...]) -> None:
+    for name in hooks:
+        if name not in model.hook_dict:
+            raise ValueError(f"unknown hook {name!r}; `vitcircuits info MODEL` lists the hook names")
+        if name.startswith("ln_final") and model.cfg.final_norm == "pooled" or not name.endswith(PER_TOKEN_SUFFIXES):
+            raise ValueError(f"hook {name!r} is not per-token; cache takes per-token hooks such as blocks.3.hook_resid_post")
+
+
+class ShardWriter:
+    """Collects rows and writes a shard whenever ``shard_rows`` are reached."""
+
+    def __init__(self, out_dir: Path, config: CacheConfig) -> None:
+        self.out_dir = out_dir
+        self.config = config
+        self.index_path = out_dir / "index.json"
+        self.index = json.loads(self.index_path.read_text()) if self.index_path.exists() else {"config": asdict(config), "shards": []}
+        if self.index["config"] != json.loads(json.dumps(asdict(config))):
+            raise ValueError(f"{self.index_path}: existing cache was made with a different config; use a new --out or --force")
+        self.pending: list[dict[str, torch.Tensor]] = []
+        self.pending_rows = 0
+        self.pending_images: list[int] = []
+
+    @property
+    def done_images(self) -> set[int]:
+        return {i for shard in self.index["shards"] for i in shard["images"]}
+
+    def add(self, rows: dict[str, torch.Tensor], image_indices: list[int]) -> None:
+        self.pending.append(rows)
+        self.pending_rows += next(iter(rows.values())).shape[0]
+        self.pending_images.extend(image_indices)
+        if self.pending_rows >= self.config.shard_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        tensors = {k: torch.cat([p[k] for p in self.pending]).contiguous() for k in self.pending[0]}
+        name = f"shard_{len(self.index['shards']):05d}.safetensors"
+        write_with(self.out_dir / name, lambda tmp: save_file(tensors, str(tmp)))
+        self.index["shards"].append({"file": name, "rows": self.pending_rows, "images": self.pending_images})
+        write_json(self.index_path, self.index)
+        self.pending, self.pending_rows, self.pending_images = [], 0, []
+
+
+def token_positions(model: HookedViT, include_prefix: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``token``, ``row``, ``col`` for the kept tokens of one image."""
+    layout = model.layout
+    start = 0 if include_prefix else layout.patch_start
+    token = torch.arange(start, layout.n_tokens)
+    patch = token - layout.patch_start
+    row = torch.where(patch >= 0, patch // layout.cols, -1)
+    col = torch.where(patch >= 0, patch % layout.cols, -1)
+    return token, row, col
+
+
+@torch.no_grad()
+def cache_batch(model: HookedViT, batch: ImageBatch, config: CacheConfig) -> dict[str, torch.Tensor]:
+    """Rows for one batch: every kept token of every image, hooks flattened to ``[rows, width]``."""
+    _, acts = model.run_with_cache(batch.images_BCHW, names_filter=list(config.hooks))
+    token, row, col = token_positions(model, config.include_prefix)
+    B, T = len(batch.indices), token.numel()
+    dtype = getattr(torch, config.dtype)
+    rows = {name: acts[name][:, token].reshape(B * T, -1).to("cpu", dtype) for name in config.hooks}
+    rows["image_index"] = torch.tensor(batch.indices).repeat_interleave(T)
+    rows["token"], rows["row"], rows["col"] = token.repeat(B), row.repeat(B), col.repeat(B)
+    return rows
+
+
+def without_images(batch: ImageBatch, done: set[int]) -> ImageBatch:
+    """The batch minus images already cached (for resuming)."""
+    keep = [j for j, i in enumerate(batch.indices) if i not in done]
+    if len(keep) == len(batch.indices):
+        return batch
+    return replace(
+        batch,
+        images_BCHW=batch.images_BCHW[keep],
+        indices=tuple(batch.indices[j] for j in keep),
+        paths=tuple(batch.paths[j] for j in keep),
+        labels_B=None if batch.labels_B is None else batch.labels_B[keep],
+    )

@@ -1,0 +1,184 @@
+"""The ``vitcircuits`` command line. Every command that takes ``--model`` also takes
+``--img-size``, ``--device``, ``--dtype``, ``--batch-size``, ``--max-images`` and ``--seed``,
+with the same meaning everywhere, and writes a run folder given by ``--out``."""
+from __future__ import annotations
+
+import logging
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vitcircuits.cache import CacheConfig, ShardWriter, cache_batch, check_hooks, without_images
+from vitcircuits.hunt import HuntConfig, hunt
+from vitcircuits.inputs import ImageOptions, ModelOptions, images_manifest
+from vitcircuits.runs import Run, RunFolderError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Mechanistic interpretability of Vision Transformers.")
+console = Console(stderr=True)
+
+ModelArg = Annotated[str, typer.Option("--model", "-m", help="timm name, hub id, folder, or weights file (with --arch)")]
+ImagesArg = Annotated[str, typer.Option("--images", "-i", help="file, folder, list .txt, glob, bundled:NAME or hf:DATASET[:SPLIT]")]
+OutArg = Annotated[Path, typer.Option("--out", "-o", help="run folder to write")]
+ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="timm architecture of a bare weights file")]
+ImgSizeOpt = Annotated[Optional[int], typer.Option("--img-size", help="input size; position embeddings are resampled as timm does")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="images per forward pass")]
+MaxImagesOpt = Annotated[Optional[int], typer.Option("--max-images", min=1, help="use the first N images")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="seed for everything random")]
+WorkersOpt = Annotated[int, typer.Option("--num-workers", min=0, help="image-decoding worker processes")]
+RandomOpt = Annotated[bool, typer.Option("--random-weights", help="use seeded random weights (stated in the manifest)")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="write into a non-empty --out folder")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue a run in a non-empty --out folder")]
+
+BUNDLED_MODEL = "cifar10-vit"
+
+
+def bundled_model_path(name: str = BUNDLED_MODEL) -> str:
+    return str(resources.files("vitcircuits") / "assets" / "organisms" / name)
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False)
+    raise typer.Exit(code=2)
+
+
+@app.callback()
+def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@app.command()
+def info(
+    model: Annotated[str, typer.Argument(help="timm name, hub id, folder, or weights file (with --arch)")],
+    arch: ArchOpt = None,
+    img_size: ImgSizeOpt = None,
+    random_weights: RandomOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+) -> None:
+    """Architecture, token layout and hook names of a model."""
+    try:
+        loaded = ModelOptions(model, arch, img_size, random_weights, device, dtype).load()
+    except Exception as err:  # noqa: BLE001 - every load failure is reported as one line
+        _fail(err)
+    cfg, layout = loaded.model.cfg, loaded.model.layout
+    out = Console()
+    table = Table(title=f"{loaded.model_id}", show_header=False)
+    for key, value in [
+        ("family", loaded.family), ("architecture", str(loaded.arch)),
+        ("weights sha256", loaded.weights_sha256 or "RANDOM (--random-weights)"),
+        *[(k, str(v)) for k, v in cfg.to_dict().items()],
+        ("grid (rows, cols)", f"{layout.rows} x {layout.cols}"),
+        ("token layout", f"cls={layout.cls_index} dist={layout.dist_index} registers={list(range(*layout.register_slice))} "
+                         f"patches={layout.patch_start}..{layout.n_tokens - 1}"),
+    ]:
+        table.add_row(key, value)
+    out.print(table)
+    block_hooks = sorted({n.split(".", 2)[2] for n in loaded.model.hook_names if n.startswith("blocks.0.")})
+    other = [n for n in loaded.model.hook_names if not n.startswith("blocks.")]
+    out.print("hook names: " + ", ".join(other))
+    out.print(f"per block (blocks.{{0..{cfg.n_layers - 1}}}.): " + ", ".join(block_hooks))
+
+
+@app.command()
+def cache(
+    model: ModelArg,
+    images: ImagesArg,
+    out: OutArg,
+    hooks: Annotated[str, typer.Option("--hooks", help="comma-separated per-token hook names")],
+    include_prefix: Annotated[bool, typer.Option("--include-prefix", help="also keep CLS/registers (row=col=-1)")] = False,
+    shard_rows: Annotated[int, typer.Option("--shard-rows", min=1, help="rows per shard")] = 65536,
+    arch: ArchOpt = None,
+    img_size: ImgSizeOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    batch_size: BatchOpt = 32,
+    max_images: MaxImagesOpt = None,
+    seed: SeedOpt = 0,
+    num_workers: WorkersOpt = 0,
+    random_weights: RandomOpt = False,
+    force: ForceOpt = False,
+    resume: ResumeOpt = False,
+) -> None:
+    """Cache per-token activations to safetensors shards, keeping (image, row, col) per row."""
+    model_opts = ModelOptions(model, arch, img_size, random_weights, device, dtype, seed)
+    image_opts = ImageOptions(images, batch_size, max_images, num_workers)
+    cache_cfg = CacheConfig(tuple(h.strip() for h in hooks.split(",") if h.strip()), include_prefix, shard_rows)
+    try:
+        run = Run.create(out, "cache", {"model": model_opts.to_dict(), "images": image_opts.to_dict(),
+                                        "cache": cache_cfg.__dict__}, force=force, resume=resume)
+        loaded = model_opts.load()
+        check_hooks(loaded.model, cache_cfg.hooks)
+        writer = ShardWriter(run.path, cache_cfg)
+    except Exception as err:  # noqa: BLE001
+        _fail(err)
+    run.write_manifest(model=loaded.manifest(), seed=seed)
+    done = writer.done_images
+    batches = image_opts.batches(loaded)
+    with run.timed("cache"):
+        for batch in batches:
+            todo = without_images(batch, done)
+            if todo.indices:
+                writer.add(cache_batch(loaded.model, todo, cache_cfg), list(todo.indices))
+        writer.flush()
+    run.write_manifest(images=images_manifest(batches), outputs={"shards": len(writer.index["shards"]),
+                                                                  "rows": sum(s["rows"] for s in writer.index["shards"])})
+    console.print(f"wrote {len(writer.index['shards'])} shard(s) to {run.path}")
+
+
+@app.command(name="hunt")
+def hunt_cmd(
+    model: ModelArg,
+    images: ImagesArg,
+    out: OutArg,
+    arch: ArchOpt = None,
+    img_size: ImgSizeOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    batch_size: BatchOpt = 32,
+    max_images: MaxImagesOpt = None,
+    seed: SeedOpt = 0,
+    num_workers: WorkersOpt = 0,
+    random_weights: RandomOpt = False,
+    force: ForceOpt = False,
+    resume: ResumeOpt = False,
+) -> None:
+    """Run every stage on a model and images and write report.html."""
+    try:
+        report = hunt(str(out), ModelOptions(model, arch, img_size, random_weights, device, dtype, seed),
+                      ImageOptions(images, batch_size, max_images, num_workers), HuntConfig(), force=force, resume=resume)
+    except (RunFolderError, FileNotFoundError, ValueError, RuntimeError) as err:
+        _fail(err)
+    Console().print(f"report: {report}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="run folder to write")] = Path("runs/demo"),
+    device: DeviceOpt = "auto",
+    max_images: MaxImagesOpt = None,
+    force: Annotated[bool, typer.Option("--force/--no-force", help="overwrite --out")] = True,
+) -> None:
+    """`hunt` on the bundled CIFAR-10 organism and bundled images, offline."""
+    hunt_cmd(bundled_model_path(), "bundled:cifar10", out, device=device, max_images=max_images, batch_size=100, force=force)
+
+
+@app.command(name="train-organism")
+def train_organism(
+    zip_path: Annotated[Path, typer.Option("--zip", help="CIFAR-10 JPEG zip (train/<class>/*.jpg, test/<class>/*.jpg)")],
+    out: OutArg,
+    seed: SeedOpt = 0,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="override the default epochs")] = None,
+) -> None:
+    """Train the bundled CIFAR-10 ViT organism (reproducible from the seed)."""
+    from vitcircuits.models.organisms.cifar import CifarOrganismConfig, train_cifar_organism
+
+    cfg = CifarOrganismConfig(seed=seed) if epochs is None else CifarOrganismConfig(seed=seed, epochs=epochs)
+    metrics = train_cifar_organism(cfg, zip_path, out)
+    Console().print(f"test accuracy {metrics['test_accuracy']:.4f}, checkpoint in {out}")

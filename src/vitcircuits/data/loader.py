@@ -1,0 +1,262 @@
+"""Preprocessed batches from a resolved :class:`ImageSource`, with the bad-input policy applied.
+
+Decoding and preprocessing run in the :class:`ImageDataset` (so in DataLoader worker processes when
+``num_workers > 0``). A bad input becomes a :class:`SkippedImage` record that travels back inside
+its batch; only the main process (:class:`ImageBatches`) warns about it and records it, so each
+failure is reported exactly once however many workers there are.
+
+Typical use::
+
+    source = resolve_source("bundled:cifar10", max_images=256)
+    config = PreprocessConfig.from_pretrained_cfg(model.pretrained_cfg)
+    batches = iter_batches(source, config, batch_size=64, num_workers=2)
+    for batch in batches:
+        logits_BK = model(batch.images_BCHW)
+    manifest["images"] = batches.summary()
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch.utils.data import DataLoader, Dataset
+
+from vitcircuits.data.images import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_SIZE,
+    BadImage,
+    ImageItem,
+    ImageSource,
+    SkippedImage,
+    open_item,
+)
+from vitcircuits.data.transforms import PreprocessConfig, preprocess_image
+
+logger = logging.getLogger("vitcircuits.data")
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """A successfully decoded and preprocessed input.
+
+    Attributes:
+        index: ``ImageItem.index`` (position in the source order).
+        id: ``ImageItem.id``.
+        label: class index, or None if unknown.
+        image_CHW: preprocessed float32 tensor [3, H, W].
+    """
+
+    index: int
+    id: str
+    label: int | None
+    image_CHW: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ImageBatch:
+    """One batch; failed inputs are dropped from the tensors and listed in ``skipped``.
+
+    Attributes:
+        images_BCHW: preprocessed float32 images [B, 3, H, W] (B may be 0 from ``make_loader``).
+        indices: source position of each image (``ImageItem.index``), length B.
+        paths: id of each image (``ImageItem.id``), length B.
+        labels_B: int64 class indices [B] with -1 where unknown; None if no image has a label.
+        skipped: inputs of this batch dropped by the bad-input policy.
+    """
+
+    images_BCHW: torch.Tensor
+    indices: tuple[int, ...]
+    paths: tuple[str, ...]
+    labels_B: torch.Tensor | None
+    skipped: tuple[SkippedImage, ...]
+
+
+@dataclass(frozen=True)
+class LoadSummary:
+    """What a pass over a source produced, for the run manifest.
+
+    Attributes:
+        spec: the source spec.
+        n_total: number of selected inputs (after ``max_images`` / sampling).
+        n_ok: inputs decoded and yielded in batches.
+        skipped: inputs dropped by the bad-input policy, sorted by index.
+        image_list_sha256: :func:`image_list_sha256` of the selected inputs.
+    """
+
+    spec: str
+    n_total: int
+    n_ok: int
+    skipped: tuple[SkippedImage, ...]
+    image_list_sha256: str
+
+
+class SkipLog:
+    """Collects skipped inputs and warns exactly once per input (keyed by ``index``)."""
+
+    def __init__(self) -> None:
+        self._by_index: dict[int, SkippedImage] = {}
+
+    def record(self, skipped: SkippedImage) -> None:
+        """Warn on logger ``vitcircuits.data`` and remember ``skipped``, unless already recorded."""
+        if skipped.index in self._by_index:
+            return
+        self._by_index[skipped.index] = skipped
+        logger.warning("skipped image %s: %s", skipped.id, skipped.reason)
+
+    @property
+    def skipped(self) -> tuple[SkippedImage, ...]:
+        """All recorded inputs, sorted by source index."""
+        return tuple(self._by_index[i] for i in sorted(self._by_index))
+
+    def __len__(self) -> int:
+        return len(self._by_index)
+
+
+def image_list_sha256(source: ImageSource) -> str:
+    """SHA-256 hex digest of the ordered item ids joined by newlines (UTF-8)."""
+    return hashlib.sha256("\n".join(source.ids).encode("utf-8")).hexdigest()
+
+
+class ImageDataset(Dataset):
+    """Map-style dataset over items: ``dataset[i]`` is a :class:`LoadedImage` or a :class:`SkippedImage`."""
+
+    def __init__(
+        self,
+        items: Sequence[ImageItem],
+        config: PreprocessConfig,
+        *,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        min_size: int = DEFAULT_MIN_SIZE,
+    ) -> None:
+        self.items = tuple(items)
+        self.config = config
+        self.max_pixels = max_pixels
+        self.min_size = min_size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, position: int) -> LoadedImage | SkippedImage:
+        item = self.items[position]
+        try:
+            image = open_item(item, max_pixels=self.max_pixels, min_size=self.min_size)
+        except BadImage as exc:
+            return SkippedImage(index=item.index, id=item.id, reason=str(exc))
+        return LoadedImage(item.index, item.id, item.label, preprocess_image(image, self.config))
+
+
+def collate_records(
+    records: Sequence[LoadedImage | SkippedImage], *, input_size: tuple[int, int]
+) -> ImageBatch:
+    """Stack the loaded records of one batch; failures go to ``ImageBatch.skipped``."""
+    loaded = [r for r in records if isinstance(r, LoadedImage)]
+    images_BCHW = torch.stack([r.image_CHW for r in loaded]) if loaded else torch.empty(0, 3, *input_size)
+    labels = [r.label for r in loaded]
+    has_labels = any(label is not None for label in labels)
+    labels_B = torch.tensor([-1 if label is None else label for label in labels], dtype=torch.int64)
+    return ImageBatch(
+        images_BCHW=images_BCHW,
+        indices=tuple(r.index for r in loaded),
+        paths=tuple(r.id for r in loaded),
+        labels_B=labels_B if has_labels else None,
+        skipped=tuple(r for r in records if isinstance(r, SkippedImage)),
+    )
+
+
+def make_loader(
+    source: ImageSource,
+    config: PreprocessConfig,
+    *,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_size: int = DEFAULT_MIN_SIZE,
+) -> DataLoader:
+    """A DataLoader of :class:`ImageBatch` in source order.
+
+    Skipped inputs are only carried in ``ImageBatch.skipped`` (not warned about); use
+    :func:`iter_batches` to apply the bad-input policy.
+    """
+    dataset = ImageDataset(source.items, config, max_pixels=max_pixels, min_size=min_size)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=functools.partial(collate_records, input_size=config.input_size),
+    )
+
+
+class ImageBatches:
+    """Iterable of non-empty :class:`ImageBatch` that warns about and records every skipped input.
+
+    Each iteration is a fresh pass; :meth:`summary` describes the latest (possibly partial) pass.
+    """
+
+    def __init__(self, source: ImageSource, loader: DataLoader, *, progress: bool = True) -> None:
+        self.source = source
+        self.loader = loader
+        self.progress = progress
+        self.skip_log = SkipLog()
+        self.n_ok = 0
+
+    def __len__(self) -> int:
+        """Number of DataLoader batches (an upper bound on the batches yielded)."""
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[ImageBatch]:
+        self.skip_log = SkipLog()
+        self.n_ok = 0
+        columns = (TextColumn("images"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=Console(stderr=True), disable=not self.progress) as bar:
+            task = bar.add_task("images", total=len(self.source))
+            for batch in self.loader:
+                for skipped in batch.skipped:
+                    self.skip_log.record(skipped)
+                self.n_ok += len(batch.indices)
+                bar.advance(task, len(batch.indices) + len(batch.skipped))
+                if batch.indices:
+                    yield batch
+
+    def summary(self) -> LoadSummary:
+        """Counts, skipped inputs and image list hash of the latest pass."""
+        return LoadSummary(
+            spec=self.source.spec,
+            n_total=len(self.source),
+            n_ok=self.n_ok,
+            skipped=self.skip_log.skipped,
+            image_list_sha256=image_list_sha256(self.source),
+        )
+
+
+def iter_batches(
+    source: ImageSource,
+    config: PreprocessConfig,
+    *,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_size: int = DEFAULT_MIN_SIZE,
+    progress: bool = True,
+) -> ImageBatches:
+    """Batches of preprocessed images in source order, bad inputs skipped with one warning each.
+
+    ``num_workers > 0`` decodes in worker processes. ``progress`` shows a rich progress bar (stderr).
+    Batches whose inputs all failed are not yielded. Call ``.summary()`` on the result afterwards.
+    """
+    loader = make_loader(
+        source,
+        config,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        max_pixels=max_pixels,
+        min_size=min_size,
+    )
+    return ImageBatches(source, loader, progress=progress)

@@ -1,0 +1,82 @@
+"""The model and images a command works on, from the options every command shares."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from vitcircuits.data.images import resolve_source
+from vitcircuits.data.loader import ImageBatches, iter_batches
+from vitcircuits.data.transforms import PreprocessConfig
+from vitcircuits.models.loading import LoadedModel, load_model
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How to get the model (same meaning in every command)."""
+
+    model: str
+    """Timm name, hub id (``timm/…``, ``hf-hub:…``, transformers id), folder or weights file."""
+    arch: str | None = None
+    """timm architecture, needed when ``model`` is a bare weights file."""
+    img_size: int | None = None
+    """Input size override; position embeddings are resampled as timm does."""
+    random_weights: bool = False
+    """Build the architecture with seeded random weights (recorded in the manifest)."""
+    device: str = "auto"
+    """``auto`` (cuda if present, else cpu), ``cpu``, ``cuda``, ``cuda:1`` …"""
+    dtype: str = "float32"
+    """``float32``, ``float16`` or ``bfloat16``."""
+    seed: int = 0
+    """Seed for everything random in the command."""
+
+    def load(self) -> LoadedModel:
+        torch.manual_seed(self.seed)
+        return load_model(
+            self.model,
+            arch=self.arch,
+            img_size=self.img_size,
+            random_weights=self.random_weights,
+            seed=self.seed,
+            device=self.device,
+            dtype=self.dtype,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """Which images, and how they are batched."""
+
+    images: str
+    """Image source: file, folder, list file, glob, ``bundled:NAME`` or ``hf:DATASET[:SPLIT]``."""
+    batch_size: int = 32
+    """Images per forward pass."""
+    max_images: int | None = None
+    """Use only the first N images of the source's deterministic order."""
+    num_workers: int = 0
+    """DataLoader worker processes for decoding."""
+
+    def batches(self, loaded: LoadedModel, progress: bool = True) -> ImageBatches:
+        """Preprocessed batches for this model (its pretrained_cfg at its input size)."""
+        config = PreprocessConfig.from_pretrained_cfg(loaded.pretrained_cfg, img_size=loaded.model.cfg.img_size)
+        source = resolve_source(self.images, max_images=self.max_images)
+        return iter_batches(source, config, batch_size=self.batch_size, num_workers=self.num_workers, progress=progress)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def images_manifest(batches: ImageBatches) -> dict:
+    """The manifest's ``images`` section: source, counts, list hash, skipped inputs with reasons."""
+    summary = batches.summary()
+    return {
+        "source": summary.spec,
+        "n_total": summary.n_total,
+        "n_ok": summary.n_ok,
+        "n_skipped": len(summary.skipped),
+        "image_list_sha256": summary.image_list_sha256,
+        "skipped": [{"id": s.id, "reason": s.reason} for s in summary.skipped],
+    }

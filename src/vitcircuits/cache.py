@@ -52,8 +52,9 @@ class ShardWriter:
         self.out_dir = out_dir
         self.config = config
         self.index_path = out_dir / "index.json"
-        self.index = json.loads(self.index_path.read_text()) if self.index_path.exists() else {"config": asdict(config), "shards": []}
-        if self.index["config"] != json.loads(json.dumps(asdict(config))):
+        config_json = json.loads(json.dumps(asdict(config)))
+        self.index = json.loads(self.index_path.read_text()) if self.index_path.exists() else {"config": config_json, "shards": []}
+        if self.index["config"] != config_json:
             raise ValueError(f"{self.index_path}: existing cache was made with a different config; use a new --out or --force")
         self.pending: list[dict[str, torch.Tensor]] = []
         self.pending_rows = 0

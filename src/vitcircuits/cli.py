@@ -13,8 +13,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vitcircuits.cache import CacheConfig, ShardWriter, cache_batch, check_hooks, without_images
-from vitcircuits.hunt import HuntConfig, hunt
 from vitcircuits.inputs import ImageOptions, ModelOptions, images_manifest
 from vitcircuits.runs import Run, RunFolderError
 
@@ -107,6 +105,8 @@ def cache(
     resume: ResumeOpt = False,
 ) -> None:
     """Cache per-token activations to safetensors shards, keeping (image, row, col) per row."""
+    from vitcircuits.cache import CacheConfig, ShardWriter, cache_batch, check_hooks, without_images
+
     model_opts = ModelOptions(model, arch, img_size, random_weights, device, dtype, seed)
     image_opts = ImageOptions(images, batch_size, max_images, num_workers)
     cache_cfg = CacheConfig(tuple(h.strip() for h in hooks.split(",") if h.strip()), include_prefix, shard_rows)
@@ -115,6 +115,8 @@ def cache(
                                         "cache": cache_cfg.__dict__}, force=force, resume=resume)
         loaded = model_opts.load()
         check_hooks(loaded.model, cache_cfg.hooks)
+        if force:
+            run.file("index.json").unlink(missing_ok=True)
         writer = ShardWriter(run.path, cache_cfg)
     except Exception as err:  # noqa: BLE001
         _fail(err)
@@ -150,6 +152,8 @@ def hunt_cmd(
     resume: ResumeOpt = False,
 ) -> None:
     """Run every stage on a model and images and write report.html."""
+    from vitcircuits.hunt import HuntConfig, hunt
+
     try:
         report = hunt(str(out), ModelOptions(model, arch, img_size, random_weights, device, dtype, seed),
                       ImageOptions(images, batch_size, max_images, num_workers), HuntConfig(), force=force, resume=resume)

@@ -17,7 +17,7 @@ REF_ID = "timm/vit_base_patch32_224.augreg_in21k_ft_in1k"
 
 
 def run_cli(args, env_extra, timeout=120):
-    env = {**os.environ, **env_extra}
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"} | env_extra
     return subprocess.run([sys.executable, "-m", "vitcircuits", *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -95,19 +97,38 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _endpoint_reachable(timeout_s: float = 3.0) -> bool:
+    """One TCP connect to the hub endpoint; huggingface_hub itself retries for ~25 s when offline."""
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
 def hub_file(repo_id: str, filename: str) -> Path:
-    """Download (or find in the HF cache) one file of a hub repository."""
-    from huggingface_hub import hf_hub_download
+    """One file of a hub repository: from the HF cache if there, else downloaded. Fails within
+    seconds when offline (``HF_HUB_OFFLINE=1`` or no route to the endpoint)."""
+    from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(hf_hub_download(repo_id, filename, etag_timeout=5))
-    except EntryNotFoundError as err:
-        if not isinstance(err, LocalEntryNotFoundError):
-            raise
+        return Path(hf_hub_download(repo_id, filename, local_files_only=True))
+    except LocalEntryNotFoundError as err:
         failure = err
-    except (HfHubHTTPError, OSError, ValueError) as err:
-        failure = err
+    if not constants.HF_HUB_OFFLINE and _endpoint_reachable():
+        try:
+            return Path(hf_hub_download(repo_id, filename, etag_timeout=5))
+        except EntryNotFoundError as err:
+            if not isinstance(err, LocalEntryNotFoundError):
+                raise
+            failure = err
+        except (HfHubHTTPError, OSError, ValueError) as err:
+            failure = err
     raise WeightsNotFoundError(
         f"cannot get {filename} of hub repository {repo_id!r} (offline, or not in the HF cache): {type(failure).__name__}. "
         f"Provide the weights by pre-downloading on a machine with network "
@@ -119,11 +140,15 @@ def hub_file(repo_id: str, filename: str) -> Path:
 def _hub_weights(repo_id: str) -> Path:
     from huggingface_hub.errors import EntryNotFoundError
 
+    failures: list[Exception] = []
     for filename in WEIGHT_FILES:
         try:
             return hub_file(repo_id, filename)
-        except EntryNotFoundError:
-            continue
+        except (EntryNotFoundError, WeightsNotFoundError) as err:
+            failures.append(err)
+    offline = [f for f in failures if isinstance(f, WeightsNotFoundError)]
+    if offline:
+        raise offline[0]
     raise WeightsNotFoundError(f"hub repository {repo_id!r} has none of {', '.join(WEIGHT_FILES)}")
 
 

@@ -1,20 +1,27 @@
-"""``vitcircuits hunt``: the end-to-end job. Stages so far: overview (model card, accuracy,
-attention maps of every head) → report. Later stages (head atlas, composition, SAEs) slot in
-between."""
+"""``vitcircuits hunt``: every stage, resumable, then ``report.html``.
+
+Stages: overview (model card, predictions/accuracy, attention maps) → heads (the head atlas)
+→ report. Each stage writes its outputs into the run folder; the report is built from those
+files, so it can be rebuilt from a finished or resumed run."""
 from __future__ import annotations
 
 import csv
 import io
-from dataclasses import asdict, dataclass
+import json
+from dataclasses import asdict, dataclass, field
 
 import torch
 
+from vitcircuits.data.transforms import PreprocessConfig
+from vitcircuits.heads.atlas import AtlasConfig
+from vitcircuits.heads.scan import scan_heads, summarize, write_heads_outputs
 from vitcircuits.inputs import ImageOptions, ModelOptions, images_manifest
 from vitcircuits.models.loading import LoadedModel
-from vitcircuits.report import html
 from vitcircuits.report.attention_maps import default_queries, patch_attention, plot_head_grid
 from vitcircuits.report.figures import denormalize
+from vitcircuits.report.page import write_report
 from vitcircuits.runs import Run, write_json, write_text
+from vitcircuits.stages import StageRunner
 
 
 @dataclass(frozen=True)
@@ -22,18 +29,17 @@ class HuntConfig:
     """Options of the hunt that are not about the model or the images."""
 
     n_attention_images: int = 2
-    """Images for which every head's attention map is drawn."""
+    """Images for which every head's attention map is drawn in the overview."""
+    atlas: AtlasConfig = field(default_factory=AtlasConfig)
+    """Head-atlas settings."""
 
 
-@dataclass
-class Overview:
-    accuracy: float | None
-    n_labelled: int
-    figures: list[tuple[str, str]]
+def _preprocess(loaded: LoadedModel) -> PreprocessConfig:
+    return PreprocessConfig.from_pretrained_cfg(loaded.pretrained_cfg, img_size=loaded.model.cfg.img_size)
 
 
 @torch.no_grad()
-def run_overview(run: Run, loaded: LoadedModel, images: ImageOptions, config: HuntConfig) -> Overview:
+def run_overview(run: Run, loaded: LoadedModel, images: ImageOptions, config: HuntConfig) -> None:
     """Predictions (and accuracy where labels exist) over all images, and attention-map grids."""
     model = loaded.model
     batches = images.batches(loaded)
@@ -45,7 +51,7 @@ def run_overview(run: Run, loaded: LoadedModel, images: ImageOptions, config: Hu
         rows += [(i, p, label, pred) for i, p, label, pred in zip(batch.indices, batch.paths, labels, preds)]
         room = config.n_attention_images - len(to_draw)
         to_draw += [(batch.indices[j], batch.paths[j], batch.images_BCHW[j : j + 1]) for j in range(min(room, len(batch.indices)))]
-    pre = batches.loader.dataset.config
+    pre = _preprocess(loaded)
     out_dir = run.file("overview")
     figures = []
     for index, image_id, image_1CHW in to_draw:
@@ -63,65 +69,33 @@ def run_overview(run: Run, loaded: LoadedModel, images: ImageOptions, config: Hu
     writer.writerow(["image_index", "image", "label", "prediction"])
     writer.writerows(rows)
     write_text(out_dir / "predictions.csv", buf.getvalue())
+    write_json(out_dir / "summary.json", {"accuracy": accuracy, "n_labelled": len(labelled), "figures": figures,
+                                          "images": images_manifest(batches)})
     run.write_manifest(images=images_manifest(batches))
-    return Overview(accuracy=accuracy, n_labelled=len(labelled), figures=figures)
 
 
-def model_card(loaded: LoadedModel) -> list[tuple[str, str]]:
-    cfg, layout = loaded.model.cfg, loaded.model.layout
-    n_params = sum(p.numel() for p in loaded.model.parameters())
-    return [
-        ("model", loaded.model_id),
-        ("family / architecture", f"{loaded.family} / {loaded.arch}"),
-        ("weights sha256", loaded.weights_sha256 or "RANDOM WEIGHTS"),
-        ("parameters", f"{n_params:,}"),
-        ("layers × heads × head width", f"{cfg.n_layers} × {cfg.n_heads} × {cfg.d_head}"),
-        ("residual width / MLP width", f"{cfg.d_model} / {cfg.d_mlp}"),
-        ("input / patch", f"{cfg.img_size[0]}×{cfg.img_size[1]} px / {cfg.patch_size[0]}×{cfg.patch_size[1]} px"),
-        ("token layout", f"CLS={layout.cls_index}, DIST={layout.dist_index}, registers={layout.n_registers}, "
-                         f"patches {layout.rows}×{layout.cols} from token {layout.patch_start}"),
-        ("pooling / final norm / head", f"{cfg.pooling} / {cfg.final_norm} / {cfg.n_classes or 'none'}"),
-    ]
-
-
-def write_report(run: Run, loaded: LoadedModel, images: ImageOptions, overview: Overview) -> str:
-    """``report.html``: model and data card, accuracy, attention maps."""
-    manifest = run.manifest.get("images", {})
-    data_rows = [
-        ("source", images.images),
-        ("images used / skipped", f"{manifest.get('n_ok')} / {manifest.get('n_skipped')}"),
-        ("image list sha256", manifest.get("image_list_sha256")),
-    ]
-    if overview.accuracy is not None:
-        data_rows.append(("top-1 accuracy", f"{overview.accuracy:.3f} on {overview.n_labelled} labelled images"))
-    sections = [
-        html.section("Model", html.table(model_card(loaded)), "model"),
-        html.section("Data", html.table(data_rows), "data"),
-        html.section(
-            "Attention maps",
-            html.paragraph("Each cell: one head's attention from the outlined query patch to every patch "
-                           "(prefix tokens omitted, scaled to the cell's maximum).")
-            + "".join(html.figure(run.file(path), caption) for path, caption in overview.figures),
-            "attention",
-        ),
-    ]
-    if loaded.random_weights:
-        sections.insert(0, html.paragraph("This model has RANDOM weights: nothing here describes a trained model.", "note"))
-    path = run.file("report.html")
-    write_text(path, html.page(f"vitcircuits report: {loaded.model_id}", sections))
-    return str(path)
+def run_heads(run: Run, loaded: LoadedModel, images: ImageOptions, config: HuntConfig) -> None:
+    """The head atlas over all images."""
+    atlas, kept = scan_heads(loaded, images.batches(loaded), config.atlas)
+    figures = write_heads_outputs(run, loaded, atlas, kept, _preprocess(loaded))
+    write_json(run.file("heads/figures.json"), figures)
+    run.write_manifest(heads={"summary": summarize(atlas)})
 
 
 def hunt(out: str, model: ModelOptions, images: ImageOptions, config: HuntConfig, *, force: bool = False, resume: bool = False) -> str:
-    """Run every stage; returns the report path."""
-    run = Run.create(out, "hunt", {"model": model.to_dict(), "images": images.to_dict(), "hunt": asdict(config)}, force=force, resume=resume)
+    """Run every stage (skipping finished ones when resuming); returns the report path."""
+    run_config = {"model": model.to_dict(), "images": images.to_dict(), "hunt": asdict(config)}
+    run = Run.create(out, "hunt", run_config, force=force, resume=resume)
+    if force and run.file("stages.json").exists():
+        run.file("stages.json").unlink()
     with run.timed("load_model"):
         loaded = model.load()
     run.write_manifest(model=loaded.manifest(), seed=model.seed)
-    with run.timed("overview"):
-        overview = run_overview(run, loaded, images, config)
-    write_json(run.file("overview/summary.json"), {"accuracy": overview.accuracy, "n_labelled": overview.n_labelled})
-    with run.timed("report"):
-        report = write_report(run, loaded, images, overview)
-    run.write_manifest(outputs={"report": "report.html"})
-    return report
+    stages = StageRunner(run)
+    inputs = {"model": model.to_dict(), "weights": loaded.weights_sha256, "images": images.to_dict()}
+    stages.stage("overview", {**inputs, "n_attention_images": config.n_attention_images},
+                 lambda: run_overview(run, loaded, images, config))
+    stages.stage("heads", {**inputs, "atlas": asdict(config.atlas)}, lambda: run_heads(run, loaded, images, config))
+    stages.stage("report", {**inputs, "always": json.dumps(stages.done, sort_keys=True)}, lambda: write_report(run, loaded))
+    run.write_manifest(outputs={"report": "report.html", "stages": stages.done})
+    return str(run.file("report.html"))

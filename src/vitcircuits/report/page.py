@@ -1,0 +1,85 @@
+"""``report.html`` of a hunt run, built only from the files the stages wrote."""
+from __future__ import annotations
+
+import json
+
+from vitcircuits.models.loading import LoadedModel
+from vitcircuits.report import html
+from vitcircuits.runs import Run, write_text
+
+
+def model_card(loaded: LoadedModel) -> list[tuple[str, str]]:
+    cfg, layout = loaded.model.cfg, loaded.model.layout
+    n_params = sum(p.numel() for p in loaded.model.parameters())
+    return [
+        ("model", loaded.model_id),
+        ("family / architecture", f"{loaded.family} / {loaded.arch}"),
+        ("weights sha256", loaded.weights_sha256 or "RANDOM WEIGHTS"),
+        ("parameters", f"{n_params:,}"),
+        ("layers × heads × head width", f"{cfg.n_layers} × {cfg.n_heads} × {cfg.d_head}"),
+        ("residual width / MLP width", f"{cfg.d_model} / {cfg.d_mlp}"),
+        ("input / patch", f"{cfg.img_size[0]}×{cfg.img_size[1]} px / {cfg.patch_size[0]}×{cfg.patch_size[1]} px"),
+        ("token layout", f"CLS={layout.cls_index}, DIST={layout.dist_index}, registers={layout.n_registers}, "
+                         f"patches {layout.rows}×{layout.cols} from token {layout.patch_start}"),
+        ("pooling / final norm / head", f"{cfg.pooling} / {cfg.final_norm} / {cfg.n_classes or 'none'}"),
+    ]
+
+
+def _figures(run: Run, figures: list) -> str:
+    return "".join(html.figure(run.file(path), caption) for path, caption in figures)
+
+
+def _ci(row: dict, name: str) -> str:
+    return f"{row[name]:.3f} [{row[name + '_lo']:.3f}, {row[name + '_hi']:.3f}]"
+
+
+def heads_section(run: Run) -> str:
+    atlas = json.loads(run.file("heads/atlas.json").read_text())
+    rows, baselines = atlas["rows"], atlas["baselines"]
+    modular = sorted((r for r in rows if r["kind"] == "modular"), key=lambda r: -r["modular_score"])
+    top = sorted(rows, key=lambda r: -r["modular_score"])[:8]
+    counts = {}
+    for r in rows:
+        counts[r["kind"]] = counts.get(r["kind"], 0) + 1
+    verdict = (f"{len(modular)} of {len(rows)} heads are modular (local and multi-directional): "
+               + ", ".join(f"L{r['layer']}H{r['head']}" for r in modular) if modular
+               else f"No head of {len(rows)} meets the modular criteria.")
+    table = html.table(
+        [(f"L{r['layer']}H{r['head']}", r["kind"], _ci(r, "modular_score"), _ci(r, "neighbour_mass"), f"{r['self_mass']:.3f}",
+          f"{r['cls_mass'] + r['dist_mass'] + r['register_mass']:.3f}", r["direction_coverage"], f"{r['mean_distance_px']:.1f}",
+          f"{r['content_dependence']:.3f}", f"{r['positional_agreement']:.3f}") for r in top],
+        ("head", "kind", "modular_score [95% CI]", "neighbour mass [95% CI]", "self", "CLS/reg", "directions", "mean dist px",
+         "content dep.", "positional agreement"),
+    )
+    base = html.table([(name, f"{b['modular_score']:.3f}", f"{b['neighbour_mass']:.3f}", f"{b['mean_distance_px']:.1f}")
+                       for name, b in baselines.items()], ("baseline head on this grid", "modular_score", "neighbour mass", "mean dist px"))
+    figures = json.loads(run.file("heads/figures.json").read_text())
+    return html.section("Head atlas", html.paragraph(verdict) + html.paragraph(f"Kinds: {counts}.")
+                        + "<h3>Most modular heads</h3>" + table + "<h3>Baselines</h3>" + base + _figures(run, figures), "heads")
+
+
+def write_report(run: Run, loaded: LoadedModel) -> None:
+    overview = json.loads(run.file("overview/summary.json").read_text())
+    images = overview["images"]
+    data_rows = [
+        ("source", images["source"]),
+        ("images used / skipped", f"{images['n_ok']} / {images['n_skipped']}"),
+        ("image list sha256", images["image_list_sha256"]),
+    ]
+    if overview["accuracy"] is not None:
+        data_rows.append(("top-1 accuracy", f"{overview['accuracy']:.3f} on {overview['n_labelled']} labelled images"))
+    sections = [
+        html.section("Model", html.table(model_card(loaded)), "model"),
+        html.section("Data", html.table(data_rows), "data"),
+    ]
+    if run.file("heads/atlas.json").exists():
+        sections.append(heads_section(run))
+    sections.append(html.section(
+        "Attention maps",
+        html.paragraph("Each cell: one head's attention from the outlined query patch to every patch "
+                       "(prefix tokens omitted, scaled to the cell's maximum).") + _figures(run, overview["figures"]),
+        "attention",
+    ))
+    if loaded.random_weights:
+        sections.insert(0, html.paragraph("This model has RANDOM weights: nothing here describes a trained model.", "note"))
+    write_text(run.file("report.html"), html.page(f"vitcircuits report: {loaded.model_id}", sections))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vitcircuits.testing.planted import PlantedConfig, PlantedModel, build_planted_heads, random_like
+from vitcircuits.testing.planted import SINK, PlantedConfig, PlantedModel, build_planted_heads, random_like
 
 CONFIGS = {
     "8x8-cls": PlantedConfig(),
@@ -75,7 +75,7 @@ def expected_targets(planted: PlantedModel, kind: str, offset: tuple[int, int] |
             query = layout.patch_index(row, col)
             if kind == "global":
                 keys = list(range(layout.n_tokens))
-            elif kind == "sink":
+            elif kind == SINK:
                 keys = [layout.cls_index if layout.cls_index is not None else layout.register_slice[0]]
             elif kind == "modular":
                 around = [(row + dy, col + dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
@@ -95,7 +95,7 @@ def test_truth_lists_exactly_the_planted_heads(name):
     n_planted = 4 + len(cfg.offsets)
     assert set(planted.truth) == {(0, head) for head in range(n_planted)}
     kinds = sorted(planted.truth.values())
-    assert kinds == sorted(["modular", "self", "sink", "global"] + ["directional"] * len(cfg.offsets))
+    assert kinds == sorted(["modular", "self", "cls/sink", "global"] + ["directional"] * len(cfg.offsets))
     assert sorted(planted.offsets.values()) == sorted(cfg.offsets)
     assert all(planted.truth[head] == "directional" for head in planted.offsets)
     layout = planted.layout

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Optional
@@ -132,6 +133,48 @@ def cache(
     run.write_manifest(images=images_manifest(batches), outputs={"shards": len(writer.index["shards"]),
                                                                   "rows": sum(s["rows"] for s in writer.index["shards"])})
     console.print(f"wrote {len(writer.index['shards'])} shard(s) to {run.path}")
+
+
+@app.command()
+def heads(
+    model: ModelArg,
+    images: ImagesArg,
+    out: OutArg,
+    radius: Annotated[int, typer.Option("--radius", min=1, help="Chebyshev radius of the neighbourhood")] = 1,
+    n_boot: Annotated[int, typer.Option("--n-boot", min=2, help="bootstrap replicates for intervals")] = 200,
+    arch: ArchOpt = None,
+    img_size: ImgSizeOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    batch_size: BatchOpt = 32,
+    max_images: MaxImagesOpt = None,
+    seed: SeedOpt = 0,
+    num_workers: WorkersOpt = 0,
+    random_weights: RandomOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Head atlas: offset kernels, metrics with intervals, kinds and figures for every head."""
+    from vitcircuits.data.transforms import PreprocessConfig
+    from vitcircuits.heads.atlas import AtlasConfig
+    from vitcircuits.heads.scan import print_summary, scan_heads, write_heads_outputs
+
+    model_opts = ModelOptions(model, arch, img_size, random_weights, device, dtype, seed)
+    image_opts = ImageOptions(images, batch_size, max_images, num_workers)
+    atlas_cfg = AtlasConfig(radius=radius, n_boot=n_boot, seed=seed)
+    try:
+        run = Run.create(out, "heads", {"model": model_opts.to_dict(), "images": image_opts.to_dict(), "atlas": asdict(atlas_cfg)}, force=force)
+        loaded = model_opts.load()
+        batches = image_opts.batches(loaded)
+        run.write_manifest(model=loaded.manifest(), seed=seed)
+        with run.timed("scan"):
+            atlas, kept = scan_heads(loaded, batches, atlas_cfg)
+    except (RunFolderError, FileNotFoundError, ValueError, RuntimeError, FloatingPointError) as err:
+        _fail(err)
+    preprocess = PreprocessConfig.from_pretrained_cfg(loaded.pretrained_cfg, img_size=loaded.model.cfg.img_size)
+    with run.timed("figures"):
+        figures = write_heads_outputs(run, loaded, atlas, kept, preprocess, subdir="")
+    run.write_manifest(images=images_manifest(batches), outputs={"figures": [p for p, _ in figures]})
+    print_summary(atlas)
 
 
 @app.command(name="hunt")

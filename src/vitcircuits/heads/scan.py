@@ -33,9 +33,9 @@ def overlay_heads(atlas: HeadAtlas) -> list[tuple[int, int]]:
     return [(r["layer"], r["head"]) for r in ranked[:N_OVERLAY_HEADS]]
 
 
-def write_heads_outputs(run: Run, loaded: LoadedModel, atlas: HeadAtlas, kept, preprocess) -> list[tuple[str, str]]:
-    """Save the atlas and its figures under ``heads/``; return (relative path, caption) of figures."""
-    folder = run.file("heads")
+def write_heads_outputs(run: Run, loaded: LoadedModel, atlas: HeadAtlas, kept, preprocess, subdir: str = "heads") -> list[tuple[str, str]]:
+    """Save the atlas and its figures in ``subdir`` of the run; return (path relative to the run, caption) of each figure."""
+    folder = run.file(subdir) if subdir else run.path
     atlas.save(folder)
     figures = [
         (plot_atlas(atlas, folder / "atlas.png"), "Head atlas: mean offset kernel of every head around its query (centre), framed by kind."),

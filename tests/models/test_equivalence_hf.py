@@ -94,3 +94,25 @@ def test_vit_img_size_override_matches_timm_resampling(tmp_path):
 
     expected = resample_abs_pos_embed(hf.embeddings.position_embeddings.detach(), new_size=[6, 6], num_prefix_tokens=1)
     assert torch.equal(model.pos_embed.detach(), expected)
+
+
+def test_transformers_model_by_hub_id_from_offline_cache(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from vitcircuits.testing.checkpoints import populate_hf_cache
+
+    hf = transformers.ViTForImageClassification(transformers.ViTConfig(**SMALL, num_labels=3)).eval()
+    hf.save_pretrained(tmp_path / "src")
+    (tmp_path / "src" / "preprocessor_config.json").write_text(json.dumps(
+        {"size": {"height": 32, "width": 32}, "resample": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+    files = {p.name: p for p in (tmp_path / "src").iterdir()}
+    populate_hf_cache(tmp_path / "cache", "someone/vit-tiny", files)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache")}
+    code = ("from vitcircuits.models.loading import load_model; import json; m = load_model('someone/vit-tiny', device='cpu'); "
+            "print(json.dumps([m.family, m.pretrained_cfg['crop_mode'], m.model.cfg.n_classes, m.weights_sha256 is not None]))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == ["transformers:vit", "squash", 3, True]

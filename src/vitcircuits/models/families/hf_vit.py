@@ -8,6 +8,7 @@ migrations apply), then its modules are read by role. Both the transformers 5 mo
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from vitcircuits.models.families import UnsupportedModelError
 from vitcircuits.models.families.timm_vit import _resample_pos_embed
 
 _ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "quick_gelu": "quick_gelu"}
+logger = logging.getLogger(__name__)
 _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 _ROLES = {
     "q": ("attention.q_proj", "attention.attention.query", "self_attn.q_proj"),
@@ -171,16 +173,17 @@ def pretrained_cfg_from_processor(processor: dict, cfg: ViTConfig) -> dict:
 
 
 def _read_processor(spec: str) -> dict:
-    from vitcircuits.models.loading import hub_file
-
-    local = Path(spec) / "preprocessor_config.json"
-    if Path(spec).is_dir():
-        return json.loads(local.read_text()) if local.is_file() else {}
+    """The repository's ``preprocessor_config.json``, or ``{}`` (defaults, with a warning)."""
     from huggingface_hub.errors import EntryNotFoundError
 
+    from vitcircuits.models.loading import WeightsNotFoundError, hub_file
+
+    folder = Path(spec)
     try:
-        return json.loads(hub_file(spec, "preprocessor_config.json").read_text())
-    except EntryNotFoundError:
+        path = folder / "preprocessor_config.json" if folder.is_dir() else hub_file(spec, "preprocessor_config.json")
+        return json.loads(path.read_text())
+    except (FileNotFoundError, EntryNotFoundError, WeightsNotFoundError):
+        logger.warning("%s: no preprocessor_config.json; using ViT defaults (mean/std 0.5, bilinear resize)", spec)
         return {}
 
 

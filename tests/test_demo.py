@@ -1,0 +1,51 @@
+"""`vitcircuits demo`/`hunt` on the bundled organism: offline run folder, report, resume."""
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from vitcircuits.cli import app, bundled_model_path
+from vitcircuits.models.loading import sha256_file
+
+pytestmark = pytest.mark.skipif(not (Path(bundled_model_path()) / "model.safetensors").is_file(), reason="bundled organism checkpoint missing")
+
+
+def test_demo_writes_run_folder_and_report(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--max-images", "120", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "report:" in result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["weights_sha256"] == sha256_file(Path(bundled_model_path()) / "model.safetensors")
+    assert manifest["model"]["random_weights"] is False
+    assert manifest["images"]["n_total"] == 120 and manifest["images"]["n_skipped"] == 0
+    assert len(manifest["images"]["image_list_sha256"]) == 64 and manifest["seed"] == 0
+    assert {"torch", "timm", "vitcircuits"} <= set(manifest["versions"])
+    summary = json.loads((out / "overview" / "summary.json").read_text())
+    assert summary["n_labelled"] == 120 and summary["accuracy"] > 0.4
+    report = (out / "report.html").read_text()
+    for section in ('id="model"', 'id="data"', 'id="heads"', 'id="attention"'):
+        assert section in report
+    assert "data:image/png;base64," in report and "http://" not in report and "https://" not in report
+    heads_csv = (out / "heads" / "heads.csv").read_text().splitlines()
+    assert len(heads_csv) == 1 + 4 * 4  # the organism has 4 layers x 4 heads
+
+
+def test_hunt_resumes_without_recomputing_finished_stages(tmp_path):
+    out = tmp_path / "run"
+    args = ["hunt", "--model", bundled_model_path(), "--images", "bundled:cifar10", "--max-images", "40", "--out", str(out), "--device", "cpu"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    stages = json.loads((out / "stages.json").read_text())
+    heads_mtime = (out / "heads" / "heads.csv").stat().st_mtime_ns
+    (out / "report.html").unlink()
+    stages.pop("report")
+    (out / "stages.json").write_text(json.dumps(stages))  # as if killed before the report
+    result = CliRunner().invoke(app, args + ["--resume"])
+    assert result.exit_code == 0, result.output
+    assert "stage heads: already done, skipped" in result.output
+    assert (out / "heads" / "heads.csv").stat().st_mtime_ns == heads_mtime
+    assert (out / "report.html").exists()
+    changed = CliRunner().invoke(app, args[:-2] + ["--max-images", "41", "--out", str(out), "--device", "cpu", "--resume"])
+    assert changed.exit_code == 0 and "stage overview: running" in changed.output  # changed inputs re-run

@@ -1,0 +1,68 @@
+"""What a sender head's output is replaced with when it is ablated.
+
+A head that attends by position alone writes the same output at a given position for every
+image, so per-position mean-ablation would leave it unchanged and it would look inert. The
+default is therefore the mean over images *and* positions. Every table says which was used.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from vitcircuits.models.hooked_vit import HookedViT
+
+AblationKind = Literal["mean", "position_mean", "zero", "resample"]
+
+
+@dataclass
+class ZStats:
+    """Running sums of every head's ``hook_z`` over images, overall and per token position."""
+
+    sum_LHd: torch.Tensor
+    sum_LNHd: torch.Tensor
+    n_images: int = 0
+
+    @classmethod
+    def empty(cls, model: HookedViT) -> ZStats:
+        cfg = model.cfg
+        N = model.layout.n_tokens
+        return cls(torch.zeros(cfg.n_layers, cfg.n_heads, cfg.d_head, dtype=torch.float64),
+                   torch.zeros(cfg.n_layers, N, cfg.n_heads, cfg.d_head, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, model: HookedViT, images_BCHW: torch.Tensor) -> None:
+        _, cache = model.run_with_cache(images_BCHW, names_filter=lambda n: n.endswith("attn.hook_z"))
+        z_LBNHd = cache.stack("blocks.{}.attn.hook_z", model.cfg.n_layers).double().cpu()
+        self.sum_LNHd += z_LBNHd.sum(1)
+        self.sum_LHd += z_LBNHd.sum((1, 2))
+        self.n_images += z_LBNHd.shape[1]
+
+    def mean_LHd(self) -> torch.Tensor:
+        return (self.sum_LHd / (self.n_images * self.sum_LNHd.shape[1])).float()
+
+    def position_mean_LNHd(self) -> torch.Tensor:
+        return (self.sum_LNHd / self.n_images).float()
+
+
+def ablated_z(kind: AblationKind, z_BNd: torch.Tensor, layer: int, head: int, stats: ZStats | None,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """The replacement for one head's ``z`` ``[B, N, Dh]`` in a batch.
+
+    ``mean``: dataset mean over images and positions; ``position_mean``: dataset mean at each
+    position; ``zero``; ``resample``: the same head's z from another image of the batch at a
+    random other position (a derangement of images, and a permutation of positions).
+    """
+    if kind == "zero":
+        return torch.zeros_like(z_BNd)
+    if kind == "mean":
+        return stats.mean_LHd()[layer, head].to(z_BNd).expand_as(z_BNd)
+    if kind == "position_mean":
+        return stats.position_mean_LNHd()[layer, :, head].to(z_BNd).expand_as(z_BNd)
+    if kind == "resample":
+        B, N, _ = z_BNd.shape
+        image_perm = (torch.arange(B) + 1) % B if B > 1 else torch.zeros(1, dtype=torch.long)
+        position_perm = torch.randperm(N, generator=generator)
+        return z_BNd[image_perm][:, position_perm]
+    raise ValueError(f"unknown ablation {kind!r}; choose mean, position_mean, zero or resample")

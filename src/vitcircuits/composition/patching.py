@@ -1,0 +1,158 @@
+"""Path patching of sender heads into receivers' query, key or value inputs.
+
+For a sender head s (layer l_s) the ablated output differs from the clean one by
+``delta_s = (z_ablated − z_clean) @ W_O^s`` at every token. Path patching adds ``delta_s`` to the
+residual stream read by a later layer's heads through *one* input only (Q, K or V) and
+recomputes that layer's attention, leaving everything else clean: the direct path s → r.
+
+Per receiver head r the effects are averaged over patch queries and images:
+``js`` (Jensen–Shannon divergence between clean and patched attention rows, nats),
+``d_neighbour`` (change in renormalised neighbour mass), ``d_kernel`` (total-variation change of
+the mean offset kernel inside the radius window), ``rel_out`` (‖Δ head output‖ / ‖head output‖).
+One batch costs one clean forward plus, per sender and later layer, one qkv projection and three
+attention computations, so a few forward-equivalents for a handful of senders.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vitcircuits.composition.ablation import AblationKind, ZStats, ablated_z
+from vitcircuits.heads.offsets import OffsetGeometry
+from vitcircuits.models.hooked_vit import HookedViT
+
+PATHS = ("q", "k", "v")
+METRICS = ("js", "d_neighbour", "d_kernel", "rel_out")
+
+
+@dataclass(frozen=True)
+class PatchingConfig:
+    """Settings of path patching."""
+
+    ablation: AblationKind = "mean"
+    """Sender replacement: mean over images and positions (default), position_mean, zero, resample."""
+    radius: int = 1
+    """Neighbourhood radius for ``d_neighbour`` and the kernel window of ``d_kernel``."""
+    seed: int = 0
+    """Seed of the resample ablation's permutations."""
+
+
+class PatchEffects:
+    """Sums of effects ``[S, 3 paths, L, H, 4 metrics]`` over images, for senders ``senders``."""
+
+    def __init__(self, senders: list[tuple[int, int]], n_layers: int, n_heads: int) -> None:
+        self.senders = senders
+        self.sum_SPLHM = torch.zeros(len(senders), len(PATHS), n_layers, n_heads, len(METRICS), dtype=torch.float64)
+        self.n_images = 0
+
+    def mean(self) -> torch.Tensor:
+        return self.sum_SPLHM / max(self.n_images, 1)
+
+    def rows(self, ablation: str) -> list[dict]:
+        mean = self.mean()
+        out = []
+        for i, (sl, sh) in enumerate(self.senders):
+            for p, path in enumerate(PATHS):
+                for rl in range(sl + 1, mean.shape[2]):
+                    for rh in range(mean.shape[3]):
+                        values = mean[i, p, rl, rh]
+                        out.append({"sender_layer": sl, "sender_head": sh, "receiver_layer": rl, "receiver_head": rh, "kind": path,
+                                    "ablation": ablation, **{f"patch_{m}": float(values[j]) for j, m in enumerate(METRICS)}})
+        return out
+
+
+def _ln(block, x_BND: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x_BND, block.ln1.weight.shape, block.ln1.weight, block.ln1.bias, block.ln1.eps)
+
+
+def _qkv(block, x_BND: torch.Tensor) -> torch.Tensor:
+    attn = block.attn
+    B, N, _ = x_BND.shape
+    return attn.qkv(_ln(block, x_BND)).reshape(B, N, 3, attn.n_heads, attn.d_head).permute(2, 0, 3, 1, 4)
+
+
+def _attend(q_BHNd, k_BHNd, v_BHNd, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    pattern_BHQK = ((q_BHNd * scale) @ k_BHNd.transpose(-1, -2)).softmax(-1)
+    return pattern_BHQK, pattern_BHQK @ v_BHNd
+
+
+class _Receiver:
+    """Clean state of one receiver layer and the effect metrics against it."""
+
+    def __init__(self, model: HookedViT, layer: int, resid_BND: torch.Tensor, geometry: OffsetGeometry) -> None:
+        self.block = model.blocks[layer]
+        self.resid = resid_BND
+        self.scale = model.cfg.d_head**-0.5
+        self.start = model.layout.patch_start
+        self.qkv = _qkv(self.block, resid_BND)
+        self.pattern, self.z = _attend(*self.qkv, self.scale)
+        W_O = model.W_O[layer]
+        self.W_O_HdD = W_O
+        self.out_norm_BHN = torch.einsum("bhnd,hdD->bhnD", self.z, W_O).norm(dim=-1)
+        self.neighbour_PP = geometry.neighbour_mask_PP().to(resid_BND)
+        self.window_OW = _window_matrix(geometry).to(resid_BND)
+        self.offset_index = geometry.offset_index_PP().flatten().to(resid_BND.device)
+        self.count_O = geometry.offset_counts().flatten().to(resid_BND)
+        self.clean_kernel = self._kernel(self.pattern)
+
+    def _patches(self, pattern_BHQK: torch.Tensor) -> torch.Tensor:
+        rows = pattern_BHQK[:, :, self.start :, self.start :]
+        return rows / rows.sum(-1, keepdim=True).clamp_min(1e-30)
+
+    def _kernel(self, pattern_BHQK: torch.Tensor) -> torch.Tensor:
+        norm = self._patches(pattern_BHQK)
+        B, H = norm.shape[:2]
+        sums = torch.zeros(B, H, self.count_O.numel(), device=norm.device, dtype=norm.dtype)
+        sums.index_add_(2, self.offset_index, norm.reshape(B, H, -1))
+        return (sums / self.count_O.clamp_min(1)) @ self.window_OW
+
+    def effects(self, pattern_BHQK: torch.Tensor, z_BHNd: torch.Tensor) -> torch.Tensor:
+        """``[B, H, 4]``: js, d_neighbour, d_kernel, rel_out (patch queries)."""
+        s = self.start
+        p, q = self.pattern[:, :, s:], pattern_BHQK[:, :, s:]
+        m = 0.5 * (p + q)
+        js = 0.5 * (p * (p.clamp_min(1e-30) / m.clamp_min(1e-30)).log()).sum(-1) + 0.5 * (q * (q.clamp_min(1e-30) / m.clamp_min(1e-30)).log()).sum(-1)
+        d_neighbour = ((self._patches(pattern_BHQK) - self._patches(self.pattern)) * self.neighbour_PP).sum(-1)
+        d_kernel = 0.5 * (self._kernel(pattern_BHQK) - self.clean_kernel).abs().sum(-1)
+        d_out = torch.einsum("bhnd,hdD->bhnD", z_BHNd - self.z, self.W_O_HdD).norm(dim=-1)
+        rel_out = d_out[:, :, s:].sum(-1) / self.out_norm_BHN[:, :, s:].sum(-1).clamp_min(1e-30)
+        return torch.stack([js.mean(-1), d_neighbour.mean(-1), d_kernel, rel_out], dim=-1)
+
+    def patched(self, delta_BND: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(pattern, z) with ``delta`` added to the Q, K or V input only."""
+        q, k, v = self.qkv
+        q2, k2, v2 = _qkv(self.block, self.resid + delta_BND)
+        return [_attend(q2, k, v, self.scale), _attend(q, k2, v, self.scale), (self.pattern, self.pattern @ v2)]
+
+
+def _window_matrix(geometry: OffsetGeometry) -> torch.Tensor:
+    """``[O, W]`` selecting the offsets inside the radius window."""
+    rows, cols = geometry.kernel_shape
+    R = geometry.radius
+    keep = [(dy + geometry.rows - 1) * cols + (dx + geometry.cols - 1) for dy in range(-R, R + 1) for dx in range(-R, R + 1)]
+    M = torch.zeros(rows * cols, len(keep))
+    M[keep, torch.arange(len(keep))] = 1.0
+    return M
+
+
+@torch.no_grad()
+def path_patch_batch(model: HookedViT, images_BCHW: torch.Tensor, senders: list[tuple[int, int]], effects: PatchEffects,
+                     stats: ZStats | None, config: PatchingConfig) -> None:
+    """Add one batch's path-patching effects of every sender on every later head to ``effects``."""
+    L = model.cfg.n_layers
+    first = min(sl for sl, _ in senders)
+    _, cache = model.run_with_cache(images_BCHW, names_filter=lambda n: n.endswith(("hook_resid_pre", "attn.hook_z")))
+    geometry = OffsetGeometry(model.layout.rows, model.layout.cols, config.radius)
+    receivers = {layer: _Receiver(model, layer, cache[f"blocks.{layer}.hook_resid_pre"], geometry) for layer in range(first + 1, L)}
+    generator = torch.Generator().manual_seed(config.seed)
+    W_O = model.W_O
+    for i, (sl, sh) in enumerate(senders):
+        z = cache[f"blocks.{sl}.attn.hook_z"][:, :, sh]
+        delta_BND = (ablated_z(config.ablation, z, sl, sh, stats, generator) - z) @ W_O[sl, sh]
+        for rl in range(sl + 1, L):
+            receiver = receivers[rl]
+            for p, (pattern, z_patched) in enumerate(receiver.patched(delta_BND)):
+                effects.sum_SPLHM[i, p, rl] += receiver.effects(pattern, z_patched).double().sum(0).cpu()
+    effects.n_images += images_BCHW.shape[0]

@@ -141,6 +141,8 @@ def _window_matrix(geometry: OffsetGeometry) -> torch.Tensor:
 def path_patch_batch(model: HookedViT, images_BCHW: torch.Tensor, senders: list[tuple[int, int]], effects: PatchEffects,
                      stats: ZStats | None, config: PatchingConfig) -> None:
     """Add one batch's path-patching effects of every sender on every later head to ``effects``."""
+    if not senders:
+        raise ValueError("path patching needs at least one sender head")
     L = model.cfg.n_layers
     first = min(sl for sl, _ in senders)
     _, cache = model.run_with_cache(images_BCHW, names_filter=lambda n: n.endswith(("hook_resid_pre", "attn.hook_z")))

@@ -1,0 +1,1 @@
+"""Composition between attention heads: how much a later head reads what an earlier head writes."""

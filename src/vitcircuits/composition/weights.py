@@ -1,0 +1,342 @@
+"""Weight-based Q-, K- and V-composition scores between heads (Elhage et al. 2021), with a
+positional variant and a random-matrix baseline.
+
+Conventions (TransformerLens; row-vector residual ``x``; weights from
+:mod:`vitcircuits.models.weights`, so ``W_O`` includes layer-scale)::
+
+    W_OV = W_V @ W_O      [D, D]   a head adds  x @ W_OV  to the residual stream
+    W_QK = W_Q @ W_K^T    [D, D]   its attention logit is  x_query @ W_QK @ x_key^T
+
+With ``comp(A, B) = ||A @ B||_F / (||A||_F ||B||_F)`` (in [0, 1]), a sender head ``s`` in layer
+``l_s`` and a receiver ``r`` in layer ``l_r > l_s``::
+
+    q:  comp(W_OV^s, W_QK^r)      the receiver's queries read what the sender wrote
+    k:  comp(W_OV^s, W_QK^r^T)    its keys read it
+    v:  comp(W_OV^s, W_OV^r)      its values read it
+
+The sender's matrix is always on the left. This is TransformerLens's
+``HookedTransformer.all_composition_scores`` (left = ``OV`` of the sender, right = ``QK``,
+``QK.T`` or ``OV`` of the receiver), except that pairs with ``l_r <= l_s`` are NaN, not 0.
+
+Positional variant. ``Pn [N_patch, D]`` is the position-only residual stream of the patch tokens
+(position embedding plus the patch embedding's bias, through ``ln_pre`` if the model has one)
+normalised like a LayerNorm input (centred, divided by its RMS; the affine is folded into the
+weights, so each head sees its own ``ln1`` applied to it). With ``Y_s = Pn @ W_OV^s`` (row ``j``:
+what the sender writes when it attends to position ``j``)::
+
+    pos_q:  comp(Y_s, W_QK^r @ Pn^T)    = ||Y_s W_QK^r Pn^T|| / (||Y_s|| ||W_QK^r Pn^T||)
+    pos_k:  comp(Y_s, W_QK^r^T @ Pn^T)  = ||Pn W_QK^r Y_s^T|| / (||Pn W_QK^r|| ||Y_s||)
+
+``pos_k`` is large when the receiver's positional queries, matched against keys made of the
+sender's output, depend on where the sender looked (``pos_q``: the same with query and key
+swapped). Both ignore what other heads and MLPs add to the stream.
+
+Preprocessing: LayerNorm is folded (``ln1`` scales into ``W_Q, W_K, W_V``, exactly as
+:func:`~vitcircuits.models.weights.fold_layer_norm`), so a model and its folded copy score the
+same. As TransformerLens does when it folds, reading weights are centred over their input dim
+(``center_reads``: a LayerNorm output has zero mean, so that direction is never read) and
+``W_O`` over its output dim (``center_writes``: the next LayerNorm removes a write's mean). Both
+leave the model's function unchanged but change the norms, hence the scores.
+
+Baseline: the same score for independent sender/receiver heads with i.i.d. Gaussian
+``W_Q, W_K, W_V [D, Dh]`` and ``W_O [Dh, D]``, centred like the model's and applied to the same
+``Pn``; ``z = (score - mean) / std``. For q/k/v it depends only on ``(D, Dh)``; the mean is about
+``1/sqrt(D)`` (0.036 for ViT-B). The baseline is isotropic: anisotropic trained weights (outlier
+dims, folded LayerNorm scales) shift every z, so compare z-scores within a model.
+
+Arithmetic: a circuit is a factored ``U @ V^T`` with factors ``[*, Dh]`` (:data:`KIND_FACTORS`).
+All pairs use ``||A B||^2 = <A^T A, B B^T>_F``: each head's ``D x D`` Gram
+(``A^T A = V_A (U_A^T U_A) V_A^T`` for senders, ``B B^T = U_B (V_B^T V_B) U_B^T`` for receivers)
+is formed once, in row strips of its upper triangle (off-diagonal entries counted twice), and
+all inner products come from one matrix product per strip: ``O(D^2)`` per pair rather than
+``O(D Dh^2)``, and no ``D x D`` matrix per pair. Baseline samples are single pairs:
+``||A B||^2 = tr(M^T G M G')`` with ``M = V_A^T U_B``, ``G = U_A^T U_A``, ``G' = V_B^T V_B``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vitcircuits.models.hooked_vit import HookedViT
+
+WEIGHT_KINDS = ("q", "k", "v")
+POSITIONAL_KINDS = ("pos_q", "pos_k")
+KIND_FACTORS = {
+    "q": ("W_V", "W_O^T", "W_Q", "W_K"),
+    "k": ("W_V", "W_O^T", "W_K", "W_Q"),
+    "v": ("W_V", "W_O^T", "W_V", "W_O^T"),
+    "pos_q": ("Pn W_V", "W_O^T", "W_Q", "Pn W_K"),
+    "pos_k": ("Pn W_V", "W_O^T", "W_K", "Pn W_Q"),
+}
+"""Kind → ``(U_A, V_A, U_B, V_B)``: the score is ``comp(U_A V_A^T, U_B V_B^T)``, sender then receiver."""
+COMPOSITION_COLUMNS = (
+    "sender_layer", "sender_head", "receiver_layer", "receiver_head", "kind",
+    "weight_score", "baseline_mean", "baseline_std", "weight_z",
+)
+GRAM_STRIPS = 8
+"""Row strips a ``D x D`` Gram is formed in (bounds memory to about ``S * D^2 / GRAM_STRIPS``)."""
+BASELINE_CHUNK = 32
+"""Baseline samples drawn and scored at once (bounds memory for large D)."""
+
+
+@dataclass(frozen=True)
+class CompositionConfig:
+    """Settings of :func:`composition_scores`."""
+
+    center_writes: bool = True
+    """Subtract from each row of ``W_O`` its mean over the ``D`` output dims (the next LayerNorm
+    removes that component)."""
+    center_reads: bool = True
+    """Subtract from ``W_Q, W_K, W_V`` their mean over the ``D`` input dims (a LayerNorm output
+    has zero mean, so that component is never read)."""
+    n_baseline_samples: int = 200
+    """Random sender/receiver pairs per kind for the baseline mean and std."""
+    seed: int = 0
+    """Seed of the baseline's Gaussian weights."""
+    include_positional: bool = True
+    """Also compute ``pos_q`` and ``pos_k`` (about 1.6 times the cost)."""
+
+
+class HeadWeights(NamedTuple):
+    """Weights of a stack of ``S`` heads, float32."""
+
+    W_Q: torch.Tensor
+    """``[S, D, Dh]``"""
+    W_K: torch.Tensor
+    """``[S, D, Dh]``"""
+    W_V: torch.Tensor
+    """``[S, D, Dh]``"""
+    W_O: torch.Tensor
+    """``[S, Dh, D]``"""
+
+
+@dataclass(frozen=True)
+class CompositionScores:
+    """Scores ``[sender_layer, sender_head, receiver_layer, receiver_head]`` of every kind (NaN
+    where ``receiver_layer <= sender_layer`` or a head's circuit is zero), with baselines."""
+
+    q_LHLH: np.ndarray
+    k_LHLH: np.ndarray
+    v_LHLH: np.ndarray
+    pos_q_LHLH: np.ndarray | None
+    """None unless ``config.include_positional``; likewise ``pos_k_LHLH``."""
+    pos_k_LHLH: np.ndarray | None
+    baseline_mean: dict[str, float]
+    """Kind → mean score of random heads."""
+    baseline_std: dict[str, float]
+    """Kind → standard deviation of the score of random heads."""
+    config: CompositionConfig
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return WEIGHT_KINDS + (POSITIONAL_KINDS if self.pos_q_LHLH is not None else ())
+
+    def scores(self, kind: str) -> np.ndarray:
+        """``[L, H, L, H]`` scores of one kind."""
+        if kind not in self.kinds:
+            raise KeyError(f"unknown or absent kind {kind!r}; have {self.kinds}")
+        return getattr(self, f"{kind}_LHLH")
+
+    def z(self, kind: str) -> np.ndarray:
+        """``[L, H, L, H]`` z-scores against the random baseline of the same kind."""
+        return (self.scores(kind) - self.baseline_mean[kind]) / self.baseline_std[kind]
+
+    def rows(self) -> Iterator[dict]:
+        """One dict per (kind, sender, later receiver), keys :data:`COMPOSITION_COLUMNS`."""
+        L, H = self.q_LHLH.shape[:2]
+        for kind in self.kinds:
+            scores, z = self.scores(kind), self.z(kind)
+            for ls in range(L):
+                for hs in range(H):
+                    for lr in range(ls + 1, L):
+                        for hr in range(H):
+                            yield self._row(kind, (ls, hs, lr, hr), scores, z)
+
+    def top(self, kind: str, n: int = 10) -> list[dict]:
+        """The ``n`` highest-scoring pairs of ``kind`` as rows (score order = z order)."""
+        scores, z = self.scores(kind), self.z(kind)
+        flat = np.where(np.isnan(scores), -np.inf, scores).ravel()
+        order = np.argsort(-flat, kind="stable")[: min(n, int(np.isfinite(flat).sum()))]
+        return [self._row(kind, np.unravel_index(i, scores.shape), scores, z) for i in order]
+
+    def _row(self, kind: str, index: tuple, scores: np.ndarray, z: np.ndarray) -> dict:
+        ls, hs, lr, hr = (int(i) for i in index)
+        return {
+            "sender_layer": ls, "sender_head": hs, "receiver_layer": lr, "receiver_head": hr,
+            "kind": kind, "weight_score": float(scores[ls, hs, lr, hr]),
+            "baseline_mean": self.baseline_mean[kind], "baseline_std": self.baseline_std[kind],
+            "weight_z": float(z[ls, hs, lr, hr]),
+        }
+
+
+@torch.no_grad()
+def composition_scores(model: HookedViT, config: CompositionConfig = CompositionConfig()) -> CompositionScores:
+    """All-pairs composition scores of ``model`` with their random baselines (definitions in the
+    module docstring). LayerNorm is folded here: pass the model as loaded."""
+    cfg = model.cfg
+    heads = head_weights(model, config)
+    positions_ND = positional_inputs(model) if config.include_positional else None
+    kinds = WEIGHT_KINDS + (POSITIONAL_KINDS if config.include_positional else ())
+    scores = _all_pairs(heads, positions_ND, kinds, cfg.n_layers, cfg.n_heads)
+    baseline = random_baseline(cfg.d_model, cfg.d_head, config, positions_ND)
+    arrays = {kind: scores[kind].double().cpu().numpy() for kind in kinds}
+    return CompositionScores(
+        q_LHLH=arrays["q"], k_LHLH=arrays["k"], v_LHLH=arrays["v"],
+        pos_q_LHLH=arrays.get("pos_q"), pos_k_LHLH=arrays.get("pos_k"),
+        baseline_mean={kind: mean for kind, (mean, _) in baseline.items()},
+        baseline_std={kind: std for kind, (_, std) in baseline.items()},
+        config=config,
+    )
+
+
+@torch.no_grad()
+def head_weights(model: HookedViT, config: CompositionConfig = CompositionConfig()) -> HeadWeights:
+    """Every head's weights, flattened to ``S = L*H`` heads, with ``ln1``'s scale folded into the
+    reading weights (as ``fold_layer_norm(model).W_Q`` etc., without copying the model) and
+    centred as ``config`` says."""
+    ln_scale_LD = torch.stack([block.ln1.weight.detach() for block in model.blocks]).float()
+    W_Q, W_K, W_V = (W.float() * ln_scale_LD[:, None, :, None] for W in (model.W_Q, model.W_K, model.W_V))
+    heads = HeadWeights(*(W.flatten(0, 1) for W in (W_Q, W_K, W_V, model.W_O.float())))
+    return _centre(heads, config)
+
+
+@torch.no_grad()
+def positional_inputs(model: HookedViT) -> torch.Tensor:
+    """``Pn [N_patch, D]``: the patch tokens' position-only residual stream (position embedding
+    + patch-embedding bias, through ``ln_pre`` if any), centred and divided by its RMS."""
+    cfg, layout = model.cfg, model.layout
+    pos_ND = model.W_pos.float()
+    x_ND = pos_ND[layout.patch_start :] if cfg.pos_embed_prefix else pos_ND
+    if model.embed.proj.bias is not None:
+        x_ND = x_ND + model.embed.proj.bias.detach().float()
+    if model.ln_pre is not None:
+        x_ND = F.layer_norm(x_ND, (cfg.d_model,), model.ln_pre.weight.detach().float(), model.ln_pre.bias.detach().float(), cfg.ln_eps)
+    return F.layer_norm(x_ND, (cfg.d_model,), eps=cfg.ln_eps)
+
+
+@torch.no_grad()
+def random_baseline(
+    d_model: int, d_head: int, config: CompositionConfig = CompositionConfig(), positions_ND: torch.Tensor | None = None
+) -> dict[str, tuple[float, float]]:
+    """Kind → ``(mean, std)`` of the score of independent Gaussian sender/receiver heads: q/k/v,
+    and pos_q/pos_k when ``positions_ND`` (``Pn``) is given. Seeded by ``config.seed``."""
+    n = config.n_baseline_samples
+    if n < 2:
+        raise ValueError(f"n_baseline_samples must be at least 2, got {n}")
+    device = positions_ND.device if positions_ND is not None else torch.device("cpu")
+    kinds = WEIGHT_KINDS + (POSITIONAL_KINDS if positions_ND is not None else ())
+    generator = torch.Generator().manual_seed(config.seed)
+    samples: dict[str, list[torch.Tensor]] = {kind: [] for kind in kinds}
+    for start in range(0, n, BASELINE_CHUNK):
+        m = min(BASELINE_CHUNK, n - start)
+        sender, receiver = (_centre(_gaussian_heads(m, d_model, d_head, generator, device), config) for _ in range(2))
+        for kind, values in paired_scores(sender, receiver, positions_ND, kinds).items():
+            samples[kind].append(values)
+    stats = {}
+    for kind, parts in samples.items():
+        values = torch.cat(parts).double()
+        stats[kind] = (float(values.mean()), float(values.std()))
+    return stats
+
+
+def paired_scores(
+    sender: HeadWeights, receiver: HeadWeights, positions_ND: torch.Tensor | None, kinds: tuple[str, ...]
+) -> dict[str, torch.Tensor]:
+    """Kind → ``[S]``: the score of sender head ``i`` with receiver head ``i``, from Dh x Dh Grams
+    (shared between kinds)."""
+
+    @functools.cache
+    def gram(on_sender: bool, name: str) -> torch.Tensor:
+        X = _factor(name, sender if on_sender else receiver, positions_ND)
+        return X.mT @ X
+
+    @functools.cache
+    def cross(sender_name: str, receiver_name: str) -> torch.Tensor:
+        return _factor(sender_name, sender, positions_ND).mT @ _factor(receiver_name, receiver, positions_ND)
+
+    out = {}
+    for kind in kinds:
+        U_A, V_A, U_B, V_B = KIND_FACTORS[kind]
+        G_A, M, G_B = gram(True, U_A), cross(V_A, U_B), gram(False, V_B)
+        squared = ((M.mT @ G_A @ M) * G_B).sum((-2, -1))
+        norm_A = (G_A * gram(True, V_A)).sum((-2, -1))
+        norm_B = (gram(False, U_B) * G_B).sum((-2, -1))
+        out[kind] = (squared / (norm_A * norm_B)).clamp_min(0).sqrt()
+    return out
+
+
+def _gaussian_heads(n: int, d_model: int, d_head: int, generator: torch.Generator, device: torch.device) -> HeadWeights:
+    draw = lambda *shape: torch.randn(n, *shape, generator=generator).to(device)  # noqa: E731
+    return HeadWeights(draw(d_model, d_head), draw(d_model, d_head), draw(d_model, d_head), draw(d_head, d_model))
+
+
+def _centre(heads: HeadWeights, config: CompositionConfig) -> HeadWeights:
+    centre = lambda W, dim: W - W.mean(dim, keepdim=True)  # noqa: E731
+    W_Q, W_K, W_V = heads.W_Q, heads.W_K, heads.W_V
+    if config.center_reads:
+        W_Q, W_K, W_V = (centre(W, -2) for W in (W_Q, W_K, W_V))
+    W_O = centre(heads.W_O, -1) if config.center_writes else heads.W_O
+    return HeadWeights(W_Q, W_K, W_V, W_O)
+
+
+def _factor(name: str, heads: HeadWeights, positions_ND: torch.Tensor | None) -> torch.Tensor:
+    """A factor named in :data:`KIND_FACTORS`, ``[S, D or N_patch, Dh]``."""
+    base = name.removeprefix("Pn ")
+    W = heads.W_O.mT if base == "W_O^T" else getattr(heads, base)
+    return positions_ND @ W if base != name else W
+
+
+def _all_pairs(
+    heads: HeadWeights, positions_ND: torch.Tensor | None, kinds: tuple[str, ...], n_layers: int, n_heads: int
+) -> dict[str, torch.Tensor]:
+    """Kind → ``[L, H, L, H]`` scores, NaN unless the receiver's layer is later.
+
+    Senders are the heads of layers ``0..L-2``, receivers those of ``1..L-1``; every such
+    pair is scored (one matrix product per Gram strip) and the rest masked.
+    """
+    L, H = n_layers, n_heads
+    n = (L - 1) * H
+    later_LHLH = torch.arange(L)[:, None, None, None] < torch.arange(L)[None, None, :, None]
+    out = {}
+    for sender_factors in sorted({KIND_FACTORS[kind][:2] for kind in kinds}):
+        group = [kind for kind in kinds if KIND_FACTORS[kind][:2] == sender_factors]
+        U_A, V_A = (_factor(name, heads, positions_ND)[:n] for name in sender_factors)
+        receivers = {}
+        for kind in group:
+            U_B, V_B = (_factor(name, heads, positions_ND)[H:] for name in KIND_FACTORS[kind][2:])
+            receivers[kind] = (U_B @ (V_B.mT @ V_B), U_B)  # B B^T = left @ outer^T
+        send_left = V_A @ (U_A.mT @ U_A)  # A^T A = left @ outer^T
+        send_norm = (send_left * V_A).sum((-2, -1))
+        dots = {kind: 0.0 for kind in group}
+        for send_strip, strips in _gram_strips(send_left, V_A, receivers):
+            for kind, recv_strip in strips.items():
+                dots[kind] = dots[kind] + send_strip @ recv_strip.T
+        for kind in group:
+            left, outer = receivers[kind]
+            denominator = send_norm[:, None] * (left * outer).sum((-2, -1))[None]
+            squared = torch.where(denominator > 0, dots[kind] / denominator, math.nan)
+            score_LHLH = torch.full((L, H, L, H), math.nan, device=squared.device)
+            score_LHLH[:-1, :, 1:] = squared.clamp_min(0).sqrt().view(L - 1, H, L - 1, H)
+            out[kind] = torch.where(later_LHLH.to(squared.device), score_LHLH, math.nan)
+    return out
+
+
+def _gram_strips(send_left: torch.Tensor, send_outer: torch.Tensor, receivers: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+    """Yield, strip by strip, the senders' and each receiver kind's Grams ``left @ outer^T``
+    restricted to rows ``[lo, hi)`` and columns ``[lo, D)``, flattened to ``[S, (hi-lo)*(D-lo)]``.
+    The senders' off-diagonal block is doubled, so summing strip products over strips gives the
+    Frobenius inner products of the full symmetric Grams."""
+    D = send_outer.shape[-2]
+    bounds = sorted({round(i * D / GRAM_STRIPS) for i in range(GRAM_STRIPS + 1)})
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        send = send_left[:, lo:hi] @ send_outer[:, lo:].mT
+        send[:, :, hi - lo :] *= 2
+        recv = {kind: (left[:, lo:hi] @ outer[:, lo:].mT).flatten(1) for kind, (left, outer) in receivers.items()}
+        yield send.flatten(1), recv

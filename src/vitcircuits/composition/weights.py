@@ -41,7 +41,8 @@ leave the model's function unchanged but change the norms, hence the scores.
 Baseline: the same score for independent sender/receiver heads with i.i.d. Gaussian
 ``W_Q, W_K, W_V [D, Dh]`` and ``W_O [Dh, D]``, centred like the model's and applied to the same
 ``Pn``; ``z = (score - mean) / std``. For q/k/v it depends only on ``(D, Dh)``; the mean is about
-``1/sqrt(D)`` (0.036 for ViT-B). The baseline is isotropic: anisotropic trained weights (outlier
+``1/sqrt(D)`` (0.036 for ViT-B). Samples are drawn exactly but cheaply in a ``4*Dh``-dimensional
+basis (:func:`_random_factors`). The baseline is isotropic: anisotropic trained weights (outlier
 dims, folded LayerNorm scales) shift every z, so compare z-scores within a model.
 
 Arithmetic: a circuit is a factored ``U @ V^T`` with factors ``[*, Dh]`` (:data:`KIND_FACTORS`).
@@ -54,7 +55,6 @@ all inner products come from one matrix product per strip: ``O(D^2)`` per pair r
 """
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -82,8 +82,6 @@ COMPOSITION_COLUMNS = (
 )
 GRAM_STRIPS = 8
 """Row strips a ``D x D`` Gram is formed in (bounds memory to about ``S * D^2 / GRAM_STRIPS``)."""
-BASELINE_CHUNK = 32
-"""Baseline samples drawn and scored at once (bounds memory for large D)."""
 
 
 @dataclass(frozen=True)
@@ -225,56 +223,84 @@ def positional_inputs(model: HookedViT) -> torch.Tensor:
 def random_baseline(
     d_model: int, d_head: int, config: CompositionConfig = CompositionConfig(), positions_ND: torch.Tensor | None = None
 ) -> dict[str, tuple[float, float]]:
-    """Kind → ``(mean, std)`` of the score of independent Gaussian sender/receiver heads: q/k/v,
-    and pos_q/pos_k when ``positions_ND`` (``Pn``) is given. Seeded by ``config.seed``."""
+    """Kind → ``(mean, std)`` of the score of independent heads with i.i.d. N(0, 1) weights,
+    centred as ``config`` says: q/k/v, and pos_q/pos_k when ``positions_ND`` (``Pn``) is given.
+    Seeded by ``config.seed``; see :func:`_random_factors` for how the samples are drawn."""
     n = config.n_baseline_samples
     if n < 2:
         raise ValueError(f"n_baseline_samples must be at least 2, got {n}")
-    device = positions_ND.device if positions_ND is not None else torch.device("cpu")
     kinds = WEIGHT_KINDS + (POSITIONAL_KINDS if positions_ND is not None else ())
-    generator = torch.Generator().manual_seed(config.seed)
-    samples: dict[str, list[torch.Tensor]] = {kind: [] for kind in kinds}
-    for start in range(0, n, BASELINE_CHUNK):
-        m = min(BASELINE_CHUNK, n - start)
-        sender, receiver = (_centre(_gaussian_heads(m, d_model, d_head, generator, device), config) for _ in range(2))
-        for kind, values in paired_scores(sender, receiver, positions_ND, kinds).items():
-            samples[kind].append(values)
+    singular_N = torch.linalg.svdvals(positions_ND.double()).float().cpu() if positions_ND is not None else None
+    draw = _BaselineDraws(n, d_model - 1, d_head, torch.Generator().manual_seed(config.seed), np.random.default_rng(config.seed))
     stats = {}
-    for kind, parts in samples.items():
-        values = torch.cat(parts).double()
+    for kind in kinds:
+        values = _paired_score(*_random_factors(kind, draw, config, singular_N))
         stats[kind] = (float(values.mean()), float(values.std()))
     return stats
 
 
-def paired_scores(
-    sender: HeadWeights, receiver: HeadWeights, positions_ND: torch.Tensor | None, kinds: tuple[str, ...]
-) -> dict[str, torch.Tensor]:
-    """Kind → ``[S]``: the score of sender head ``i`` with receiver head ``i``, from Dh x Dh Grams
-    (shared between kinds)."""
+class _BaselineDraws(NamedTuple):
+    n: int
+    df: int
+    d_head: int
+    generator: torch.Generator
+    rng: np.random.Generator
 
-    @functools.cache
-    def gram(on_sender: bool, name: str) -> torch.Tensor:
-        X = _factor(name, sender if on_sender else receiver, positions_ND)
-        return X.mT @ X
+    def normal(self, *shape: int) -> torch.Tensor:
+        return torch.randn(self.n, *shape, generator=self.generator)
 
-    @functools.cache
-    def cross(sender_name: str, receiver_name: str) -> torch.Tensor:
-        return _factor(sender_name, sender, positions_ND).mT @ _factor(receiver_name, receiver, positions_ND)
-
-    out = {}
-    for kind in kinds:
-        U_A, V_A, U_B, V_B = KIND_FACTORS[kind]
-        G_A, M, G_B = gram(True, U_A), cross(V_A, U_B), gram(False, V_B)
-        squared = ((M.mT @ G_A @ M) * G_B).sum((-2, -1))
-        norm_A = (G_A * gram(True, V_A)).sum((-2, -1))
-        norm_B = (gram(False, U_B) * G_B).sum((-2, -1))
-        out[kind] = (squared / (norm_A * norm_B)).clamp_min(0).sqrt()
-    return out
+    def wishart_basis(self, uncentred: list[bool]) -> list[torch.Tensor]:
+        """``[n, rows, Dh]`` blocks whose joint Gram has the law of ``F^T F``, ``F`` = one residual
+        factor per entry (centred or not), see :func:`_random_factors`."""
+        p = len(uncentred) * self.d_head
+        if self.df > p:
+            L = self.normal(p, p).tril_(-1)
+            chi2 = self.rng.chisquare(self.df - np.arange(p), size=(self.n, p))
+            L.diagonal(dim1=-2, dim2=-1).copy_(torch.from_numpy(np.sqrt(chi2)))
+            basis = L.mT
+        else:
+            basis = self.normal(self.df, p)
+        extra = self.normal(1, p) * torch.tensor(uncentred).repeat_interleave(self.d_head)
+        return list(torch.cat([basis, extra], dim=1).split(self.d_head, dim=-1))
 
 
-def _gaussian_heads(n: int, d_model: int, d_head: int, generator: torch.Generator, device: torch.device) -> HeadWeights:
-    draw = lambda *shape: torch.randn(n, *shape, generator=generator).to(device)  # noqa: E731
-    return HeadWeights(draw(d_model, d_head), draw(d_model, d_head), draw(d_model, d_head), draw(d_head, d_model))
+def _random_factors(kind: str, draw: _BaselineDraws, config: CompositionConfig, singular_N: torch.Tensor | None) -> list[torch.Tensor]:
+    """``draw.n`` samples of ``kind``'s four factors (:data:`KIND_FACTORS`) for independent
+    Gaussian heads, expressed in small bases that give the score exactly its law in R^D.
+
+    The score depends on ``U_A`` and ``V_B`` only through their own Grams and on ``V_A``, ``U_B``
+    through their joint Gram, and these are independent; each group is drawn alone. For
+    residual factors ``F = [F_1 .. F_m]`` (``D x m*Dh``), with ``P = I - 11^T/D``, a centred factor
+    is ``P Z`` and an uncentred one ``P Z + 1 z^T / sqrt(D)`` with ``z ~ N(0, I)`` independent of
+    ``P Z``; so ``F^T F = W + c c^T`` with ``W ~ Wishart(D - 1, I)`` and ``c`` the stacked ``z`` of
+    the uncentred factors (0 elsewhere). ``W = L L^T`` is drawn by Bartlett's decomposition when
+    ``D - 1 > m*Dh`` (else as the Gram of a ``(D - 1) x m*Dh`` Gaussian) and the factors are the
+    column blocks of ``[L^T; c^T]``. A factor ``Pn W`` has the Gram law of ``diag(s) Z`` with ``s``
+    the singular values of ``Pn`` (whose rows have zero mean, so centring ``W`` changes nothing).
+    """
+    U_A, V_A, U_B, V_B = KIND_FACTORS[kind]
+
+    def alone(name: str) -> torch.Tensor:
+        if name.startswith("Pn "):
+            return singular_N[:, None] * draw.normal(singular_N.numel(), draw.d_head)
+        return draw.wishart_basis([not _is_centred(name, config)])[0]
+
+    V_A_, U_B_ = draw.wishart_basis([not _is_centred(V_A, config), not _is_centred(U_B, config)])
+    return [alone(U_A), V_A_, U_B_, alone(V_B)]
+
+
+def _is_centred(name: str, config: CompositionConfig) -> bool:
+    return config.center_writes if name == "W_O^T" else config.center_reads
+
+
+def _paired_score(U_A: torch.Tensor, V_A: torch.Tensor, U_B: torch.Tensor, V_B: torch.Tensor) -> torch.Tensor:
+    """``comp(U_A V_A^T, U_B V_B^T)`` per leading index, from Dh x Dh Grams:
+    ``||A B||^2 = tr(M^T G_A M G_B)`` with ``M = V_A^T U_B``, ``G_A = U_A^T U_A``, ``G_B = V_B^T V_B``."""
+    G_A, G_B, M = U_A.mT @ U_A, V_B.mT @ V_B, V_A.mT @ U_B
+    squared = ((M.mT @ G_A @ M) * G_B).sum((-2, -1))
+    norm_A = (G_A * (V_A.mT @ V_A)).sum((-2, -1))
+    norm_B = ((U_B.mT @ U_B) * G_B).sum((-2, -1))
+    return (squared / (norm_A * norm_B)).clamp_min(0).sqrt()
 
 
 def _centre(heads: HeadWeights, config: CompositionConfig) -> HeadWeights:

@@ -1,0 +1,154 @@
+"""The ``compose`` stage: weight scores for all pairs; path patching of every head in the layers
+that hold the atlas's modular and directional heads (each head's layer-mates are its controls);
+the patch-shuffle control; verdicts."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from vitcircuits.composition.ablation import ZStats
+from vitcircuits.composition.circuits import EFFECT_OF_KIND, VerdictCriteria, build_circuits, control_stats
+from vitcircuits.composition.patching import METRICS, PATHS, PatchEffects, PatchingConfig, path_patch_batch
+from vitcircuits.composition.shuffle import shuffle_patches
+from vitcircuits.composition.weights import CompositionConfig, CompositionScores, composition_scores
+from vitcircuits.heads.atlas import HeadAtlas
+from vitcircuits.models.hooked_vit import HookedViT
+
+SENDER_KINDS = ("modular", "directional")
+
+
+@dataclass(frozen=True)
+class ComposeConfig:
+    """Settings of the composition stage."""
+
+    weights: CompositionConfig = field(default_factory=CompositionConfig)
+    """Weight-score settings (LN folding, centring, baseline samples)."""
+    patching: PatchingConfig = field(default_factory=PatchingConfig)
+    """Ablation kind (default: mean over images and positions) and radius."""
+    criteria: VerdictCriteria = field(default_factory=VerdictCriteria)
+    """Verdict thresholds."""
+    max_patch_images: int | None = 64
+    """Images used for path patching and the shuffle control (None: all)."""
+    n_fallback_senders: int = 4
+    """Senders taken by modular_score when the atlas finds no modular or directional head."""
+    top_receivers: int = 3
+    """Candidate receivers kept per sender and input kind (by the larger of the two z-scores)."""
+
+
+@dataclass
+class CompositionResult:
+    scores: CompositionScores
+    senders: list[tuple[int, int, str]]
+    """Patched heads with their atlas kind: all heads of the layers that hold a modular or directional head."""
+    candidates: list[dict]
+    circuits: list[dict]
+    effects: dict[str, np.ndarray]
+    """``clean``/``shuffled``: path-patching effects ``[S, 3, L, H, 4]`` of the patched senders."""
+    patched: list[tuple[int, int]]
+    """Heads patched, in ``effects`` order."""
+
+
+def choose_sender_layers(atlas: HeadAtlas, n_fallback: int) -> list[int]:
+    """Layers holding a modular or directional head (not the last layer, which has no receivers);
+    if there are none, the layers of the ``n_fallback`` heads with the highest modular_score."""
+    rows = [r for r in atlas.rows if r["layer"] < atlas.n_layers - 1]
+    layers = {r["layer"] for r in rows if r["kind"] in SENDER_KINDS}
+    if not layers:
+        layers = {r["layer"] for r in sorted(rows, key=lambda r: -r["modular_score"])[:n_fallback]}
+    return sorted(layers)
+
+
+def _patch(model: HookedViT, batches: Iterable[torch.Tensor], heads: list[tuple[int, int]], stats: ZStats, config: PatchingConfig) -> PatchEffects:
+    effects = PatchEffects(heads, model.cfg.n_layers, model.cfg.n_heads)
+    for images_BCHW in batches:
+        path_patch_batch(model, images_BCHW, heads, effects, stats, config)
+    return effects
+
+
+def run_composition(model: HookedViT, image_batches: Callable[[], Iterable[torch.Tensor]], atlas: HeadAtlas, config: ComposeConfig) -> CompositionResult:
+    """Everything but writing files. ``image_batches()`` yields fresh image batches each call."""
+    scores = composition_scores(model, config.weights)
+    sender_layers = choose_sender_layers(atlas, config.n_fallback_senders)
+    if not sender_layers:
+        return CompositionResult(scores, [], [], [], {}, [])
+    senders = [(layer, head, atlas.row(layer, head)["kind"]) for layer in sender_layers for head in range(model.cfg.n_heads)]
+    heads = [(layer, head) for layer, head, _ in senders]
+    stats = ZStats.empty(model)
+    generator = torch.Generator().manual_seed(config.patching.seed)
+    pairs = [(x, shuffle_patches(x, model.cfg.patch_size, generator)) for x in _limited(image_batches, config.max_patch_images)()]
+    for images_BCHW, _ in pairs:
+        stats.update(model, images_BCHW)
+    clean = _patch(model, [x for x, _ in pairs], heads, stats, config.patching)
+    shuffled = _patch(model, [xs for _, xs in pairs], heads, stats, config.patching)
+    kept_LH = attention_kept(model, pairs)
+    candidates = _candidates(scores, senders, clean, shuffled, kept_LH, config)
+    return CompositionResult(scores, senders, candidates, build_circuits(candidates, config.criteria),
+                             {"clean": clean.mean().numpy(), "shuffled": shuffled.mean().numpy()}, heads)
+
+
+@torch.no_grad()
+def attention_kept(model: HookedViT, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> np.ndarray:
+    """``[L, H]``: 1 − mean total-variation distance between each head's attention rows (patch
+    queries, renormalised over patch keys) on an image and on its patch-shuffled copy, position
+    by position. 1 for a head that attends by position alone."""
+    start = model.layout.patch_start
+    total, n = None, 0
+    is_pattern = lambda name: name.endswith("hook_pattern")  # noqa: E731
+    for images_BCHW, shuffled_BCHW in pairs:
+        _, a = model.run_with_cache(images_BCHW, names_filter=is_pattern)
+        _, b = model.run_with_cache(shuffled_BCHW, names_filter=is_pattern)
+        pa = a.stack("blocks.{}.attn.hook_pattern", model.cfg.n_layers)[:, :, :, start:, start:].double()
+        pb = b.stack("blocks.{}.attn.hook_pattern", model.cfg.n_layers)[:, :, :, start:, start:].double()
+        pa, pb = pa / pa.sum(-1, keepdim=True), pb / pb.sum(-1, keepdim=True)
+        tv_LH = 0.5 * (pa - pb).abs().sum(-1).mean(-1).sum(1)
+        total = tv_LH if total is None else total + tv_LH
+        n += images_BCHW.shape[0]
+    return (1.0 - total / n).cpu().numpy()
+
+
+def _limited(image_batches: Callable[[], Iterable[torch.Tensor]], max_images: int | None) -> Callable[[], Iterable[torch.Tensor]]:
+    def gen():
+        seen = 0
+        for images_BCHW in image_batches():
+            if max_images is not None and seen >= max_images:
+                return
+            take = images_BCHW if max_images is None else images_BCHW[: max_images - seen]
+            seen += take.shape[0]
+            yield take
+    return gen
+
+
+def _candidates(scores: CompositionScores, senders, clean: PatchEffects, shuffled: PatchEffects, kept_LH: np.ndarray,
+                config: ComposeConfig) -> list[dict]:
+    """Every patched head is a sender; its layer-mates are its controls."""
+    patched = [(layer, head) for layer, head, _ in senders]
+    clean_mean, shuffled_mean = clean.mean().numpy(), shuffled.mean().numpy()
+    index = {head: i for i, head in enumerate(patched)}
+    L, H = clean_mean.shape[2:4]
+    rows = []
+    for s_idx, (sl, sh, sender_kind) in enumerate(senders):
+        controls = [(sl, h) for h in range(H) if h != sh]
+        for p, kind in enumerate(PATHS):
+            metric = METRICS.index(EFFECT_OF_KIND[kind].removeprefix("patch_"))
+            weight_z, weight = scores.z(kind), scores.scores(kind)
+            per_receiver = []
+            for rl in range(sl + 1, L):
+                for rh in range(H):
+                    effect_of = {head: clean_mean[index[head], p, rl, rh, metric] for head in patched if head[0] == sl}
+                    control_mean, control_std = control_stats(effect_of, (sl, sh), controls)
+                    effect = float(effect_of[(sl, sh)])
+                    per_receiver.append({
+                        "sender_layer": sl, "sender_head": sh, "sender_kind": sender_kind, "receiver_layer": rl, "receiver_head": rh,
+                        "kind": kind, "weight_score": float(weight[sl, sh, rl, rh]), "baseline_mean": scores.baseline_mean[kind],
+                        "baseline_std": scores.baseline_std[kind], "weight_z": float(weight_z[sl, sh, rl, rh]),
+                        "patch_effect": effect, "control_mean": control_mean, "control_std": control_std,
+                        "patch_z": (effect - control_mean) / control_std, "ablation": config.patching.ablation,
+                        "shuffle_effect": float(shuffled_mean[s_idx, p, rl, rh, metric]),
+                        "attention_kept": float(kept_LH[rl, rh]),
+                    })
+            per_receiver.sort(key=lambda r: -max(r["weight_z"], r["patch_z"]))
+            rows.extend(per_receiver[: config.top_receivers])
+    return rows

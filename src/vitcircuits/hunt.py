@@ -1,7 +1,7 @@
 """``vitcircuits hunt``: every stage, resumable, then ``report.html``.
 
 Stages: overview (model card, predictions/accuracy, attention maps) → heads (the head atlas)
-→ report. Each stage writes its outputs into the run folder; the report is built from those
+→ composition (weight scores, path patching, shuffle control, verdicts) → report. Each stage writes its outputs into the run folder; the report is built from those
 files, so it can be rebuilt from a finished or resumed run."""
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from vitcircuits.composition.outputs import write_composition
+from vitcircuits.composition.scan import ComposeConfig, run_composition
 from vitcircuits.data.transforms import PreprocessConfig
+from vitcircuits.heads.atlas import HeadAtlas
 from vitcircuits.heads.atlas import AtlasConfig
 from vitcircuits.heads.scan import scan_heads, summarize, write_heads_outputs
 from vitcircuits.inputs import ImageOptions, ModelOptions, images_manifest
@@ -32,6 +35,8 @@ class HuntConfig:
     """Images for which every head's attention map is drawn in the overview."""
     atlas: AtlasConfig = field(default_factory=AtlasConfig)
     """Head-atlas settings."""
+    compose: ComposeConfig = field(default_factory=ComposeConfig)
+    """Composition settings."""
 
 
 def _preprocess(loaded: LoadedModel) -> PreprocessConfig:
@@ -82,6 +87,18 @@ def run_heads(run: Run, loaded: LoadedModel, images: ImageOptions, config: HuntC
     run.write_manifest(heads={"summary": summarize(atlas)})
 
 
+def run_compose(run: Run, loaded: LoadedModel, images: ImageOptions, config: ComposeConfig, atlas_dir: str = "heads",
+                out_dir: str = "composition") -> None:
+    """Weight scores, path patching, shuffle control and verdicts for the atlas's senders."""
+    atlas = HeadAtlas.load(run.file(atlas_dir))
+    result = run_composition(loaded.model, lambda: (b.images_BCHW for b in images.batches(loaded)), atlas, config)
+    cfg = loaded.model.cfg
+    figures = write_composition(run.file(out_dir), result, cfg.n_layers, cfg.n_heads)
+    write_json(run.file(f"{out_dir}/figures.json"), [(str(p.relative_to(run.path)), c) for p, c in figures])
+    counts = {v: sum(c["verdict"] == v for c in result.circuits) for v in ("supported", "weak", "none")}
+    run.write_manifest(composition={"verdicts": counts, "ablation": config.patching.ablation})
+
+
 def hunt(out: str, model: ModelOptions, images: ImageOptions, config: HuntConfig, *, force: bool = False, resume: bool = False) -> str:
     """Run every stage (skipping finished ones when resuming); returns the report path."""
     run_config = {"model": model.to_dict(), "images": images.to_dict(), "hunt": asdict(config)}
@@ -96,6 +113,8 @@ def hunt(out: str, model: ModelOptions, images: ImageOptions, config: HuntConfig
     stages.stage("overview", {**inputs, "n_attention_images": config.n_attention_images},
                  lambda: run_overview(run, loaded, images, config))
     stages.stage("heads", {**inputs, "atlas": asdict(config.atlas)}, lambda: run_heads(run, loaded, images, config))
+    stages.stage("composition", {**inputs, "atlas": asdict(config.atlas), "compose": asdict(config.compose)},
+                 lambda: run_compose(run, loaded, images, config.compose))
     stages.stage("report", {**inputs, "always": json.dumps(stages.done, sort_keys=True)}, lambda: write_report(run, loaded))
     run.write_manifest(outputs={"report": "report.html", "stages": stages.done})
     return str(run.file("report.html"))

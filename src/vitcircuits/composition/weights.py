@@ -36,25 +36,26 @@ Preprocessing: LayerNorm is folded (``ln1`` scales into ``W_Q, W_K, W_V``, exact
 same. As TransformerLens does when it folds, reading weights are centred over their input dim
 (``center_reads``: a LayerNorm output has zero mean, so that direction is never read) and
 ``W_O`` over its output dim (``center_writes``: the next LayerNorm removes a write's mean). Both
-leave the model's function unchanged but change the norms, hence the scores.
+leave the model's function unchanged but change the norms, hence the scores. Biases play no part.
 
 Baseline: the same score for independent sender/receiver heads with i.i.d. Gaussian
 ``W_Q, W_K, W_V [D, Dh]`` and ``W_O [Dh, D]``, centred like the model's and applied to the same
 ``Pn``; ``z = (score - mean) / std``. For q/k/v it depends only on ``(D, Dh)``; the mean is about
-``1/sqrt(D)`` (0.036 for ViT-B). Samples are drawn exactly but cheaply in a ``4*Dh``-dimensional
-basis (:func:`_random_factors`). The baseline is isotropic: anisotropic trained weights (outlier
+``1/sqrt(D)`` (0.036 for ViT-B). Samples are drawn exactly but cheaply in bases of at most
+``2*Dh`` dimensions (:func:`_random_factors`). The baseline is isotropic: anisotropic trained weights (outlier
 dims, folded LayerNorm scales) shift every z, so compare z-scores within a model.
 
 Arithmetic: a circuit is a factored ``U @ V^T`` with factors ``[*, Dh]`` (:data:`KIND_FACTORS`).
 All pairs use ``||A B||^2 = <A^T A, B B^T>_F``: each head's ``D x D`` Gram
 (``A^T A = V_A (U_A^T U_A) V_A^T`` for senders, ``B B^T = U_B (V_B^T V_B) U_B^T`` for receivers)
-is formed once, in row strips of its upper triangle (off-diagonal entries counted twice), and
-all inner products come from one matrix product per strip: ``O(D^2)`` per pair rather than
-``O(D Dh^2)``, and no ``D x D`` matrix per pair. Baseline samples are single pairs:
+is formed once (``O(D^2 Dh)``), in row strips of its upper triangle (off-diagonal entries
+counted twice), and the inner products of all pairs come from matrix products of the strips:
+``O(D^2)`` per pair rather than ``O(D Dh^2)``, and no ``D x D`` matrix per pair. Baseline samples are single pairs:
 ``||A B||^2 = tr(M^T G M G')`` with ``M = V_A^T U_B``, ``G = U_A^T U_A``, ``G' = V_B^T V_B``.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -80,8 +81,9 @@ COMPOSITION_COLUMNS = (
     "sender_layer", "sender_head", "receiver_layer", "receiver_head", "kind",
     "weight_score", "baseline_mean", "baseline_std", "weight_z",
 )
-GRAM_STRIPS = 8
-"""Row strips a ``D x D`` Gram is formed in (bounds memory to about ``S * D^2 / GRAM_STRIPS``)."""
+GRAM_STRIP_ROWS = 96
+"""Rows per strip a ``D x D`` Gram is formed in: memory is about ``2 * S * GRAM_STRIP_ROWS * D``
+floats, where ``S`` is the number of heads."""
 
 
 @dataclass(frozen=True)
@@ -240,6 +242,8 @@ def random_baseline(
 
 
 class _BaselineDraws(NamedTuple):
+    """Seeded random draws of ``n`` baseline samples (normals from torch, chi-squares from numpy)."""
+
     n: int
     df: int
     d_head: int
@@ -304,7 +308,7 @@ def _paired_score(U_A: torch.Tensor, V_A: torch.Tensor, U_B: torch.Tensor, V_B: 
 
 
 def _centre(heads: HeadWeights, config: CompositionConfig) -> HeadWeights:
-    centre = lambda W, dim: W - W.mean(dim, keepdim=True)  # noqa: E731
+    centre = lambda W, dim: W - W.mean(dim, keepdim=True)
     W_Q, W_K, W_V = heads.W_Q, heads.W_K, heads.W_V
     if config.center_reads:
         W_Q, W_K, W_V = (centre(W, -2) for W in (W_Q, W_K, W_V))
@@ -324,11 +328,12 @@ def _all_pairs(
 ) -> dict[str, torch.Tensor]:
     """Kind → ``[L, H, L, H]`` scores, NaN unless the receiver's layer is later.
 
-    Senders are the heads of layers ``0..L-2``, receivers those of ``1..L-1``; every such
-    pair is scored (one matrix product per Gram strip) and the rest masked.
+    Senders are the heads of layers ``0..L-2``, receivers those of ``1..L-1``; all such pairs
+    except (later half of the senders, earlier half of the receivers) are scored, two matrix
+    products per Gram strip, and pairs with ``l_r <= l_s`` are masked.
     """
     L, H = n_layers, n_heads
-    n = (L - 1) * H
+    n, half = (L - 1) * H, (L - 1) // 2 * H
     later_LHLH = torch.arange(L)[:, None, None, None] < torch.arange(L)[None, None, :, None]
     out = {}
     for sender_factors in sorted({KIND_FACTORS[kind][:2] for kind in kinds}):
@@ -338,31 +343,37 @@ def _all_pairs(
         for kind in group:
             U_B, V_B = (_factor(name, heads, positions_ND)[H:] for name in KIND_FACTORS[kind][2:])
             receivers[kind] = (U_B @ (V_B.mT @ V_B), U_B)  # B B^T = left @ outer^T
-        send_left = V_A @ (U_A.mT @ U_A)  # A^T A = left @ outer^T
-        send_norm = (send_left * V_A).sum((-2, -1))
-        dots = {kind: 0.0 for kind in group}
-        for send_strip, strips in _gram_strips(send_left, V_A, receivers):
-            for kind, recv_strip in strips.items():
-                dots[kind] = dots[kind] + send_strip @ recv_strip.T
+        send_left_SDd = V_A @ (U_A.mT @ U_A)  # A^T A = left @ outer^T
+        send_norm_S = (send_left_SDd * V_A).sum((-2, -1))
+        dots_SR = {kind: send_norm_S.new_zeros(n, n) for kind in group}
+        for lo, hi in _strip_bounds(V_A.shape[-2]):
+            send_strip_SP = _gram_strip(send_left_SDd, V_A, lo, hi)
+            send_strip_SP[:, :, hi - lo :] *= 2  # off-diagonal entries stand for both triangles
+            send_strip_SP = send_strip_SP.flatten(1)
+            for kind, (left, outer) in receivers.items():
+                recv_strip_RP = _gram_strip(left, outer, lo, hi).flatten(1)
+                # skip (senders of the later half) x (receivers of the earlier half): all masked
+                dots_SR[kind][:half].addmm_(send_strip_SP[:half], recv_strip_RP.T)
+                dots_SR[kind][half:, half:].addmm_(send_strip_SP[half:], recv_strip_RP[half:].T)
         for kind in group:
             left, outer = receivers[kind]
-            denominator = send_norm[:, None] * (left * outer).sum((-2, -1))[None]
-            squared = torch.where(denominator > 0, dots[kind] / denominator, math.nan)
-            score_LHLH = torch.full((L, H, L, H), math.nan, device=squared.device)
-            score_LHLH[:-1, :, 1:] = squared.clamp_min(0).sqrt().view(L - 1, H, L - 1, H)
-            out[kind] = torch.where(later_LHLH.to(squared.device), score_LHLH, math.nan)
+            denominator = send_norm_S[:, None] * (left * outer).sum((-2, -1))[None]
+            squared_SR = torch.where(denominator > 0, dots_SR[kind] / denominator, math.nan)
+            score_LHLH = torch.full((L, H, L, H), math.nan, device=squared_SR.device)
+            score_LHLH[:-1, :, 1:] = squared_SR.clamp_min(0).sqrt().view(L - 1, H, L - 1, H)
+            out[kind] = torch.where(later_LHLH.to(squared_SR.device), score_LHLH, math.nan)
     return out
 
 
-def _gram_strips(send_left: torch.Tensor, send_outer: torch.Tensor, receivers: dict[str, tuple[torch.Tensor, torch.Tensor]]):
-    """Yield, strip by strip, the senders' and each receiver kind's Grams ``left @ outer^T``
-    restricted to rows ``[lo, hi)`` and columns ``[lo, D)``, flattened to ``[S, (hi-lo)*(D-lo)]``.
-    The senders' off-diagonal block is doubled, so summing strip products over strips gives the
-    Frobenius inner products of the full symmetric Grams."""
-    D = send_outer.shape[-2]
-    bounds = sorted({round(i * D / GRAM_STRIPS) for i in range(GRAM_STRIPS + 1)})
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        send = send_left[:, lo:hi] @ send_outer[:, lo:].mT
-        send[:, :, hi - lo :] *= 2
-        recv = {kind: (left[:, lo:hi] @ outer[:, lo:].mT).flatten(1) for kind, (left, outer) in receivers.items()}
-        yield send.flatten(1), recv
+def _strip_bounds(d_model: int) -> list[tuple[int, int]]:
+    """Row ranges of the strips a ``D x D`` Gram is formed in, about :data:`GRAM_STRIP_ROWS` each."""
+    n = max(1, round(d_model / GRAM_STRIP_ROWS))
+    bounds = [round(i * d_model / n) for i in range(n + 1)]
+    return list(itertools.pairwise(bounds))
+
+
+def _gram_strip(left: torch.Tensor, outer: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Rows ``[lo, hi)``, columns ``[lo, D)`` of the Grams ``left @ outer^T``, ``[S, hi-lo, D-lo]``.
+    Over all strips these cover the upper triangle, so for symmetric Grams the sum over strips
+    of (strip with its off-diagonal part doubled) . (strip) is the Frobenius inner product."""
+    return left[:, lo:hi] @ outer[:, lo:].mT

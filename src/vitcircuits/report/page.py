@@ -58,6 +58,35 @@ def heads_section(run: Run) -> str:
                         + "<h3>Most modular heads</h3>" + table + "<h3>Baselines</h3>" + base + _figures(run, figures), "heads")
 
 
+def composition_section(run: Run) -> str:
+    data = json.loads(run.file("composition/circuits.json").read_text())
+    circuits = data["circuits"]
+    counts = {v: sum(c["verdict"] == v for c in circuits) for v in ("supported", "weak", "none")}
+    supported = [c for c in circuits if c["verdict"] == "supported"]
+    summary = (f"{counts['supported']} supported, {counts['weak']} weak and {counts['none']} unsupported candidate circuits "
+               f"({data['ablation']} ablation of the sender). Supported = weight score and path patching both beyond "
+               "their baselines (z ≥ 3).")
+    rows = []
+    for c in circuits[:15]:
+        e = c["evidence"]
+        rows.append((
+            ", ".join(f"L{layer}H{head}" for layer, head in c["senders"]) + f" ({', '.join(c['sender_kinds'])})",
+            ", ".join(f"L{layer}H{head}" for layer, head in c["receivers"]), c["kind"].upper(), c["verdict"],
+            f"{e['weight_score']['value']:.3f} (z {e['weight_score']['z']:.1f}; random {e['weight_score']['baseline_mean']:.3f})",
+            f"{e['patch_effect']['value']:.4f} (z {e['patch_effect']['z']:.1f}; controls {e['patch_effect']['control_mean']:.4f})",
+            f"{e['shuffle']['effect']:.4f}", f"{e['shuffle']['attention_kept']:.2f}", c["shuffle_reading"],
+        ))
+    table = html.table(rows, ("senders", "receiver", "kind", "verdict", "weight score", "path-patch effect", "effect on shuffled",
+                              "attention kept under shuffle", "shuffle reading"))
+    reading = ("Shuffle reading: 'positional' = the receiver attends the same way when the patches are shuffled (attention "
+               "follows position, so on shuffled images it moves unrelated content); 'content-matching' = its attention changes.")
+    figures = json.loads(run.file("composition/figures.json").read_text())
+    verdict_line = ("Supported: " + "; ".join(f"L{c['senders'][0][0]}H{c['senders'][0][1]} → L{c['receivers'][0][0]}H{c['receivers'][0][1]} "
+                                               f"({c['kind'].upper()}, {c['shuffle_reading']})" for c in supported[:8])) if supported else "No circuit is supported."
+    return html.section("Composition", html.paragraph(summary) + html.paragraph(verdict_line) + table + html.paragraph(reading)
+                        + _figures(run, figures), "composition")
+
+
 def write_report(run: Run, loaded: LoadedModel) -> None:
     overview = json.loads(run.file("overview/summary.json").read_text())
     images = overview["images"]
@@ -74,6 +103,8 @@ def write_report(run: Run, loaded: LoadedModel) -> None:
     ]
     if run.file("heads/atlas.json").exists():
         sections.append(heads_section(run))
+    if run.file("composition/circuits.json").exists():
+        sections.append(composition_section(run))
     sections.append(html.section(
         "Attention maps",
         html.paragraph("Each cell: one head's attention from the outlined query patch to every patch "

@@ -1,0 +1,43 @@
+"""Writing the composition stage: ``composition.csv``, ``circuits.json`` and figures."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from vitcircuits.composition.circuits import EFFECT_OF_KIND
+from vitcircuits.composition.figures import plot_circuit_graph, plot_patch_heatmaps, plot_weight_heatmaps
+from vitcircuits.composition.scan import CompositionResult
+from vitcircuits.composition.weights import COMPOSITION_COLUMNS
+from vitcircuits.runs import write_json, write_text
+
+CAUSAL_COLUMNS = ("patch_metric", "patch_effect", "patch_z", "shuffle_effect", "attention_kept", "ablation")
+
+
+def write_composition(folder: Path, result: CompositionResult, n_layers: int, n_heads: int) -> list[tuple[Path, str]]:
+    """Write the tables and figures into ``folder``; return (figure path, caption) pairs."""
+    causal = {(c["sender_layer"], c["sender_head"], c["receiver_layer"], c["receiver_head"], c["kind"]): c for c in result.candidates}
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COMPOSITION_COLUMNS + CAUSAL_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in result.scores.rows():
+        key = (row["sender_layer"], row["sender_head"], row["receiver_layer"], row["receiver_head"], row["kind"])
+        if key in causal:
+            row = {**row, **causal[key], "patch_metric": EFFECT_OF_KIND[row["kind"]]}
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    write_text(folder / "composition.csv", buf.getvalue())
+    write_json(folder / "circuits.json", {
+        "senders": [{"layer": layer, "head": head, "kind": kind} for layer, head, kind in result.senders],
+        "ablation": result.candidates[0]["ablation"] if result.candidates else None,
+        "circuits": result.circuits,
+    })
+    figures = [(plot_weight_heatmaps(result, folder / "weight_heatmaps.png"),
+                "Weight-based composition z-scores (sender rows × receiver columns) per kind, against random heads.")]
+    if result.circuits:
+        figures += [
+            (plot_patch_heatmaps(result, folder / "patch_heatmaps.png"),
+             f"Path-patching effects of every head in the sender layers ({result.candidates[0]['ablation']} ablation) on every later head."),
+            (plot_circuit_graph(result, folder / "circuit_graph.png", n_layers, n_heads),
+             "Circuit graph: supported (solid) and weak (dashed) candidates, coloured by kind, width by path-patching z."),
+        ]
+    return figures

@@ -43,7 +43,7 @@ def bundled_model_path(name: str = BUNDLED_MODEL) -> str:
 
 
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False)
+    console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -175,6 +175,58 @@ def heads(
         figures = write_heads_outputs(run, loaded, atlas, kept, preprocess, subdir="")
     run.write_manifest(images=images_manifest(batches), outputs={"figures": [p for p, _ in figures]})
     print_summary(atlas)
+
+
+@app.command()
+def compose(
+    model: ModelArg,
+    images: ImagesArg,
+    out: OutArg,
+    heads_from: Annotated[Optional[Path], typer.Option("--heads-from", help="a heads or hunt run whose atlas names the senders")] = None,
+    ablation: Annotated[str, typer.Option("--ablation", help="mean (over images and positions), position_mean, zero, resample")] = "mean",
+    max_patch_images: Annotated[int, typer.Option("--max-patch-images", min=1, help="images for path patching")] = 64,
+    arch: ArchOpt = None,
+    img_size: ImgSizeOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    batch_size: BatchOpt = 32,
+    max_images: MaxImagesOpt = None,
+    seed: SeedOpt = 0,
+    num_workers: WorkersOpt = 0,
+    random_weights: RandomOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Composition: weight scores, path patching into Q/K/V, the patch-shuffle control, circuits."""
+    from vitcircuits.composition.patching import PatchingConfig
+    from vitcircuits.composition.scan import ComposeConfig
+    from vitcircuits.heads.atlas import AtlasConfig
+    from vitcircuits.hunt import run_compose, run_heads
+
+    model_opts = ModelOptions(model, arch, img_size, random_weights, device, dtype, seed)
+    image_opts = ImageOptions(images, batch_size, max_images, num_workers)
+    config = ComposeConfig(patching=PatchingConfig(ablation=ablation, seed=seed), max_patch_images=max_patch_images)
+    try:
+        run = Run.create(out, "compose", {"model": model_opts.to_dict(), "images": image_opts.to_dict(), "compose": asdict(config),
+                                          "heads_from": str(heads_from) if heads_from else None}, force=force)
+        loaded = model_opts.load()
+        run.write_manifest(model=loaded.manifest(), seed=seed)
+        if heads_from is None:
+            with run.timed("heads"):
+                run_heads(run, loaded, image_opts, AtlasConfig(seed=seed))
+        atlas_dir = "heads" if heads_from is None else str(_atlas_folder(heads_from).resolve())
+        with run.timed("composition"):
+            run_compose(run, loaded, image_opts, config, atlas_dir=atlas_dir, out_dir="")
+    except (RunFolderError, FileNotFoundError, ValueError, RuntimeError) as err:
+        _fail(err)
+    Console().print(f"wrote {run.path / 'circuits.json'}")
+
+
+def _atlas_folder(run_dir: Path) -> Path:
+    """The folder holding atlas.json in a heads run (top level) or a hunt run (heads/)."""
+    for folder in (run_dir, run_dir / "heads"):
+        if (folder / "atlas.json").is_file():
+            return folder
+    raise FileNotFoundError(f"{run_dir}: no atlas.json (expected a `vitcircuits heads` or `hunt` run)")
 
 
 @app.command(name="hunt")

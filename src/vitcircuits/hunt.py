@@ -94,7 +94,7 @@ def run_compose(run: Run, loaded: LoadedModel, images: ImageOptions, config: Com
     result = run_composition(loaded.model, lambda: (b.images_BCHW for b in images.batches(loaded)), atlas, config)
     cfg = loaded.model.cfg
     figures = write_composition(run.file(out_dir), result, cfg.n_layers, cfg.n_heads)
-    write_json(run.file(f"{out_dir}/figures.json"), [(str(p.relative_to(run.path)), c) for p, c in figures])
+    write_json(run.file(out_dir) / "figures.json", [(str(p.relative_to(run.path)), c) for p, c in figures])
     counts = {v: sum(c["verdict"] == v for c in result.circuits) for v in ("supported", "weak", "none")}
     run.write_manifest(composition={"verdicts": counts, "ablation": config.patching.ablation})
 

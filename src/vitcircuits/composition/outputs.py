@@ -8,6 +8,7 @@ from pathlib import Path
 from vitcircuits.composition.circuits import EFFECT_OF_KIND
 from vitcircuits.composition.figures import plot_circuit_graph, plot_patch_heatmaps, plot_weight_heatmaps
 from vitcircuits.composition.scan import CompositionResult
+from vitcircuits.composition.transfer import plot_receptive_field
 from vitcircuits.composition.weights import COMPOSITION_COLUMNS
 from vitcircuits.runs import write_json, write_text
 
@@ -30,6 +31,9 @@ def write_composition(folder: Path, result: CompositionResult, n_layers: int, n_
         "senders": [{"layer": layer, "head": head, "kind": kind} for layer, head, kind in result.senders],
         "ablation": result.candidates[0]["ablation"] if result.candidates else None,
         "circuits": result.circuits,
+        "transfer": {name: {"layers": r.layer_names, "offsets": [list(o) for o in r.offsets], "r2": r.r2_LO.tolist(),
+                            "ring_r2": r.ring_r2_LR().tolist(), "n_test_images": r.n_test_images}
+                     for name, r in result.transfer.items()},
     })
     figures = [(plot_weight_heatmaps(result, folder / "weight_heatmaps.png"),
                 "Weight-based composition z-scores (sender rows × receiver columns) per kind, against random heads.")]
@@ -40,4 +44,8 @@ def write_composition(folder: Path, result: CompositionResult, n_layers: int, n_
             (plot_circuit_graph(result, folder / "circuit_graph.png", n_layers, n_heads),
              "Circuit graph: supported (solid) and weak (dashed) candidates, coloured by kind, width by path-patching z."),
         ]
+    if result.transfer:
+        figures.append((plot_receptive_field(result.transfer, folder / "receptive_field.png"),
+                        "Neighbour → centre transfer: held-out R² of ridge probes predicting a neighbour's patch embedding "
+                        "from the centre token's residual, by layer and distance; dashed: with heads ablated."))
     return figures

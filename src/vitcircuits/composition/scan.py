@@ -4,7 +4,7 @@ the patch-shuffle control; verdicts."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -13,6 +13,7 @@ from vitcircuits.composition.ablation import ZStats
 from vitcircuits.composition.circuits import EFFECT_OF_KIND, VerdictCriteria, build_circuits, control_stats
 from vitcircuits.composition.patching import METRICS, PATHS, PatchEffects, PatchingConfig, path_patch_batch
 from vitcircuits.composition.shuffle import shuffle_patches
+from vitcircuits.composition.transfer import TransferConfig, TransferResult, transfer_curves
 from vitcircuits.composition.weights import CompositionConfig, CompositionScores, composition_scores
 from vitcircuits.heads.atlas import HeadAtlas
 from vitcircuits.models.hooked_vit import HookedViT
@@ -36,6 +37,10 @@ class ComposeConfig:
     """Senders taken by modular_score when the atlas finds no modular or directional head."""
     top_receivers: int = 3
     """Candidate receivers kept per sender and input kind (by the larger of the two z-scores)."""
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    """Neighbour → centre probes (radius is capped to what the grid allows)."""
+    max_transfer_images: int | None = 512
+    """Images for the transfer probes (None: all)."""
 
 
 @dataclass
@@ -49,6 +54,8 @@ class CompositionResult:
     """``clean``/``shuffled``: path-patching effects ``[S, 3, L, H, 4]`` of the patched senders."""
     patched: list[tuple[int, int]]
     """Heads patched, in ``effects`` order."""
+    transfer: dict[str, TransferResult] = field(default_factory=dict)
+    """Receptive-field probes: ``clean`` and with the sender heads / supported receivers ablated."""
 
 
 def choose_sender_layers(atlas: HeadAtlas, n_fallback: int) -> list[int]:
@@ -85,8 +92,29 @@ def run_composition(model: HookedViT, image_batches: Callable[[], Iterable[torch
     shuffled = _patch(model, [xs for _, xs in pairs], heads, stats, config.patching)
     kept_LH = attention_kept(model, pairs)
     candidates = _candidates(scores, senders, clean, shuffled, kept_LH, config)
-    return CompositionResult(scores, senders, candidates, build_circuits(candidates, config.criteria),
-                             {"clean": clean.mean().numpy(), "shuffled": shuffled.mean().numpy()}, heads)
+    circuits = build_circuits(candidates, config.criteria)
+    ablations = {"modular/directional senders ablated": [(layer, head) for layer, head, kind in senders if kind in SENDER_KINDS]}
+    supported = sorted({tuple(c["receivers"][0]) for c in circuits if c["verdict"] == "supported"})
+    if supported:
+        ablations["supported receivers ablated"] = supported
+    rows, cols = model.layout.rows, model.layout.cols
+    transfer_config = replace(config.transfer, radius=min(config.transfer.radius, (min(rows, cols) - 1) // 2))
+    transfer = {}
+    if transfer_config.radius >= 1:
+        batches = _Reiterable(_limited(image_batches, config.max_transfer_images))
+        transfer = transfer_curves(model, batches, transfer_config, {k: v for k, v in ablations.items() if v}, stats, config.patching.ablation)
+    return CompositionResult(scores, senders, candidates, circuits,
+                             {"clean": clean.mean().numpy(), "shuffled": shuffled.mean().numpy()}, heads, transfer)
+
+
+class _Reiterable:
+    """An iterable that calls a generator function on every iteration."""
+
+    def __init__(self, make: Callable[[], Iterable[torch.Tensor]]) -> None:
+        self.make = make
+
+    def __iter__(self):
+        return iter(self.make())
 
 
 @torch.no_grad()

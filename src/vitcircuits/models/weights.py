@@ -87,7 +87,8 @@ class WeightViewsMixin:
 def _fold_into_linear(ln: nn.Module, linear: nn.Linear) -> nn.Linear:
     """Return a Linear equal to ``linear(ln_affine(x))`` for normalised ``x``."""
     w, b = ln.weight.detach(), ln.bias.detach()
-    folded = nn.Linear(linear.in_features, linear.out_features, bias=True).to(linear.weight)
+    folded = torch.nn.utils.skip_init(nn.Linear, linear.in_features, linear.out_features, bias=True,
+                                      device=linear.weight.device, dtype=linear.weight.dtype)
     with torch.no_grad():
         folded.weight.copy_(linear.weight * w)
         bias = linear.weight @ b

@@ -1,0 +1,42 @@
+"""`vitcircuits heads` and `vitcircuits compose` write their run folders (small random model)."""
+import json
+
+import numpy as np
+import pytest
+import timm
+from PIL import Image
+from typer.testing import CliRunner
+
+from vitcircuits.cli import app
+from vitcircuits.testing.checkpoints import save_timm_folder
+
+
+@pytest.fixture()
+def model_and_images(tmp_path):
+    args = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 3, "num_heads": 2, "num_classes": 3}
+    folder = save_timm_folder(timm.create_model("vit_tiny_patch16_224", pretrained=False, **args), tmp_path / "m", "vit_tiny_patch16_224", args)
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"{i:02d}.png")
+    return folder, images
+
+
+def test_heads_then_compose_from_it(model_and_images, tmp_path):
+    folder, images = model_and_images
+    common = ["--model", str(folder), "--images", str(images), "--device", "cpu", "--batch-size", "6"]
+    result = CliRunner().invoke(app, ["heads", *common, "--out", str(tmp_path / "h"), "--n-boot", "20"])
+    assert result.exit_code == 0, result.output
+    for name in ("heads.csv", "kernels.npz", "atlas.json", "atlas.png", "distance_vs_layer.png", "modular_scores.png", "manifest.json"):
+        assert (tmp_path / "h" / name).is_file(), name
+    kernels = np.load(tmp_path / "h" / "kernels.npz")
+    assert kernels["kernels"].shape == (3, 2, 15, 15)
+    result = CliRunner().invoke(app, ["compose", *common, "--out", str(tmp_path / "c"), "--heads-from", str(tmp_path / "h")])
+    assert result.exit_code == 0, result.output
+    circuits = json.loads((tmp_path / "c" / "circuits.json").read_text())
+    assert circuits["ablation"] == "mean" and "transfer" in circuits
+    assert not [c for c in circuits["circuits"] if c["verdict"] == "supported"]  # random weights
+    assert (tmp_path / "c" / "composition.csv").is_file() and (tmp_path / "c" / "weight_heatmaps.png").is_file()
+    missing = CliRunner().invoke(app, ["compose", *common, "--out", str(tmp_path / "d"), "--heads-from", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "no atlas.json" in missing.output

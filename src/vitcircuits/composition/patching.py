@@ -8,7 +8,8 @@ recomputes that layer's attention, leaving everything else clean: the direct pat
 Per receiver head r the effects are averaged over patch queries and images:
 ``js`` (Jensen–Shannon divergence between clean and patched attention rows, nats),
 ``d_neighbour`` (change in renormalised neighbour mass), ``d_kernel`` (total-variation change of
-the mean offset kernel inside the radius window), ``rel_out`` (‖Δ head output‖ / ‖head output‖).
+the mean offset kernel inside the radius window), ``rel_out`` (‖Δ head output‖ / ‖head output‖),
+``d_out_norm`` (signed relative change of the summed output norm; what attribution estimates).
 One batch costs one clean forward plus, per sender and later layer, one qkv projection and three
 attention computations, so a few forward-equivalents for a handful of senders.
 """
@@ -24,7 +25,7 @@ from vitcircuits.heads.offsets import OffsetGeometry
 from vitcircuits.models.hooked_vit import HookedViT
 
 PATHS = ("q", "k", "v")
-METRICS = ("js", "d_neighbour", "d_kernel", "rel_out")
+METRICS = ("js", "d_neighbour", "d_kernel", "rel_out", "d_out_norm")
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ class _Receiver:
         return (sums / self.count_O.clamp_min(1)) @ self.window_OW
 
     def effects(self, pattern_BHQK: torch.Tensor, z_BHNd: torch.Tensor) -> torch.Tensor:
-        """``[B, H, 4]``: js, d_neighbour, d_kernel, rel_out (patch queries)."""
+        """``[B, H, 5]``: js, d_neighbour, d_kernel, rel_out, d_out_norm (patch queries)."""
         s = self.start
         p, q = self.pattern[:, :, s:], pattern_BHQK[:, :, s:]
         m = 0.5 * (p + q)
@@ -117,8 +118,10 @@ class _Receiver:
         d_neighbour = ((self._patches(pattern_BHQK) - self._patches(self.pattern)) * self.neighbour_PP).sum(-1)
         d_kernel = 0.5 * (self._kernel(pattern_BHQK) - self.clean_kernel).abs().sum(-1)
         d_out = torch.einsum("bhnd,hdD->bhnD", z_BHNd - self.z, self.W_O_HdD).norm(dim=-1)
-        rel_out = d_out[:, :, s:].sum(-1) / self.out_norm_BHN[:, :, s:].sum(-1).clamp_min(1e-30)
-        return torch.stack([js.mean(-1), d_neighbour.mean(-1), d_kernel, rel_out], dim=-1)
+        clean_norm = self.out_norm_BHN[:, :, s:].sum(-1).clamp_min(1e-30)
+        rel_out = d_out[:, :, s:].sum(-1) / clean_norm
+        new_norm = torch.einsum("bhnd,hdD->bhnD", z_BHNd, self.W_O_HdD).norm(dim=-1)[:, :, s:].sum(-1)
+        return torch.stack([js.mean(-1), d_neighbour.mean(-1), d_kernel, rel_out, new_norm / clean_norm - 1], dim=-1)
 
     def patched(self, delta_BND: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(pattern, z) with ``delta`` added to the Q, K or V input only."""

@@ -4,6 +4,8 @@ A candidate is one sender head (modular or directional, from the head atlas) →
 receiver head, through one input (q, k or v). Its evidence:
 
 - ``weight_z``: the weight-based composition score's z against random heads of the same shapes;
+- ``weight_z_within``: its z against the other heads of the sender's layer into the same receiver
+  (trained weights are anisotropic, so every pair of a trained model can beat random heads);
 - ``patch_effect``: the path-patching effect through that input alone (JS divergence of the
   receiver's attention for q/k, relative change of its output for v), averaged over images;
 - ``patch_z``: that effect against the *control senders*, the other heads of the sender's layer,
@@ -12,9 +14,9 @@ receiver head, through one input (q, k or v). Its evidence:
   total-variation similarity of the receiver's mean offset kernel on shuffled vs clean images.
 
 Verdicts (:class:`VerdictCriteria`):
-- ``supported``: weight_z ≥ 3 **and** patch_z ≥ 3 **and** patch_effect ≥ the effect floor: the
-  weights and the causal test agree, each beyond its baseline;
-- ``weak``: exactly one of the two is beyond its baseline (z ≥ 3 and above the floor);
+- ``supported``: the weights (weight_z ≥ 3 and weight_z_within ≥ 2) **and** the causal test
+  (patch_z ≥ 3 and patch_effect ≥ the effect floor) agree, each beyond its baselines;
+- ``weak``: exactly one of the two is beyond its baselines;
 - ``none``: neither.
 
 Reading of the shuffle control, stated beside every verdict: ``positional`` when the receiver
@@ -36,6 +38,8 @@ class VerdictCriteria:
 
     weight_z: float = 3.0
     """Weight-score z against random heads."""
+    weight_z_within: float = 2.0
+    """Weight-score z against the sender's layer-mates into the same receiver."""
     patch_z: float = 3.0
     """Path-patching effect z against the control senders."""
     min_js: float = 0.005
@@ -50,8 +54,8 @@ def _floor(kind: str, criteria: VerdictCriteria) -> float:
     return criteria.min_rel_out if kind == "v" else criteria.min_js
 
 
-def verdict(weight_z: float, patch_z: float, effect: float, kind: str, criteria: VerdictCriteria) -> str:
-    weight_ok = weight_z >= criteria.weight_z
+def verdict(weight_z: float, weight_z_within: float, patch_z: float, effect: float, kind: str, criteria: VerdictCriteria) -> str:
+    weight_ok = weight_z >= criteria.weight_z and weight_z_within >= criteria.weight_z_within
     causal_ok = patch_z >= criteria.patch_z and effect >= _floor(kind, criteria)
     if weight_ok and causal_ok:
         return "supported"
@@ -74,7 +78,7 @@ def build_circuits(candidates: list[dict], criteria: VerdictCriteria) -> list[di
     circuits = []
     for row in candidates:
         kind = row["kind"]
-        v = verdict(row["weight_z"], row["patch_z"], row["patch_effect"], kind, criteria)
+        v = verdict(row["weight_z"], row["weight_z_within"], row["patch_z"], row["patch_effect"], kind, criteria)
         reading = "positional" if row["attention_kept"] >= criteria.attention_kept else "content-matching"
         circuits.append({
             "senders": [[row["sender_layer"], row["sender_head"]]],
@@ -84,7 +88,8 @@ def build_circuits(candidates: list[dict], criteria: VerdictCriteria) -> list[di
             "verdict": v,
             "shuffle_reading": reading,
             "evidence": {
-                "weight_score": {"value": row["weight_score"], "baseline_mean": row["baseline_mean"], "baseline_std": row["baseline_std"], "z": row["weight_z"]},
+                "weight_score": {"value": row["weight_score"], "baseline_mean": row["baseline_mean"], "baseline_std": row["baseline_std"], "z": row["weight_z"],
+                                 "z_within_layer": row["weight_z_within"]},
                 "patch_effect": {"metric": EFFECT_OF_KIND[kind], "value": row["patch_effect"], "control_mean": row["control_mean"],
                                  "control_std": row["control_std"], "z": row["patch_z"], "ablation": row["ablation"]},
                 "shuffle": {"effect": row["shuffle_effect"], "effect_retained": row["shuffle_effect"] / max(row["patch_effect"], 1e-12),

@@ -168,10 +168,13 @@ def _candidates(scores: CompositionScores, senders, clean: PatchEffects, shuffle
                     effect_of = {head: clean_mean[index[head], p, rl, rh, metric] for head in patched if head[0] == sl}
                     control_mean, control_std = control_stats(effect_of, (sl, sh), controls)
                     effect = float(effect_of[(sl, sh)])
+                    mates = np.array([weight[sl, h, rl, rh] for h in range(H) if h != sh])
+                    weight_within = (weight[sl, sh, rl, rh] - mates.mean()) / max(mates.std(ddof=1) if mates.size > 1 else 0.0, 1e-6)
                     per_receiver.append({
                         "sender_layer": sl, "sender_head": sh, "sender_kind": sender_kind, "receiver_layer": rl, "receiver_head": rh,
                         "kind": kind, "weight_score": float(weight[sl, sh, rl, rh]), "baseline_mean": scores.baseline_mean[kind],
                         "baseline_std": scores.baseline_std[kind], "weight_z": float(weight_z[sl, sh, rl, rh]),
+                        "weight_z_within": float(weight_within),
                         "patch_effect": effect, "control_mean": control_mean, "control_std": control_std,
                         "patch_z": (effect - control_mean) / control_std, "ablation": config.patching.ablation,
                         "shuffle_effect": float(shuffled_mean[s_idx, p, rl, rh, metric]),

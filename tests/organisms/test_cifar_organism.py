@@ -96,7 +96,7 @@ def test_bundled_checkpoint_accuracy_on_bundled_images(bundled_model):
 
     transform = timm.data.create_transform(**timm.data.resolve_model_data_config(bundled_model))
     inputs_NCHW = torch.stack([transform(image) for image in pil_images])
-    images_NCHW = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in pil_images])
+    images_NCHW = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in pil_images])
     assert torch.equal(inputs_NCHW, normalize_images(images_NCHW)), "timm eval transform != training eval preprocessing"
 
     with torch.inference_mode():

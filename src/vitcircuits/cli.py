@@ -261,11 +261,12 @@ def hunt_cmd(
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="run folder to write")] = Path("runs/demo"),
     device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
     max_images: MaxImagesOpt = None,
     force: Annotated[bool, typer.Option("--force/--no-force", help="overwrite --out")] = True,
 ) -> None:
     """`hunt` on the bundled CIFAR-10 organism and bundled images, offline."""
-    hunt_cmd(bundled_model_path(), "bundled:cifar10", out, device=device, max_images=max_images, batch_size=100, force=force)
+    hunt_cmd(bundled_model_path(), "bundled:cifar10", out, device=device, dtype=dtype, max_images=max_images, batch_size=100, force=force)
 
 
 @app.command(name="train-organism")
@@ -275,7 +276,7 @@ def train_organism(
     seed: SeedOpt = 0,
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="override the default epochs")] = None,
 ) -> None:
-    """Train the bundled CIFAR-10 ViT organism (reproducible from the seed)."""
+    """Train the bundled CIFAR-10 ViT organism on the CPU (bit-reproducible from the seed and thread count)."""
     from vitcircuits.models.organisms.cifar import CifarOrganismConfig, train_cifar_organism
 
     cfg = CifarOrganismConfig(seed=seed) if epochs is None else CifarOrganismConfig(seed=seed, epochs=epochs)

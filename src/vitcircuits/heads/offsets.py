@@ -17,7 +17,6 @@ import torch
 from vitcircuits.models.config import TokenLayout
 
 N_DIRECTIONS = 8
-DIRECTION_NAMES = ("E", "SE", "S", "SW", "W", "NW", "N", "NE")
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,7 @@ class OffsetGeometry:
         return (r >= R) & (r < self.rows - R) & (c >= R) & (c < self.cols - R)
 
     def direction_of_offsets(self) -> np.ndarray:
-        """Compass sector (0=E, 1=SE, … counter-clockwise on screen … 7=NE) of every offset
+        """Compass sector (0=E, 1=SE, 2=S, … 7=NE: clockwise on screen, dy down) of every offset
         within the radius-R window, -1 at the centre and outside the window; ``[2R-1, 2C-1]``."""
         dy = np.arange(-(self.rows - 1), self.rows)[:, None]
         dx = np.arange(-(self.cols - 1), self.cols)[None, :]

@@ -86,7 +86,8 @@ def scan_peak_rss(args) -> None:
 def memory(args) -> dict:
     out = {}
     for n in (64, 1024):
-        cmd = [sys.executable, __file__, "--peak-rss-only", "--images", str(n), "--arch", args.arch, "--batch-size", str(args.batch_size), "--device", args.device]
+        cmd = [sys.executable, __file__, "--peak-rss-only", "--images", str(n), "--arch", args.arch,
+               "--batch-size", str(args.batch_size), "--device", args.device]
         out[n] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])["peak_rss_mb"]
     return {"arch": args.arch, "peak_rss_mb_64": out[64], "peak_rss_mb_1024": out[1024], "ratio_1024_vs_64": round(out[1024] / out[64], 3)}
 

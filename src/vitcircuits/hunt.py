@@ -1,8 +1,9 @@
 """``vitcircuits hunt``: every stage, resumable, then ``report.html``.
 
 Stages: overview (model card, predictions/accuracy, attention maps) → heads (the head atlas)
-→ composition (weight scores, path patching, shuffle control, verdicts) → report. Each stage writes its outputs into the run folder; the report is built from those
-files, so it can be rebuilt from a finished or resumed run."""
+→ composition (weight scores, path patching, shuffle control, verdicts) → report. Each stage
+writes its outputs into the run folder; the report is built from those files, so it can be
+rebuilt from a finished or resumed run."""
 from __future__ import annotations
 
 import csv
@@ -15,8 +16,7 @@ import torch
 from vitcircuits.composition.outputs import write_composition
 from vitcircuits.composition.scan import ComposeConfig, run_composition
 from vitcircuits.data.transforms import PreprocessConfig
-from vitcircuits.heads.atlas import HeadAtlas
-from vitcircuits.heads.atlas import AtlasConfig
+from vitcircuits.heads.atlas import AtlasConfig, HeadAtlas
 from vitcircuits.heads.scan import scan_heads, summarize, write_heads_outputs
 from vitcircuits.inputs import ImageOptions, ModelOptions, images_manifest
 from vitcircuits.models.loading import LoadedModel

@@ -2,10 +2,10 @@
 from one clean forward and one backward pass per batch.
 
 The clean forward caches each layer's input residual and every head's ``z``. Each layer's
-attention is then recomputed from that (detached) residual with a separate copy of the input per
-head and per role — ``x_q, x_k, x_v [B, N, H, D]`` — so one backward gives, for every receiver
-head, the gradient of its own metric with respect to the residual it reads through Q, K and V
-alone (the direct path, nothing downstream). The metrics are the path-patching ones:
+attention is then recomputed from that (detached) residual with q, k, v as leaves, so one
+backward gives, for every receiver head, the gradient of its own metric with respect to its own
+q, k and v; mapping those back through W_Q, W_K, W_V and ``ln1`` gives the gradient with respect
+to the residual it reads through Q, K and V alone (the direct path, nothing downstream). The metrics are the path-patching ones:
 
 - through Q and K: the receiver's renormalised neighbour mass (``d_neighbour``);
 - through V: its summed output norm relative to clean (``d_out_norm``).
@@ -36,22 +36,24 @@ class AttributionSums:
 
 
 def _layer_gradients(model: HookedViT, layer: int, resid_BND: torch.Tensor, neighbour_PP: torch.Tensor) -> list[torch.Tensor]:
-    """Per-head gradients ``[B, N, H, D]`` of the receiver metrics w.r.t. the Q, K and V inputs."""
+    """Per-head gradients ``[B, N, H, D]`` of the receiver metrics w.r.t. the residual read
+    through Q, K and V: gradients w.r.t. each head's q, k, v, mapped back through W_Q, W_K, W_V
+    and ``ln1``. A head's metric depends only on its own q, k, v, so one backward separates heads."""
     block, cfg = model.blocks[layer], model.cfg
     H, Dh, start = cfg.n_heads, cfg.d_head, model.layout.patch_start
+    B, N, D = resid_BND.shape
     ln = F.layer_norm(resid_BND, block.ln1.weight.shape, block.ln1.weight, block.ln1.bias, block.ln1.eps).detach()
-    xs = [ln[:, :, None].expand(-1, -1, H, -1).clone().requires_grad_(True) for _ in range(3)]
-    W = block.attn.qkv.weight.detach().view(3, H, Dh, cfg.d_model)
-    b = block.attn.qkv.bias.detach().view(3, H, Dh) if block.attn.qkv.bias is not None else torch.zeros(3, H, Dh).to(ln)
-    q, k, v = (torch.einsum("bnhD,hdD->bhnd", x, W[i]) + b[i][None, :, None] for i, x in enumerate(xs))
+    qkv_3BHNd = block.attn.qkv(ln).detach().reshape(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4)
+    q, k, v = (t.clone().requires_grad_(True) for t in qkv_3BHNd)
     pattern_BHQK = ((q * Dh**-0.5) @ k.transpose(-1, -2)).softmax(-1)
     patches = pattern_BHQK[:, :, start:, start:]
     neighbour = ((patches / patches.sum(-1, keepdim=True)) * neighbour_PP).sum(-1).mean(-1)
     out_norm_BHN = torch.einsum("bhnd,hdD->bhnD", pattern_BHQK @ v, model.W_O[layer]).norm(dim=-1)[:, :, start:]
     out = out_norm_BHN.sum(-1) / out_norm_BHN.detach().sum(-1).clamp_min(1e-30)
-    grad_q, grad_k = torch.autograd.grad(neighbour.sum(), xs[:2], retain_graph=True)
-    (grad_v,) = torch.autograd.grad(out.sum(), xs[2])
-    return [_ln_backward(block.ln1, resid_BND, g) for g in (grad_q, grad_k, grad_v)]
+    grad_q, grad_k = torch.autograd.grad(neighbour.sum(), (q, k), retain_graph=True)
+    (grad_v,) = torch.autograd.grad(out.sum(), v)
+    W_3HdD = block.attn.qkv.weight.detach().view(3, H, Dh, D)
+    return [_ln_backward(block.ln1, resid_BND, torch.einsum("bhnd,hdD->bnhD", g, W_3HdD[i])) for i, g in enumerate((grad_q, grad_k, grad_v))]
 
 
 def _ln_backward(ln, x_BND: torch.Tensor, grad_BNHD: torch.Tensor) -> torch.Tensor:

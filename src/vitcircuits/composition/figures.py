@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vitcircuits.composition.scan import CompositionResult
 from vitcircuits.composition.patching import PATHS
+from vitcircuits.composition.scan import CompositionResult
 from vitcircuits.report.figures import plt, save_figure
 
 KIND_COLOURS = {"q": "#0072B2", "k": "#D55E00", "v": "#009E73"}

@@ -81,8 +81,9 @@ def composition_section(run: Run) -> str:
     reading = ("Shuffle reading: 'positional' = the receiver attends the same way when the patches are shuffled (attention "
                "follows position, so on shuffled images it moves unrelated content); 'content-matching' = its attention changes.")
     figures = json.loads(run.file("composition/figures.json").read_text())
-    verdict_line = ("Supported: " + "; ".join(f"L{c['senders'][0][0]}H{c['senders'][0][1]} → L{c['receivers'][0][0]}H{c['receivers'][0][1]} "
-                                               f"({c['kind'].upper()}, {c['shuffle_reading']})" for c in supported[:8])) if supported else "No circuit is supported."
+    named = [f"L{c['senders'][0][0]}H{c['senders'][0][1]} → L{c['receivers'][0][0]}H{c['receivers'][0][1]} "
+             f"({c['kind'].upper()}, {c['shuffle_reading']})" for c in supported[:8]]
+    verdict_line = "Supported: " + "; ".join(named) if named else "No circuit is supported."
     return html.section("Composition", html.paragraph(summary) + html.paragraph(verdict_line) + table + html.paragraph(reading)
                         + _figures(run, figures), "composition")
 

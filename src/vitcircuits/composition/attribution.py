@@ -36,7 +36,7 @@ class AttributionSums:
 
 
 def _layer_gradients(model: HookedViT, layer: int, resid_BND: torch.Tensor, neighbour_PP: torch.Tensor) -> list[torch.Tensor]:
-    """Per-head gradients ``[B, N, H, D]`` of the receiver metrics w.r.t. the residual read
+    """Per-head gradients ``[H, B*N*D]`` of the receiver metrics w.r.t. the residual read
     through Q, K and V: gradients w.r.t. each head's q, k, v, mapped back through W_Q, W_K, W_V
     and ``ln1``. A head's metric depends only on its own q, k, v, so one backward separates heads."""
     block, cfg = model.blocks[layer], model.cfg
@@ -53,16 +53,17 @@ def _layer_gradients(model: HookedViT, layer: int, resid_BND: torch.Tensor, neig
     grad_q, grad_k = torch.autograd.grad(neighbour.sum(), (q, k), retain_graph=True)
     (grad_v,) = torch.autograd.grad(out.sum(), v)
     W_3HdD = block.attn.qkv.weight.detach().view(3, H, Dh, D)
-    return [_ln_backward(block.ln1, resid_BND, torch.einsum("bhnd,hdD->bnhD", g, W_3HdD[i])) for i, g in enumerate((grad_q, grad_k, grad_v))]
+    return [_ln_backward(block.ln1, resid_BND, torch.einsum("bhnd,hdD->hbnD", g, W_3HdD[i])).reshape(H, -1)
+            for i, g in enumerate((grad_q, grad_k, grad_v))]
 
 
-def _ln_backward(ln, x_BND: torch.Tensor, grad_BNHD: torch.Tensor) -> torch.Tensor:
+def _ln_backward(ln, x_BND: torch.Tensor, grad_HBND: torch.Tensor) -> torch.Tensor:
     """Pull per-head gradients w.r.t. a LayerNorm's output back to its input, analytically."""
     mu = x_BND.mean(-1, keepdim=True)
     sigma = (x_BND.var(-1, unbiased=False, keepdim=True) + ln.eps).sqrt()
-    x_hat = ((x_BND - mu) / sigma)[:, :, None]
-    g = grad_BNHD * ln.weight.detach()
-    return (g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True)) / sigma[:, :, None]
+    x_hat = (x_BND - mu) / sigma
+    g = grad_HBND * ln.weight.detach()
+    return (g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True)) / sigma
 
 
 def attribution_batch(model: HookedViT, images_BCHW: torch.Tensor, sums: AttributionSums, stats: ZStats | None,
@@ -80,10 +81,10 @@ def attribution_batch(model: HookedViT, images_BCHW: torch.Tensor, sums: Attribu
         for sl in range(L - 1):
             z_BNHd = cache[f"blocks.{sl}.attn.hook_z"]
             ablated = torch.stack([ablated_z(ablation, z_BNHd[:, :, h], sl, h, stats, generator) for h in range(z_BNHd.shape[2])], dim=2)
-            delta_HBND = torch.einsum("bnhd,hdD->hbnD", ablated - z_BNHd, W_O[sl])
+            delta_HX = torch.einsum("bnhd,hdD->hbnD", ablated - z_BNHd, W_O[sl]).reshape(z_BNHd.shape[2], -1)
             for rl in range(sl + 1, L):
                 for p in range(3):
-                    sums.sum_LHPLH[sl, :, p, rl] += torch.einsum("bnrD,sbnD->sr", grads[rl][p], delta_HBND).double().cpu()
+                    sums.sum_LHPLH[sl, :, p, rl] += (delta_HX @ grads[rl][p].T).double().cpu()
     sums.n_images += images_BCHW.shape[0]
 
 

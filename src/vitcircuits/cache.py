@@ -41,7 +41,7 @@ def check_hooks(model: HookedViT, hooks: tuple[str, ...]) -> None:
     for name in hooks:
         if name not in model.hook_dict:
             raise ValueError(f"unknown hook {name!r}; `vitcircuits info MODEL` lists the hook names")
-        if name.startswith("ln_final") and model.cfg.final_norm == "pooled" or not name.endswith(PER_TOKEN_SUFFIXES):
+        if (name.startswith("ln_final") and model.cfg.final_norm == "pooled") or not name.endswith(PER_TOKEN_SUFFIXES):
             raise ValueError(f"hook {name!r} is not per-token; cache takes per-token hooks such as blocks.3.hook_resid_post")
 
 

@@ -34,7 +34,8 @@ class ComposeConfig:
     max_patch_images: int | None = 64
     """Images used for path patching and the shuffle control (None: all)."""
     n_fallback_senders: int = 4
-    """Senders taken by modular_score when the atlas finds no modular or directional head."""
+    """When the atlas finds no modular or directional head, the layers of this many heads with the
+    highest modular_score become the sender layers."""
     top_receivers: int = 3
     """Candidate receivers kept per sender and input kind (by the larger of the two z-scores)."""
     transfer: TransferConfig = field(default_factory=TransferConfig)
@@ -45,13 +46,15 @@ class ComposeConfig:
 
 @dataclass
 class CompositionResult:
+    """Everything the composition stage measured; :mod:`vitcircuits.composition.outputs` writes it."""
+
     scores: CompositionScores
     senders: list[tuple[int, int, str]]
     """Patched heads with their atlas kind: all heads of the layers that hold a modular or directional head."""
     candidates: list[dict]
     circuits: list[dict]
     effects: dict[str, np.ndarray]
-    """``clean``/``shuffled``: path-patching effects ``[S, 3, L, H, 4]`` of the patched senders."""
+    """``clean``/``shuffled``: path-patching effects ``[S, 3 paths, L, H, metrics]`` of the patched senders."""
     patched: list[tuple[int, int]]
     """Heads patched, in ``effects`` order."""
     transfer: dict[str, TransferResult] = field(default_factory=dict)

@@ -1,14 +1,13 @@
 """`vitcircuits demo`/`hunt` on the bundled organism: offline run folder, report, resume."""
 import json
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from vitcircuits.cli import app, bundled_model_path
-from vitcircuits.models.loading import sha256_file
+from vitcircuits.cli import app
+from vitcircuits.models.loading import bundled_model_folder, bundled_model_names, sha256_file
 
-pytestmark = pytest.mark.skipif(not (Path(bundled_model_path()) / "model.safetensors").is_file(), reason="bundled organism checkpoint missing")
+pytestmark = pytest.mark.skipif("cifar10-vit" not in bundled_model_names(), reason="bundled organism checkpoint missing")
 
 
 def test_demo_writes_run_folder_and_report(tmp_path, monkeypatch):
@@ -18,8 +17,8 @@ def test_demo_writes_run_folder_and_report(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "report:" in result.output
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["model"]["weights_sha256"] == sha256_file(Path(bundled_model_path()) / "model.safetensors")
-    assert manifest["model"]["random_weights"] is False
+    assert manifest["model"]["weights_sha256"] == sha256_file(bundled_model_folder("cifar10-vit") / "model.safetensors")
+    assert manifest["model"]["random_weights"] is False and manifest["model"]["model_id"] == "bundled:cifar10-vit"
     assert manifest["images"]["n_total"] == 120 and manifest["images"]["n_skipped"] == 0
     assert len(manifest["images"]["image_list_sha256"]) == 64 and manifest["seed"] == 0
     assert {"torch", "timm", "vitcircuits"} <= set(manifest["versions"])
@@ -35,7 +34,7 @@ def test_demo_writes_run_folder_and_report(tmp_path, monkeypatch):
 
 def test_hunt_resumes_without_recomputing_finished_stages(tmp_path):
     out = tmp_path / "run"
-    args = ["hunt", "--model", bundled_model_path(), "--images", "bundled:cifar10", "--max-images", "40", "--out", str(out), "--device", "cpu"]
+    args = ["hunt", "--model", "bundled:cifar10-vit", "--images", "bundled:cifar10", "--max-images", "40", "--out", str(out), "--device", "cpu"]
     assert CliRunner().invoke(app, args).exit_code == 0
     stages = json.loads((out / "stages.json").read_text())
     heads_mtime = (out / "heads" / "heads.csv").stat().st_mtime_ns

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import asdict
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -35,11 +34,7 @@ RandomOpt = Annotated[bool, typer.Option("--random-weights", help="use seeded ra
 ForceOpt = Annotated[bool, typer.Option("--force", help="write into a non-empty --out folder")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue a run in a non-empty --out folder")]
 
-BUNDLED_MODEL = "cifar10-vit"
-
-
-def bundled_model_path(name: str = BUNDLED_MODEL) -> str:
-    return str(resources.files("vitcircuits") / "assets" / "organisms" / name)
+BUNDLED_MODEL = "bundled:cifar10-vit"
 
 
 def _fail(err: Exception) -> None:
@@ -266,7 +261,7 @@ def demo(
     force: Annotated[bool, typer.Option("--force/--no-force", help="overwrite --out")] = True,
 ) -> None:
     """`hunt` on the bundled CIFAR-10 organism and bundled images, offline."""
-    hunt_cmd(bundled_model_path(), "bundled:cifar10", out, device=device, dtype=dtype, max_images=max_images, batch_size=100, force=force)
+    hunt_cmd(BUNDLED_MODEL, "bundled:cifar10", out, device=device, dtype=dtype, max_images=max_images, batch_size=100, force=force)
 
 
 @app.command(name="train-organism")

@@ -260,7 +260,7 @@ def load_model(
 ) -> LoadedModel:
     """Load a model as a HookedViT in eval mode.
 
-    ``spec`` is one of: a local folder in timm hub layout (``config.json`` + ``model.safetensors``)
+    ``spec`` is one of: ``bundled:NAME`` (a model shipped in the package); a local folder in timm hub layout (``config.json`` + ``model.safetensors``)
     or transformers layout; a ``.safetensors``/``.pth`` file (needs ``arch``, a timm architecture);
     a hub id (``timm/NAME``, ``hf-hub:OWNER/NAME``, or a transformers ViT/DeiT/CLIP id); a bare timm
     name (``vit_base_patch32_224.augreg_in21k_ft_in1k``), fetched from its ``hf_hub_id``.
@@ -272,7 +272,28 @@ def load_model(
     return loaded
 
 
+def bundled_model_folder(name: str) -> Path:
+    """The folder of a model shipped in the package (``bundled:NAME``)."""
+    from importlib import resources
+
+    folder = Path(str(resources.files("vitcircuits") / "assets" / "organisms" / name))
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no bundled model {name!r}; bundled models: {', '.join(bundled_model_names()) or 'none'}")
+    return folder
+
+
+def bundled_model_names() -> list[str]:
+    from importlib import resources
+
+    root = Path(str(resources.files("vitcircuits") / "assets" / "organisms"))
+    return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file()) if root.is_dir() else []
+
+
 def _load(spec: str, arch: str | None, img_size, random_weights: bool, seed: int) -> LoadedModel:
+    if spec.startswith("bundled:"):
+        loaded = _load(str(bundled_model_folder(spec.removeprefix("bundled:"))), arch, img_size, random_weights, seed)
+        loaded.model_id = spec
+        return loaded
     path = Path(spec)
     if path.is_dir():
         config_path = path / "config.json"

@@ -54,7 +54,8 @@ def heads_section(run: Run) -> str:
     base = html.table([(name, f"{b['modular_score']:.3f}", f"{b['neighbour_mass']:.3f}", f"{b['mean_distance_px']:.1f}")
                        for name, b in baselines.items()], ("baseline head on this grid", "modular_score", "neighbour mass", "mean dist px"))
     figures = json.loads(run.file("heads/figures.json").read_text())
-    return html.section("Head atlas", html.paragraph(verdict) + html.paragraph(f"Kinds: {counts}.")
+    kinds = "Kinds: " + ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items(), key=lambda kv: -kv[1])) + "."
+    return html.section("Head atlas", html.paragraph(verdict) + html.paragraph(kinds)
                         + "<h3>Most modular heads</h3>" + table + "<h3>Baselines</h3>" + base + _figures(run, figures), "heads")
 
 

@@ -65,8 +65,8 @@ def composition_section(run: Run) -> str:
     counts = {v: sum(c["verdict"] == v for c in circuits) for v in ("supported", "weak", "none")}
     supported = [c for c in circuits if c["verdict"] == "supported"]
     summary = (f"{counts['supported']} supported, {counts['weak']} weak and {counts['none']} unsupported candidate circuits "
-               f"({data['ablation']} ablation of the sender). Supported = weight score and path patching both beyond "
-               "their baselines (z ≥ 3).")
+               f"({data['ablation']} ablation of the sender). Supported = the weight score beats random heads (z ≥ 3) and the "
+               "sender's layer-mates (z ≥ 2), and the path-patching effect beats the layer-mates' effects (z ≥ 3).")
     rows = []
     for c in circuits[:15]:
         e = c["evidence"]

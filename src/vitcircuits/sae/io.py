@@ -107,18 +107,18 @@ def _config_from_cfg_json(raw: dict) -> SAEConfig:
         if cfg.d_in != raw["d_in"] or cfg.d_sae != raw["d_sae"]:
             raise ValueError(f"{CFG_FILE}: d_in/d_sae disagree with the vitcircuits config")
         return cfg
+    # A foreign SAELens SAE: k only matters for topk (and for further BatchTopK training of a jumprelu).
     k = raw.get("k", (raw.get("activation_fn_kwargs") or {}).get("k"))
-    dtype = raw.get("dtype", "float32").removeprefix("torch.")
-    extra = {"k": int(k)} if k is not None else {"k": 1}
+    hook_layer = raw.get("hook_layer")
     return SAEConfig(
         d_in=int(raw["d_in"]),
         d_sae=int(raw["d_sae"]),
         architecture=FROM_SAELENS[arch],
+        k=int(k) if k is not None else min(SAEConfig.k, int(raw["d_sae"])),
         normalize_activations=False,
-        dtype=dtype,
-        hook_name=raw.get("hook_name", "") or "",
-        hook_layer=int(raw.get("hook_layer", -1) if raw.get("hook_layer") is not None else -1),
-        **extra,
+        dtype=raw.get("dtype", "float32").removeprefix("torch."),
+        hook_name=raw.get("hook_name") or "",
+        hook_layer=int(hook_layer) if hook_layer is not None else -1,
     )
 
 

@@ -288,6 +288,7 @@ def train_sae(
             sae.b_dec.copy_(b_dec_D)
 
     sae.train()
+    done = saved = start
     with _progress(progress) as bar:
         task = bar.add_task("train", total=total, completed=start, l0=0.0, ev=0.0, dead=0.0)
         for step in range(start, total):
@@ -325,7 +326,7 @@ def train_sae(
             done = step + 1
             if done % tcfg.log_every == 0 or done == total:
                 record = {
-                    "step": done, "lr": lr, "loss": float(loss), "mse": float(mse), "aux": float(aux), "l1": float(l1),
+                    "step": done, "lr": lr, "loss": loss.item(), "mse": mse.item(), "aux": aux.item(), "l1": l1.item(),
                     "l0": float((feats_BF > 0).sum(-1).float().mean()),
                     "explained_variance": explained_variance(xn_BD.detach(), recon_BD.detach()),
                     "dead_fraction": float(dead_F.float().mean()),
@@ -335,6 +336,9 @@ def train_sae(
             bar.update(task, completed=done)
             if out is not None and ((tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0) or done == total):
                 _save_checkpoint(out, sae, opt, steps_since_fired_F, done, history, scfg, tcfg)
+                saved = done
+    if out is not None and saved != done:  # the source ran out before total_steps
+        _save_checkpoint(out, sae, opt, steps_since_fired_F, done, history, scfg, tcfg)
     sae.eval()
     if out is not None:
         save_sae(sae, out / "sae")

@@ -86,6 +86,7 @@ def assert_matches_timm(ours, ref, x):
         if ours.cfg.layer_scale:
             attn_out = attn_out * ours.blocks[layer].ls1.gamma
         assert (attn_out - ref_acts[f"blocks.{layer}.hook_attn_out"]).abs().max() <= TOL
+    assert torch.allclose(cache["hook_pos_embed"][0], ref.pos_embed[0].detach(), atol=TOL)  # resampled exactly as timm does
     assert compared >= 14 * ours.cfg.n_layers
 
 

@@ -53,17 +53,18 @@ def _layer_gradients(model: HookedViT, layer: int, resid_BND: torch.Tensor, neig
     grad_q, grad_k = torch.autograd.grad(neighbour.sum(), (q, k), retain_graph=True)
     (grad_v,) = torch.autograd.grad(out.sum(), v)
     W_3HdD = block.attn.qkv.weight.detach().view(3, H, Dh, D)
-    return [_ln_backward(block.ln1, resid_BND, torch.einsum("bhnd,hdD->hbnD", g, W_3HdD[i])).reshape(H, -1)
-            for i, g in enumerate((grad_q, grad_k, grad_v))]
+    grads_3HX = _ln_backward(block.ln1, resid_BND, torch.einsum("rbhnd,rhdD->rhbnD", torch.stack([grad_q, grad_k, grad_v]), W_3HdD))
+    return list(grads_3HX.reshape(3, H, -1))
 
 
-def _ln_backward(ln, x_BND: torch.Tensor, grad_HBND: torch.Tensor) -> torch.Tensor:
-    """Pull per-head gradients w.r.t. a LayerNorm's output back to its input, analytically."""
-    mu = x_BND.mean(-1, keepdim=True)
-    sigma = (x_BND.var(-1, unbiased=False, keepdim=True) + ln.eps).sqrt()
-    x_hat = (x_BND - mu) / sigma
-    g = grad_HBND * ln.weight.detach()
-    return (g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True)) / sigma
+def _ln_backward(ln, x_BND: torch.Tensor, grad_RHBND: torch.Tensor) -> torch.Tensor:
+    """Pull gradients w.r.t. a LayerNorm's output back to its input, analytically (in place)."""
+    sigma_BN1 = (x_BND.var(-1, unbiased=False, keepdim=True) + ln.eps).sqrt()
+    x_hat_BND = (x_BND - x_BND.mean(-1, keepdim=True)) / sigma_BN1
+    g = grad_RHBND.mul_(ln.weight.detach())
+    mean_g = g.mean(-1, keepdim=True)
+    mean_gx = (g * x_hat_BND).mean(-1, keepdim=True)
+    return g.sub_(mean_g).sub_(x_hat_BND * mean_gx).div_(sigma_BN1)
 
 
 def attribution_batch(model: HookedViT, images_BCHW: torch.Tensor, sums: AttributionSums, stats: ZStats | None,

@@ -74,6 +74,11 @@ def _qkv(block, x_BND: torch.Tensor) -> torch.Tensor:
     return attn.qkv(_ln(block, x_BND)).reshape(B, N, 3, attn.n_heads, attn.d_head).permute(2, 0, 3, 1, 4)
 
 
+def _xlogx(p: torch.Tensor) -> torch.Tensor:
+    """``p log p`` with ``0 log 0 = 0``."""
+    return p * p.clamp_min(1e-30).log()
+
+
 def _attend(q_BHNd, k_BHNd, v_BHNd, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     pattern_BHQK = ((q_BHNd * scale) @ k_BHNd.transpose(-1, -2)).softmax(-1)
     return pattern_BHQK, pattern_BHQK @ v_BHNd
@@ -89,9 +94,12 @@ class _Receiver:
         self.start = model.layout.patch_start
         self.qkv = _qkv(self.block, resid_BND)
         self.pattern, self.z = _attend(*self.qkv, self.scale)
-        W_O = model.W_O[layer]
-        self.W_O_HdD = W_O
-        self.out_norm_BHN = torch.einsum("bhnd,hdD->bhnD", self.z, W_O).norm(dim=-1)
+        self.W_O_HdD = model.W_O[layer]
+        self.out_BHND = torch.einsum("bhnd,hdD->bhnD", self.z, self.W_O_HdD)[:, :, self.start :]
+        self.out_norm_BH = self.out_BHND.norm(dim=-1).sum(-1).clamp_min(1e-30)
+        p = self.pattern[:, :, self.start :]
+        self.p_log_p_BHP = _xlogx(p).sum(-1)
+        self.clean_patches = self._patches(self.pattern)
         self.neighbour_PP = geometry.neighbour_mask_PP().to(resid_BND)
         self.window_OW = _window_matrix(geometry).to(resid_BND)
         self.offset_index = geometry.offset_index_PP().flatten().to(resid_BND.device)
@@ -110,18 +118,21 @@ class _Receiver:
         return (sums / self.count_O.clamp_min(1)) @ self.window_OW
 
     def effects(self, pattern_BHQK: torch.Tensor, z_BHNd: torch.Tensor) -> torch.Tensor:
-        """``[B, H, 5]``: js, d_neighbour, d_kernel, rel_out, d_out_norm (patch queries)."""
+        """``[B, H, 5]``: js, d_neighbour, d_kernel, rel_out, d_out_norm (patch queries). A pattern
+        that *is* the clean one (the V path) has zero attention effects without computing them."""
         s = self.start
-        p, q = self.pattern[:, :, s:], pattern_BHQK[:, :, s:]
-        m = 0.5 * (p + q)
-        js = 0.5 * (p * (p.clamp_min(1e-30) / m.clamp_min(1e-30)).log()).sum(-1) + 0.5 * (q * (q.clamp_min(1e-30) / m.clamp_min(1e-30)).log()).sum(-1)
-        d_neighbour = ((self._patches(pattern_BHQK) - self._patches(self.pattern)) * self.neighbour_PP).sum(-1)
-        d_kernel = 0.5 * (self._kernel(pattern_BHQK) - self.clean_kernel).abs().sum(-1)
-        d_out = torch.einsum("bhnd,hdD->bhnD", z_BHNd - self.z, self.W_O_HdD).norm(dim=-1)
-        clean_norm = self.out_norm_BHN[:, :, s:].sum(-1).clamp_min(1e-30)
-        rel_out = d_out[:, :, s:].sum(-1) / clean_norm
-        new_norm = torch.einsum("bhnd,hdD->bhnD", z_BHNd, self.W_O_HdD).norm(dim=-1)[:, :, s:].sum(-1)
-        return torch.stack([js.mean(-1), d_neighbour.mean(-1), d_kernel, rel_out, new_norm / clean_norm - 1], dim=-1)
+        B, H = z_BHNd.shape[:2]
+        if pattern_BHQK is self.pattern:
+            js = d_neighbour = d_kernel = torch.zeros(B, H, dtype=z_BHNd.dtype, device=z_BHNd.device)
+        else:
+            p, q = self.pattern[:, :, s:], pattern_BHQK[:, :, s:]
+            js = (0.5 * self.p_log_p_BHP + 0.5 * _xlogx(q).sum(-1) - _xlogx(0.5 * (p + q)).sum(-1)).clamp_min(0).mean(-1)
+            d_neighbour = ((self._patches(pattern_BHQK) - self.clean_patches) * self.neighbour_PP).sum(-1).mean(-1)
+            d_kernel = 0.5 * (self._kernel(pattern_BHQK) - self.clean_kernel).abs().sum(-1)
+        out_BHND = torch.einsum("bhnd,hdD->bhnD", z_BHNd[:, :, s:], self.W_O_HdD)
+        rel_out = (out_BHND - self.out_BHND).norm(dim=-1).sum(-1) / self.out_norm_BH
+        d_out_norm = out_BHND.norm(dim=-1).sum(-1) / self.out_norm_BH - 1
+        return torch.stack([js, d_neighbour, d_kernel, rel_out, d_out_norm], dim=-1)
 
     def patched(self, delta_BND: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(pattern, z) with ``delta`` added to the Q, K or V input only."""

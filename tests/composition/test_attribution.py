@@ -35,3 +35,5 @@ def test_spearman_matches_definition():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
     assert abs(spearman([1, 2, 2, 3], [1, 2, 3, 4]) - 0.9486832980505138) < 1e-9
+    # ties that are not next to each other in input order: ranks (1.5, 1.5, 0) vs (1, 2, 0)
+    assert abs(spearman([5, 5, 1], [2, 3, 1]) - 1.5 / np.sqrt(3)) < 1e-12

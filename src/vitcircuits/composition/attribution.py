@@ -16,6 +16,7 @@ All pairs cost one einsum per (sender, receiver layer) on top of the forward and
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -35,7 +36,7 @@ class AttributionSums:
         return self.sum_LHPLH / max(self.n_images, 1)
 
 
-def _layer_gradients(model: HookedViT, layer: int, resid_BND: torch.Tensor, neighbour_PP: torch.Tensor) -> list[torch.Tensor]:
+def _layer_gradients(model: HookedViT, layer: int, resid_BND: torch.Tensor, neighbour_PP: torch.Tensor, W_O_HdD: torch.Tensor) -> list[torch.Tensor]:
     """Per-head gradients ``[H, B*N*D]`` of the receiver metrics w.r.t. the residual read
     through Q, K and V: gradients w.r.t. each head's q, k, v, mapped back through W_Q, W_K, W_V
     and ``ln1``. A head's metric depends only on its own q, k, v, so one backward separates heads."""
@@ -48,7 +49,7 @@ def _layer_gradients(model: HookedViT, layer: int, resid_BND: torch.Tensor, neig
     pattern_BHQK = ((q * Dh**-0.5) @ k.transpose(-1, -2)).softmax(-1)
     patches = pattern_BHQK[:, :, start:, start:]
     neighbour = ((patches / patches.sum(-1, keepdim=True)) * neighbour_PP).sum(-1).mean(-1)
-    out_norm_BHN = torch.einsum("bhnd,hdD->bhnD", pattern_BHQK @ v, model.W_O[layer]).norm(dim=-1)[:, :, start:]
+    out_norm_BHN = torch.einsum("bhnd,hdD->bhnD", pattern_BHQK @ v, W_O_HdD).norm(dim=-1)[:, :, start:]
     out = out_norm_BHN.sum(-1) / out_norm_BHN.detach().sum(-1).clamp_min(1e-30)
     grad_q, grad_k = torch.autograd.grad(neighbour.sum(), (q, k), retain_graph=True)
     (grad_v,) = torch.autograd.grad(out.sum(), v)
@@ -74,10 +75,10 @@ def attribution_batch(model: HookedViT, images_BCHW: torch.Tensor, sums: Attribu
     with torch.no_grad():
         _, cache = model.run_with_cache(images_BCHW, names_filter=lambda n: n.endswith(("hook_resid_pre", "attn.hook_z")))
     neighbour_PP = OffsetGeometry(model.layout.rows, model.layout.cols, radius).neighbour_mask_PP().to(images_BCHW.device, model.dtype)
-    with torch.enable_grad():
-        grads = {layer: _layer_gradients(model, layer, cache[f"blocks.{layer}.hook_resid_pre"], neighbour_PP) for layer in range(1, L)}
-    generator = torch.Generator().manual_seed(seed)
     W_O = model.W_O
+    with torch.enable_grad():
+        grads = {layer: _layer_gradients(model, layer, cache[f"blocks.{layer}.hook_resid_pre"], neighbour_PP, W_O[layer]) for layer in range(1, L)}
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for sl in range(L - 1):
             z_BNHd = cache[f"blocks.{sl}.attn.hook_z"]
@@ -90,18 +91,12 @@ def attribution_batch(model: HookedViT, images_BCHW: torch.Tensor, sums: Attribu
 
 
 def spearman(a, b) -> float:
-    """Spearman rank correlation of two 1-D arrays (average ranks for ties)."""
-    import numpy as np
+    """Spearman rank correlation of two 1-D arrays (tied values share their average rank)."""
 
-    def ranks(x):
-        x = np.asarray(x, dtype=float)
-        order = np.argsort(x, kind="stable")
-        r = np.empty(len(x))
-        r[order] = np.arange(len(x))
-        for value in np.unique(x[np.r_[False, np.diff(x[order]) == 0] if len(x) > 1 else []]) if len(x) > 1 else []:
-            tied = x == value
-            r[tied] = r[tied].mean()
-        return r
+    def ranks(x) -> np.ndarray:
+        _, inverse, counts = np.unique(np.asarray(x, dtype=float), return_inverse=True, return_counts=True)
+        first = np.cumsum(counts) - counts
+        return (first + (counts - 1) / 2)[inverse]
 
     ra, rb = ranks(a), ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()

@@ -40,3 +40,15 @@ def test_heads_then_compose_from_it(model_and_images, tmp_path):
     assert (tmp_path / "c" / "composition.csv").is_file() and (tmp_path / "c" / "weight_heatmaps.png").is_file()
     missing = CliRunner().invoke(app, ["compose", *common, "--out", str(tmp_path / "d"), "--heads-from", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "no atlas.json" in missing.output
+
+
+def test_compose_without_heads_from_runs_the_atlas_first(model_and_images, tmp_path):
+    folder, images = model_and_images
+    out = tmp_path / "c"
+    result = CliRunner().invoke(app, ["compose", "--model", str(folder), "--images", str(images), "--device", "cpu",
+                                      "--batch-size", "6", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "heads" / "atlas.json").is_file() and (out / "heads" / "heads.csv").is_file()
+    circuits = json.loads((out / "circuits.json").read_text())
+    atlas = json.loads((out / "heads" / "atlas.json").read_text())
+    assert {s["kind"] for s in circuits["senders"]} <= {r["kind"] for r in atlas["rows"]}

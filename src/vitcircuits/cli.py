@@ -149,9 +149,9 @@ def heads(
     force: ForceOpt = False,
 ) -> None:
     """Head atlas: offset kernels, metrics with intervals, kinds and figures for every head."""
-    from vitcircuits.data.transforms import PreprocessConfig
     from vitcircuits.heads.atlas import AtlasConfig
-    from vitcircuits.heads.scan import print_summary, scan_heads, write_heads_outputs
+    from vitcircuits.heads.scan import print_summary
+    from vitcircuits.hunt import run_heads
 
     model_opts = ModelOptions(model, arch, img_size, random_weights, device, dtype, seed)
     image_opts = ImageOptions(images, batch_size, max_images, num_workers)
@@ -159,16 +159,11 @@ def heads(
     try:
         run = Run.create(out, "heads", {"model": model_opts.to_dict(), "images": image_opts.to_dict(), "atlas": asdict(atlas_cfg)}, force=force)
         loaded = model_opts.load()
-        batches = image_opts.batches(loaded)
         run.write_manifest(model=loaded.manifest(), seed=seed)
-        with run.timed("scan"):
-            atlas, kept = scan_heads(loaded, batches, atlas_cfg)
+        with run.timed("heads"):
+            atlas = run_heads(run, loaded, image_opts, atlas_cfg, subdir="")
     except (RunFolderError, FileNotFoundError, ValueError, RuntimeError, FloatingPointError) as err:
         _fail(err)
-    preprocess = PreprocessConfig.from_pretrained_cfg(loaded.pretrained_cfg, img_size=loaded.model.cfg.img_size)
-    with run.timed("figures"):
-        figures = write_heads_outputs(run, loaded, atlas, kept, preprocess, subdir="")
-    run.write_manifest(images=images_manifest(batches), outputs={"figures": [p for p, _ in figures]})
     print_summary(atlas)
 
 

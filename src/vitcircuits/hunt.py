@@ -15,10 +15,9 @@ import torch
 
 from vitcircuits.composition.outputs import write_composition
 from vitcircuits.composition.scan import ComposeConfig, run_composition
-from vitcircuits.data.transforms import PreprocessConfig
 from vitcircuits.heads.atlas import AtlasConfig, HeadAtlas
 from vitcircuits.heads.scan import scan_heads, summarize, write_heads_outputs
-from vitcircuits.inputs import ImageOptions, ModelOptions, images_manifest
+from vitcircuits.inputs import ImageOptions, ModelOptions, images_manifest, preprocess_config
 from vitcircuits.models.loading import LoadedModel
 from vitcircuits.report.attention_maps import default_queries, patch_attention, plot_head_grid
 from vitcircuits.report.figures import denormalize
@@ -39,10 +38,6 @@ class HuntConfig:
     """Composition settings."""
 
 
-def _preprocess(loaded: LoadedModel) -> PreprocessConfig:
-    return PreprocessConfig.from_pretrained_cfg(loaded.pretrained_cfg, img_size=loaded.model.cfg.img_size)
-
-
 @torch.no_grad()
 def run_overview(run: Run, loaded: LoadedModel, images: ImageOptions, config: HuntConfig) -> None:
     """Predictions (and accuracy where labels exist) over all images, and attention-map grids."""
@@ -56,7 +51,7 @@ def run_overview(run: Run, loaded: LoadedModel, images: ImageOptions, config: Hu
         rows += [(i, p, label, pred) for i, p, label, pred in zip(batch.indices, batch.paths, labels, preds)]
         room = config.n_attention_images - len(to_draw)
         to_draw += [(batch.indices[j], batch.paths[j], batch.images_BCHW[j : j + 1]) for j in range(min(room, len(batch.indices)))]
-    pre = _preprocess(loaded)
+    pre = preprocess_config(loaded)
     out_dir = run.file("overview")
     figures = []
     for index, image_id, image_1CHW in to_draw:
@@ -74,17 +69,19 @@ def run_overview(run: Run, loaded: LoadedModel, images: ImageOptions, config: Hu
     writer.writerow(["image_index", "image", "label", "prediction"])
     writer.writerows(rows)
     write_text(out_dir / "predictions.csv", buf.getvalue())
-    write_json(out_dir / "summary.json", {"accuracy": accuracy, "n_labelled": len(labelled), "figures": figures,
-                                          "images": images_manifest(batches)})
-    run.write_manifest(images=images_manifest(batches))
+    images_section = images_manifest(batches)
+    write_json(out_dir / "summary.json", {"accuracy": accuracy, "n_labelled": len(labelled), "figures": figures, "images": images_section})
+    run.write_manifest(images=images_section)
 
 
-def run_heads(run: Run, loaded: LoadedModel, images: ImageOptions, config: HuntConfig) -> None:
-    """The head atlas over all images."""
-    atlas, kept = scan_heads(loaded, images.batches(loaded), config.atlas)
-    figures = write_heads_outputs(run, loaded, atlas, kept, _preprocess(loaded))
-    write_json(run.file("heads/figures.json"), figures)
-    run.write_manifest(heads={"summary": summarize(atlas)})
+def run_heads(run: Run, loaded: LoadedModel, images: ImageOptions, config: AtlasConfig, subdir: str = "heads") -> HeadAtlas:
+    """The head atlas over all images, saved with its figures in ``subdir`` of the run."""
+    batches = images.batches(loaded)
+    atlas, kept = scan_heads(loaded, batches, config)
+    figures = write_heads_outputs(run, loaded, atlas, kept, subdir)
+    write_json(run.file(subdir) / "figures.json", figures)
+    run.write_manifest(images=images_manifest(batches), heads={"summary": summarize(atlas)})
+    return atlas
 
 
 def run_compose(run: Run, loaded: LoadedModel, images: ImageOptions, config: ComposeConfig, atlas_dir: str = "heads",
@@ -112,7 +109,7 @@ def hunt(out: str, model: ModelOptions, images: ImageOptions, config: HuntConfig
     inputs = {"model": model.to_dict(), "weights": loaded.weights_sha256, "images": images.to_dict()}
     stages.stage("overview", {**inputs, "n_attention_images": config.n_attention_images},
                  lambda: run_overview(run, loaded, images, config))
-    stages.stage("heads", {**inputs, "atlas": asdict(config.atlas)}, lambda: run_heads(run, loaded, images, config))
+    stages.stage("heads", {**inputs, "atlas": asdict(config.atlas)}, lambda: run_heads(run, loaded, images, config.atlas))
     stages.stage("composition", {**inputs, "atlas": asdict(config.atlas), "compose": asdict(config.compose)},
                  lambda: run_compose(run, loaded, images, config.compose))
     stages.stage("report", {**inputs, "always": json.dumps(stages.done, sort_keys=True)}, lambda: write_report(run, loaded))

@@ -61,12 +61,16 @@ class ImageOptions:
 
     def batches(self, loaded: LoadedModel, progress: bool = True) -> ImageBatches:
         """Preprocessed batches for this model (its pretrained_cfg at its input size)."""
-        config = PreprocessConfig.from_pretrained_cfg(loaded.pretrained_cfg, img_size=loaded.model.cfg.img_size)
         source = resolve_source(self.images, max_images=self.max_images)
-        return iter_batches(source, config, batch_size=self.batch_size, num_workers=self.num_workers, progress=progress)
+        return iter_batches(source, preprocess_config(loaded), batch_size=self.batch_size, num_workers=self.num_workers, progress=progress)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def preprocess_config(loaded: LoadedModel) -> PreprocessConfig:
+    """The model's eval preprocessing (its pretrained_cfg) at the model's input size."""
+    return PreprocessConfig.from_pretrained_cfg(loaded.pretrained_cfg, img_size=loaded.model.cfg.img_size)
 
 
 def images_manifest(batches: ImageBatches) -> dict:

@@ -87,14 +87,14 @@ def _attend(q_BHNd, k_BHNd, v_BHNd, scale: float) -> tuple[torch.Tensor, torch.T
 class _Receiver:
     """Clean state of one receiver layer and the effect metrics against it."""
 
-    def __init__(self, model: HookedViT, layer: int, resid_BND: torch.Tensor, geometry: OffsetGeometry) -> None:
+    def __init__(self, model: HookedViT, layer: int, resid_BND: torch.Tensor, geometry: OffsetGeometry, W_O_HdD: torch.Tensor) -> None:
         self.block = model.blocks[layer]
         self.resid = resid_BND
         self.scale = model.cfg.d_head**-0.5
         self.start = model.layout.patch_start
         self.qkv = _qkv(self.block, resid_BND)
         self.pattern, self.z = _attend(*self.qkv, self.scale)
-        self.W_O_HdD = model.W_O[layer]
+        self.W_O_HdD = W_O_HdD
         self.out_BHND = torch.einsum("bhnd,hdD->bhnD", self.z, self.W_O_HdD)[:, :, self.start :]
         self.out_norm_BH = self.out_BHND.norm(dim=-1).sum(-1).clamp_min(1e-30)
         p = self.pattern[:, :, self.start :]
@@ -161,9 +161,9 @@ def path_patch_batch(model: HookedViT, images_BCHW: torch.Tensor, senders: list[
     first = min(sl for sl, _ in senders)
     _, cache = model.run_with_cache(images_BCHW, names_filter=lambda n: n.endswith(("hook_resid_pre", "attn.hook_z")))
     geometry = OffsetGeometry(model.layout.rows, model.layout.cols, config.radius)
-    receivers = {layer: _Receiver(model, layer, cache[f"blocks.{layer}.hook_resid_pre"], geometry) for layer in range(first + 1, L)}
-    generator = torch.Generator().manual_seed(config.seed)
     W_O = model.W_O
+    receivers = {layer: _Receiver(model, layer, cache[f"blocks.{layer}.hook_resid_pre"], geometry, W_O[layer]) for layer in range(first + 1, L)}
+    generator = torch.Generator().manual_seed(config.seed)
     for i, (sl, sh) in enumerate(senders):
         z = cache[f"blocks.{sl}.attn.hook_z"][:, :, sh]
         delta_BND = (ablated_z(config.ablation, z, sl, sh, stats, generator) - z) @ W_O[sl, sh]

@@ -132,6 +132,7 @@ class HeadStatsAccumulator:
         self._distance_px = self.geometry.distance_PP(patch_hw)
         self._direction_OD = direction_matrix(self.geometry)
         self._count_O = self.geometry.offset_counts().flatten()
+        self._boot_cache: tuple[tuple[int, ...], torch.Tensor] = ((), torch.zeros(n_boot, 0, dtype=torch.float64))
 
     def _prefix_slices(self) -> list[list[int]]:
         layout = self.layout
@@ -192,9 +193,13 @@ class HeadStatsAccumulator:
 
     def _boot_weights(self, image_indices: list[int]) -> torch.Tensor:
         """Poisson(1) weights per replicate and image, a function of (seed, image index) only, so
-        results do not depend on batching or on how runs are split across processes."""
-        return torch.tensor(np.stack([np.random.default_rng([self.seed, int(i)]).poisson(1.0, self.n_boot) for i in image_indices], axis=1),
-                            dtype=torch.float64)
+        results do not depend on batching or on how runs are split across processes. Drawn once
+        per batch (every layer of the batch reuses them)."""
+        key = tuple(int(i) for i in image_indices)
+        if key != self._boot_cache[0]:
+            draws = [np.random.default_rng([self.seed, i]).poisson(1.0, self.n_boot) for i in key]
+            self._boot_cache = (key, torch.tensor(np.stack(draws, axis=1), dtype=torch.float64))
+        return self._boot_cache[1]
 
     _SUM_FIELDS = ("kernel_sum_LHO", "raw_kernel_sum_LHO", "offset_count_O", "prefix_sum_LH3", "self_sum_LH",
                    "neighbour_sum_LHP", "raw_neighbour_sum_LHP", "distance_sum_LH", "distance_px_sum_LH",

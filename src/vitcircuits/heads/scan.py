@@ -7,6 +7,7 @@ from rich.console import Console
 from vitcircuits.data.loader import ImageBatches
 from vitcircuits.heads.atlas import AtlasConfig, HeadAtlas, accumulate, build_atlas, new_accumulator
 from vitcircuits.heads.figures import plot_atlas, plot_distance_vs_layer, plot_head_overlays, plot_modular_scores
+from vitcircuits.inputs import preprocess_config
 from vitcircuits.models.loading import LoadedModel
 from vitcircuits.report.attention_maps import patch_attention
 from vitcircuits.report.figures import denormalize
@@ -33,7 +34,7 @@ def overlay_heads(atlas: HeadAtlas) -> list[tuple[int, int]]:
     return [(r["layer"], r["head"]) for r in ranked[:N_OVERLAY_HEADS]]
 
 
-def write_heads_outputs(run: Run, loaded: LoadedModel, atlas: HeadAtlas, kept, preprocess, subdir: str = "heads") -> list[tuple[str, str]]:
+def write_heads_outputs(run: Run, loaded: LoadedModel, atlas: HeadAtlas, kept, subdir: str = "heads") -> list[tuple[str, str]]:
     """Save the atlas and its figures in ``subdir`` of the run; return (path relative to the run, caption) of each figure."""
     folder = run.file(subdir) if subdir else run.path
     atlas.save(folder)
@@ -42,6 +43,7 @@ def write_heads_outputs(run: Run, loaded: LoadedModel, atlas: HeadAtlas, kept, p
         (plot_modular_scores(atlas, folder / "modular_scores.png"), "modular_score with 95 % bootstrap intervals and this grid's baselines."),
         (plot_distance_vs_layer(atlas, folder / "distance_vs_layer.png"), "Mean attention distance per head and layer, with baselines."),
     ]
+    preprocess = preprocess_config(loaded)
     layout = loaded.model.layout
     query = (layout.rows // 2, layout.cols // 2)
     maps = {index: patch_attention(loaded.model, image, query) for index, _, image in kept}

@@ -1,5 +1,7 @@
 """The composition stage recovers planted circuits with the right kinds and verdicts, rejects
 decoys, and finds nothing supported in a random model."""
+import csv
+import io
 import json
 
 import numpy as np
@@ -53,8 +55,13 @@ def test_planted_circuits_recovered_with_kinds_and_shuffle_reading(tmp_path):
     data = json.loads((tmp_path / "circuits.json").read_text())
     assert data["ablation"] == "mean" and data["circuits"][0]["verdict"] == "supported"
     header = (tmp_path / "composition.csv").read_text().splitlines()[0]
-    for column in ("weight_score", "baseline_mean", "baseline_std", "weight_z", "patch_effect", "shuffle_effect"):
+    for column in ("weight_score", "baseline_mean", "baseline_std", "weight_z", "attribution", "patch_effect", "shuffle_effect"):
         assert column in header
+    # attribution ranks the patched triples like exact patching does, and points at nothing outside them
+    assert data["attribution"]["spearman_top"] > 0.95 and data["attribution"]["n_patched_triples"] == 3 * 6 * 6
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "composition.csv").read_text())))
+    k_rows = [r for r in rows if r["kind"] == "k" and r["receiver_layer"] == "1" and r["receiver_head"] == "0"]
+    assert max(k_rows, key=lambda r: abs(float(r["attribution"])))["sender_head"] == "0"  # the planted K edge L0H0 → L1H0
 
 
 def test_random_weight_model_has_no_supported_circuit():

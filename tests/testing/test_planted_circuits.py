@@ -30,7 +30,7 @@ CONFIGS = {
 }
 MIN_MASS = 0.95
 N_IMAGES = 16
-INERT = {"js": 1e-5, "d_neighbour": 1e-3, "d_kernel": 1e-3, "rel_out": 1e-2, "d_out_norm": 1e-2}
+INERT = {"js": 1e-5, "d_neighbour": 1e-3, "d_kernel": 1e-3, "rel_out": 1e-2, "d_out_norm": 1e-2, "d_out_proj": 1e-2}
 """Largest effect of any kind that counts as none (the ablation still moves every ``ln1``
 normalisation by a relative ``O(|c|^2)``)."""
 

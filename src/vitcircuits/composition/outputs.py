@@ -7,12 +7,13 @@ from pathlib import Path
 
 from vitcircuits.composition.circuits import EFFECT_OF_KIND
 from vitcircuits.composition.figures import plot_circuit_graph, plot_patch_heatmaps, plot_weight_heatmaps
+from vitcircuits.composition.patching import PATHS
 from vitcircuits.composition.scan import CompositionResult
 from vitcircuits.composition.transfer import plot_receptive_field
 from vitcircuits.composition.weights import COMPOSITION_COLUMNS
 from vitcircuits.runs import write_json, write_text
 
-CAUSAL_COLUMNS = ("patch_metric", "patch_effect", "patch_z", "shuffle_effect", "attention_kept", "ablation")
+CAUSAL_COLUMNS = ("attribution", "patch_metric", "patch_effect", "patch_z", "shuffle_effect", "attention_kept", "ablation")
 
 
 def write_composition(folder: Path, result: CompositionResult, n_layers: int, n_heads: int) -> list[tuple[Path, str]]:
@@ -23,6 +24,8 @@ def write_composition(folder: Path, result: CompositionResult, n_layers: int, n_
     writer.writeheader()
     for row in result.scores.rows():
         key = (row["sender_layer"], row["sender_head"], row["receiver_layer"], row["receiver_head"], row["kind"])
+        if result.attribution is not None and row["kind"] in PATHS:
+            row["attribution"] = float(result.attribution[key[0], key[1], PATHS.index(row["kind"]), key[2], key[3]])
         if key in causal:
             row = {**row, **causal[key], "patch_metric": EFFECT_OF_KIND[row["kind"]]}
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
@@ -31,6 +34,7 @@ def write_composition(folder: Path, result: CompositionResult, n_layers: int, n_
         "senders": [{"layer": layer, "head": head, "kind": kind} for layer, head, kind in result.senders],
         "ablation": result.candidates[0]["ablation"] if result.candidates else None,
         "circuits": result.circuits,
+        "attribution": result.attribution_agreement,
         "transfer": {name: {"layers": r.layer_names, "offsets": [list(o) for o in r.offsets], "r2": r.r2_LO.tolist(),
                             "ring_r2": r.ring_r2_LR().tolist(), "n_test_images": r.n_test_images}
                      for name, r in result.transfer.items()},

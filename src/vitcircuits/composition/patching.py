@@ -9,7 +9,10 @@ Per receiver head r the effects are averaged over patch queries and images:
 ``js`` (Jensen–Shannon divergence between clean and patched attention rows, nats),
 ``d_neighbour`` (change in renormalised neighbour mass), ``d_kernel`` (total-variation change of
 the mean offset kernel inside the radius window), ``rel_out`` (‖Δ head output‖ / ‖head output‖),
-``d_out_norm`` (signed relative change of the summed output norm; what attribution estimates).
+``d_out_norm`` (signed relative change of the summed output norm), ``d_out_proj`` (the output change
+projected on the clean output direction at each token, summed, over the summed clean norm: the
+first-order part of ``d_out_norm``, linear in the receiver's value input, and what attribution
+estimates for V).
 One batch costs one clean forward plus, per sender and later layer, one qkv projection and three
 attention computations, so a few forward-equivalents for a handful of senders.
 """
@@ -25,7 +28,7 @@ from vitcircuits.heads.offsets import OffsetGeometry
 from vitcircuits.models.hooked_vit import HookedViT
 
 PATHS = ("q", "k", "v")
-METRICS = ("js", "d_neighbour", "d_kernel", "rel_out", "d_out_norm")
+METRICS = ("js", "d_neighbour", "d_kernel", "rel_out", "d_out_norm", "d_out_proj")
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ class PatchingConfig:
 
 
 class PatchEffects:
-    """Sums of effects ``[S, 3 paths, L, H, 4 metrics]`` over images, for senders ``senders``."""
+    """Sums of effects ``[S, 3 paths, L, H, metrics]`` over images, for senders ``senders``."""
 
     def __init__(self, senders: list[tuple[int, int]], n_layers: int, n_heads: int) -> None:
         self.senders = senders
@@ -96,7 +99,9 @@ class _Receiver:
         self.pattern, self.z = _attend(*self.qkv, self.scale)
         self.W_O_HdD = W_O_HdD
         self.out_BHND = torch.einsum("bhnd,hdD->bhnD", self.z, self.W_O_HdD)[:, :, self.start :]
-        self.out_norm_BH = self.out_BHND.norm(dim=-1).sum(-1).clamp_min(1e-30)
+        out_norm_BHP = self.out_BHND.norm(dim=-1, keepdim=True)
+        self.out_dir_BHND = self.out_BHND / out_norm_BHP.clamp_min(1e-30)
+        self.out_norm_BH = out_norm_BHP.sum((-1, -2)).clamp_min(1e-30)
         p = self.pattern[:, :, self.start :]
         self.p_log_p_BHP = _xlogx(p).sum(-1)
         self.clean_patches = self._patches(self.pattern)
@@ -118,7 +123,7 @@ class _Receiver:
         return (sums / self.count_O.clamp_min(1)) @ self.window_OW
 
     def effects(self, pattern_BHQK: torch.Tensor, z_BHNd: torch.Tensor) -> torch.Tensor:
-        """``[B, H, 5]``: js, d_neighbour, d_kernel, rel_out, d_out_norm (patch queries). A pattern
+        """``[B, H, 6]``: js, d_neighbour, d_kernel, rel_out, d_out_norm, d_out_proj (patch queries). A pattern
         that *is* the clean one (the V path) has zero attention effects without computing them."""
         s = self.start
         B, H = z_BHNd.shape[:2]
@@ -130,9 +135,11 @@ class _Receiver:
             d_neighbour = ((self._patches(pattern_BHQK) - self.clean_patches) * self.neighbour_PP).sum(-1).mean(-1)
             d_kernel = 0.5 * (self._kernel(pattern_BHQK) - self.clean_kernel).abs().sum(-1)
         out_BHND = torch.einsum("bhnd,hdD->bhnD", z_BHNd[:, :, s:], self.W_O_HdD)
-        rel_out = (out_BHND - self.out_BHND).norm(dim=-1).sum(-1) / self.out_norm_BH
+        d_out_BHND = out_BHND - self.out_BHND
+        rel_out = d_out_BHND.norm(dim=-1).sum(-1) / self.out_norm_BH
         d_out_norm = out_BHND.norm(dim=-1).sum(-1) / self.out_norm_BH - 1
-        return torch.stack([js, d_neighbour, d_kernel, rel_out, d_out_norm], dim=-1)
+        d_out_proj = (d_out_BHND * self.out_dir_BHND).sum((-1, -2)) / self.out_norm_BH
+        return torch.stack([js, d_neighbour, d_kernel, rel_out, d_out_norm, d_out_proj], dim=-1)
 
     def patched(self, delta_BND: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(pattern, z) with ``delta`` added to the Q, K or V input only."""

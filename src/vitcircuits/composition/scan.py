@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from vitcircuits.composition.ablation import ZStats
+from vitcircuits.composition.attribution import AttributionSums, agreement, attribution_batch
 from vitcircuits.composition.circuits import EFFECT_OF_KIND, VerdictCriteria, build_circuits, control_stats
 from vitcircuits.composition.patching import METRICS, PATHS, PatchEffects, PatchingConfig, path_patch_batch
 from vitcircuits.composition.shuffle import shuffle_patches
@@ -42,6 +43,9 @@ class ComposeConfig:
     """Neighbour → centre probes (radius is capped to what the grid allows)."""
     max_transfer_images: int | None = 512
     """Images for the transfer probes (None: all)."""
+    attribution_top: int = 40
+    """The rank agreement of attribution with exact patching is also reported over this many
+    patched triples with the largest estimates."""
 
 
 @dataclass
@@ -59,6 +63,10 @@ class CompositionResult:
     """Heads patched, in ``effects`` order."""
     transfer: dict[str, TransferResult] = field(default_factory=dict)
     """Receptive-field probes: ``clean`` and with the sender heads / supported receivers ablated."""
+    attribution: np.ndarray | None = None
+    """Attribution-patching estimates ``[sender L, sender H, 3 paths, receiver L, receiver H]`` of every triple."""
+    attribution_agreement: dict = field(default_factory=dict)
+    """Rank agreement of attribution with exact path patching (:func:`~vitcircuits.composition.attribution.agreement`)."""
 
 
 def choose_sender_layers(atlas: HeadAtlas, n_fallback: int) -> list[int]:
@@ -92,6 +100,10 @@ def run_composition(model: HookedViT, image_batches: Callable[[], Iterable[torch
     for images_BCHW, _ in pairs:
         stats.update(model, images_BCHW)
     clean = _patch(model, [x for x, _ in pairs], heads, stats, config.patching)
+    attribution = AttributionSums(model.cfg.n_layers, model.cfg.n_heads)
+    for images_BCHW, _ in pairs:
+        attribution_batch(model, images_BCHW, attribution, stats, config.patching.ablation, config.patching.radius, config.patching.seed)
+    estimates = attribution.mean().numpy()
     shuffled = _patch(model, [xs for _, xs in pairs], heads, stats, config.patching)
     kept_LH = attention_kept(model, pairs)
     candidates = _candidates(scores, senders, clean, shuffled, kept_LH, config)
@@ -106,8 +118,8 @@ def run_composition(model: HookedViT, image_batches: Callable[[], Iterable[torch
     if transfer_config.radius >= 1:
         batches = _Reiterable(_limited(image_batches, config.max_transfer_images))
         transfer = transfer_curves(model, batches, transfer_config, {k: v for k, v in ablations.items() if v}, stats, config.patching.ablation)
-    return CompositionResult(scores, senders, candidates, circuits,
-                             {"clean": clean.mean().numpy(), "shuffled": shuffled.mean().numpy()}, heads, transfer)
+    return CompositionResult(scores, senders, candidates, circuits, {"clean": clean.mean().numpy(), "shuffled": shuffled.mean().numpy()},
+                             heads, transfer, estimates, agreement(estimates, clean.mean().numpy(), heads, config.attribution_top))
 
 
 class _Reiterable:

@@ -86,7 +86,23 @@ def composition_section(run: Run) -> str:
              f"({c['kind'].upper()}, {c['shuffle_reading']})" for c in supported[:8]]
     verdict_line = "Supported: " + "; ".join(named) if named else "No circuit is supported."
     return html.section("Composition", html.paragraph(summary) + html.paragraph(verdict_line) + table + html.paragraph(reading)
-                        + _figures(run, figures), "composition")
+                        + _attribution_paragraph(data.get("attribution") or {}) + _figures(run, figures), "composition")
+
+
+def _attribution_paragraph(agreement: dict) -> str:
+    if not agreement.get("n_patched_triples"):
+        return ""
+    rho = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    text = (f"Attribution patching (one forward and one backward per batch) estimated every sender → receiver → input triple. "
+            f"Over the {agreement['n_patched_triples']} triples also path-patched exactly, its Spearman rank correlation with "
+            f"exact patching is {rho(agreement['spearman_patched'])}; over the {agreement['n_top']} with the largest estimates, "
+            f"{rho(agreement['spearman_top'])} (metrics: neighbour-mass change for Q/K, output change along the clean output for V).")
+    strongest = agreement.get("strongest_unpatched", [])[:5]
+    if strongest:
+        text += " Strongest estimates from heads outside the patched layers: " + "; ".join(
+            f"L{t['sender'][0]}H{t['sender'][1]} → L{t['receiver'][0]}H{t['receiver'][1]} {t['kind'].upper()} ({t['estimate']:+.3f})"
+            for t in strongest) + "."
+    return html.paragraph(text)
 
 
 def write_report(run: Run, loaded: LoadedModel) -> None:

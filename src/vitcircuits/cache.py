@@ -2,6 +2,7 @@
 
 Each shard holds, for every cached hook, a ``[rows, width]`` tensor (trailing dims flattened,
 e.g. ``hook_z`` ``[rows, H*Dh]``), plus per-row ``image_index`` (position in the image list),
+``view`` (0 for the image itself, ≥ 1 for augmented views, :mod:`vitcircuits.data.augment`),
 ``token`` (sequence index), ``row`` and ``col`` (patch grid position; -1 for CLS, distillation
 and register tokens). Memory holds at most one shard's rows. ``index.json`` lists the
 finished shards and the images they cover, so an interrupted run resumes after the last one.
@@ -9,12 +10,14 @@ finished shards and the images they cover, so an interrupted run resumes after t
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from vitcircuits.data.augment import AugmentConfig, with_views
 from vitcircuits.data.loader import ImageBatch
 from vitcircuits.models.hooked_vit import HookedViT
 from vitcircuits.runs import write_json, write_with
@@ -35,6 +38,10 @@ class CacheConfig:
     """Rows per shard file; memory holds at most about one shard."""
     dtype: str = "float32"
     """Storage dtype of the activations (``float32``, ``float16``, ``bfloat16``)."""
+    views: int = 1
+    """Views per image: the image plus ``views - 1`` seeded random crops/flips (more rows from few images)."""
+    augment: AugmentConfig = AugmentConfig()
+    """Crop and flip settings of the extra views."""
 
 
 def check_hooks(model: HookedViT, hooks: tuple[str, ...]) -> None:
@@ -96,12 +103,14 @@ def token_positions(model: HookedViT, include_prefix: bool) -> tuple[torch.Tenso
 @torch.no_grad()
 def cache_batch(model: HookedViT, batch: ImageBatch, config: CacheConfig) -> dict[str, torch.Tensor]:
     """Rows for one batch: every kept token of every image, hooks flattened to ``[rows, width]``."""
-    _, acts = model.run_with_cache(batch.images_BCHW, names_filter=list(config.hooks))
+    images_BCHW = with_views(batch.images_BCHW, batch.indices, config.views, config.augment)
+    _, acts = model.run_with_cache(images_BCHW, names_filter=list(config.hooks))
     token, row, col = token_positions(model, config.include_prefix)
-    B, T = len(batch.indices), token.numel()
+    B, T = images_BCHW.shape[0], token.numel()
     dtype = getattr(torch, config.dtype)
     rows = {name: acts[name][:, token].reshape(B * T, -1).to("cpu", dtype) for name in config.hooks}
-    rows["image_index"] = torch.tensor(batch.indices).repeat_interleave(T)
+    rows["image_index"] = torch.tensor(batch.indices).repeat_interleave(config.views * T)
+    rows["view"] = torch.arange(config.views).repeat(len(batch.indices)).repeat_interleave(T)
     rows["token"], rows["row"], rows["col"] = token.repeat(B), row.repeat(B), col.repeat(B)
     return rows
 
@@ -118,3 +127,16 @@ def without_images(batch: ImageBatch, done: set[int]) -> ImageBatch:
         paths=tuple(batch.paths[j] for j in keep),
         labels_B=None if batch.labels_B is None else batch.labels_B[keep],
     )
+
+
+def write_cache(folder: Path, model: HookedViT, batches: Iterable[ImageBatch], config: CacheConfig) -> ShardWriter:
+    """Cache every image of ``batches`` not already in ``folder`` (a killed run resumes after its
+    last finished shard); returns the writer, whose ``index`` lists the shards."""
+    writer = ShardWriter(folder, config)
+    done = writer.done_images
+    for batch in batches:
+        todo = without_images(batch, done)
+        if todo.indices:
+            writer.add(cache_batch(model, todo, config), list(todo.indices))
+    writer.flush()
+    return writer

@@ -13,33 +13,30 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from vitcircuits.cli_options import (
+    ArchOpt,
+    BatchOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    ImagesArg,
+    ImgSizeOpt,
+    MaxImagesOpt,
+    ModelArg,
+    OutArg,
+    RandomOpt,
+    ResumeOpt,
+    SeedOpt,
+    WorkersOpt,
+    fail,
+)
+from vitcircuits.cli_sae import sae_app
 from vitcircuits.inputs import ImageOptions, ModelOptions, images_manifest
 from vitcircuits.runs import Run, RunFolderError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Mechanistic interpretability of Vision Transformers.")
-console = Console(stderr=True)
-
-ModelArg = Annotated[str, typer.Option("--model", "-m", help="timm name, hub id, folder, or weights file (with --arch)")]
-ImagesArg = Annotated[str, typer.Option("--images", "-i", help="file, folder, list .txt, glob, bundled:NAME or hf:DATASET[:SPLIT]")]
-OutArg = Annotated[Path, typer.Option("--out", "-o", help="run folder to write")]
-ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="timm architecture of a bare weights file")]
-ImgSizeOpt = Annotated[Optional[int], typer.Option("--img-size", help="input size; position embeddings are resampled as timm does")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="images per forward pass")]
-MaxImagesOpt = Annotated[Optional[int], typer.Option("--max-images", min=1, help="use the first N images")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="seed for everything random")]
-WorkersOpt = Annotated[int, typer.Option("--num-workers", min=0, help="image-decoding worker processes")]
-RandomOpt = Annotated[bool, typer.Option("--random-weights", help="use seeded random weights (stated in the manifest)")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="write into a non-empty --out folder")]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue a run in a non-empty --out folder")]
-
+app.add_typer(sae_app, name="sae")
 BUNDLED_MODEL = "bundled:cifar10-vit"
-
-
-def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
 
 
 @app.callback()
@@ -60,7 +57,7 @@ def info(
     try:
         loaded = ModelOptions(model, arch, img_size, random_weights, device, dtype).load()
     except Exception as err:  # noqa: BLE001 - every load failure is reported as one line
-        _fail(err)
+        fail(err)
     cfg, layout = loaded.model.cfg, loaded.model.layout
     out = Console()
     table = Table(title=f"{loaded.model_id}", show_header=False)
@@ -101,33 +98,27 @@ def cache(
     resume: ResumeOpt = False,
 ) -> None:
     """Cache per-token activations to safetensors shards, keeping (image, row, col) per row."""
-    from vitcircuits.cache import CacheConfig, ShardWriter, cache_batch, check_hooks, without_images
+    from vitcircuits.cache import CacheConfig, check_hooks, write_cache
 
     model_opts = ModelOptions(model, arch, img_size, random_weights, device, dtype, seed)
     image_opts = ImageOptions(images, batch_size, max_images, num_workers)
     cache_cfg = CacheConfig(tuple(h.strip() for h in hooks.split(",") if h.strip()), include_prefix, shard_rows)
     try:
         run = Run.create(out, "cache", {"model": model_opts.to_dict(), "images": image_opts.to_dict(),
-                                        "cache": cache_cfg.__dict__}, force=force, resume=resume)
+                                        "cache": asdict(cache_cfg)}, force=force, resume=resume)
         loaded = model_opts.load()
         check_hooks(loaded.model, cache_cfg.hooks)
         if force:
             run.file("index.json").unlink(missing_ok=True)
-        writer = ShardWriter(run.path, cache_cfg)
+        run.write_manifest(model=loaded.manifest(), seed=seed)
+        batches = image_opts.batches(loaded)
+        with run.timed("cache"):
+            writer = write_cache(run.path, loaded.model, batches, cache_cfg)
     except Exception as err:  # noqa: BLE001
-        _fail(err)
-    run.write_manifest(model=loaded.manifest(), seed=seed)
-    done = writer.done_images
-    batches = image_opts.batches(loaded)
-    with run.timed("cache"):
-        for batch in batches:
-            todo = without_images(batch, done)
-            if todo.indices:
-                writer.add(cache_batch(loaded.model, todo, cache_cfg), list(todo.indices))
-        writer.flush()
+        fail(err)
     run.write_manifest(images=images_manifest(batches), outputs={"shards": len(writer.index["shards"]),
                                                                   "rows": sum(s["rows"] for s in writer.index["shards"])})
-    console.print(f"wrote {len(writer.index['shards'])} shard(s) to {run.path}")
+    Console(stderr=True).print(f"wrote {len(writer.index['shards'])} shard(s) to {run.path}")
 
 
 @app.command()
@@ -163,7 +154,7 @@ def heads(
         with run.timed("heads"):
             atlas = run_heads(run, loaded, image_opts, atlas_cfg, subdir="")
     except (RunFolderError, FileNotFoundError, ValueError, RuntimeError, FloatingPointError) as err:
-        _fail(err)
+        fail(err)
     print_summary(atlas)
 
 
@@ -207,7 +198,7 @@ def compose(
         with run.timed("composition"):
             run_compose(run, loaded, image_opts, config, atlas_dir=atlas_dir, out_dir="")
     except (RunFolderError, FileNotFoundError, ValueError, RuntimeError) as err:
-        _fail(err)
+        fail(err)
     Console().print(f"wrote {run.path / 'circuits.json'}")
 
 
@@ -243,7 +234,7 @@ def hunt_cmd(
         report = hunt(str(out), ModelOptions(model, arch, img_size, random_weights, device, dtype, seed),
                       ImageOptions(images, batch_size, max_images, num_workers), HuntConfig(), force=force, resume=resume)
     except (RunFolderError, FileNotFoundError, ValueError, RuntimeError) as err:
-        _fail(err)
+        fail(err)
     Console().print(f"report: {report}")
 
 

@@ -1,12 +1,13 @@
 """The model and images a command works on, from the options every command shares."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 
-from vitcircuits.data.images import resolve_source
-from vitcircuits.data.loader import ImageBatches, iter_batches
+from vitcircuits.data.images import BadImage, SkippedImage, resolve_source
+from vitcircuits.data.loader import ImageBatches, ImageDataset, iter_batches
 from vitcircuits.data.transforms import PreprocessConfig
 from vitcircuits.models.loading import LoadedModel, load_model
 
@@ -63,6 +64,21 @@ class ImageOptions:
         """Preprocessed batches for this model (its pretrained_cfg at its input size)."""
         source = resolve_source(self.images, max_images=self.max_images)
         return iter_batches(source, preprocess_config(loaded), batch_size=self.batch_size, num_workers=self.num_workers, progress=progress)
+
+    def image_loader(self, loaded: LoadedModel) -> Callable[[list[int]], torch.Tensor]:
+        """A function from image-list indices to preprocessed images ``[B, 3, H, W]`` (random access,
+        for analyses that revisit particular images). A bad image raises :class:`BadImage`."""
+        source = resolve_source(self.images, max_images=self.max_images)
+        dataset = ImageDataset(source.items, preprocess_config(loaded))
+        position = {item.index: i for i, item in enumerate(source.items)}
+
+        def load(indices: list[int]) -> torch.Tensor:
+            records = [dataset[position[i]] for i in indices]
+            for record in records:
+                if isinstance(record, SkippedImage):
+                    raise BadImage(f"{record.id}: {record.reason}")
+            return torch.stack([record.image_CHW for record in records])
+        return load
 
     def to_dict(self) -> dict:
         return asdict(self)

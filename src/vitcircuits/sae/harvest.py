@@ -1,0 +1,85 @@
+"""Reading harvested activations (the shards of :mod:`vitcircuits.cache`) for SAE training and
+evaluation, one shard in memory at a time.
+
+Rows are split by *image*: images whose list index is a multiple of ``holdout_every`` are held
+out for evaluation (with all their views), so no evaluation row shares an image with training.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from vitcircuits.sae.train import ShuffleBuffer
+
+POSITION_KEYS = ("image_index", "view", "row", "col")
+
+
+@dataclass(frozen=True)
+class HarvestRows:
+    """One shard's rows of one hook, with their positions."""
+
+    acts_ND: torch.Tensor
+    image_index_N: torch.Tensor
+    view_N: torch.Tensor
+    row_N: torch.Tensor
+    col_N: torch.Tensor
+
+    def select(self, keep_N: torch.Tensor) -> HarvestRows:
+        return HarvestRows(*(t[keep_N] for t in (self.acts_ND, self.image_index_N, self.view_N, self.row_N, self.col_N)))
+
+
+class ShardReader:
+    """The rows of one hook in a cache folder (``index.json`` + ``shard_*.safetensors``)."""
+
+    def __init__(self, folder: str | Path, hook: str) -> None:
+        self.folder = Path(folder)
+        index_path = self.folder / "index.json"
+        if not index_path.is_file():
+            raise FileNotFoundError(f"{index_path}: no activation cache here (run `vitcircuits cache` or `sae train`)")
+        self.index = json.loads(index_path.read_text())
+        hooks = self.index["config"]["hooks"]
+        if hook not in hooks:
+            raise ValueError(f"{self.folder}: hook {hook!r} was not cached (cached: {', '.join(hooks)})")
+        self.hook = hook
+        if not self.index["shards"]:
+            raise ValueError(f"{self.folder}: the cache has no finished shard")
+
+    @property
+    def n_rows(self) -> int:
+        return sum(shard["rows"] for shard in self.index["shards"])
+
+    @property
+    def width(self) -> int:
+        with safe_open(str(self.folder / self.index["shards"][0]["file"]), "pt") as f:
+            return f.get_slice(self.hook).get_shape()[1]
+
+    def rows(self, order: list[int] | None = None) -> Iterator[HarvestRows]:
+        """Shard by shard (in ``order`` if given), as float32."""
+        shards = self.index["shards"]
+        for i in order if order is not None else range(len(shards)):
+            with safe_open(str(self.folder / shards[i]["file"]), "pt") as f:
+                acts_ND = f.get_tensor(self.hook).float()
+                positions = [f.get_tensor(k) if k in f.keys() else torch.zeros(acts_ND.shape[0], dtype=torch.long) for k in POSITION_KEYS]
+            yield HarvestRows(acts_ND, *positions)
+
+    def split(self, held_out: bool, holdout_every: int, order: list[int] | None = None) -> Iterator[HarvestRows]:
+        """Only the held-out (or only the training) images' rows."""
+        for rows in self.rows(order):
+            keep_N = (rows.image_index_N % holdout_every == 0) == held_out
+            if keep_N.any():
+                yield rows.select(keep_N)
+
+
+def training_batches(reader: ShardReader, batch_size: int, epochs: int, holdout_every: int, capacity_rows: int, seed: int) -> Iterator[torch.Tensor]:
+    """Shuffled training batches over ``epochs`` passes; each pass visits the shards in a new
+    seeded order through a :class:`ShuffleBuffer` of ``capacity_rows`` rows."""
+    n_shards = len(reader.index["shards"])
+    for epoch in range(epochs):
+        order = torch.randperm(n_shards, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+        source = (rows.acts_ND for rows in reader.split(False, holdout_every, order))
+        yield from ShuffleBuffer(source, max(capacity_rows, 2 * batch_size), batch_size, seed + epoch)

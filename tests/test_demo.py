@@ -25,7 +25,8 @@ def test_demo_writes_run_folder_and_report(tmp_path, monkeypatch):
     summary = json.loads((out / "overview" / "summary.json").read_text())
     assert summary["n_labelled"] == 120 and summary["accuracy"] > 0.4
     report = (out / "report.html").read_text()
-    for section in ('id="model"', 'id="data"', 'id="heads"', 'id="attention"', 'id="composition"', 'Spearman rank correlation'):
+    for section in ('id="model"', 'id="data"', 'id="heads"', 'id="attention"', 'id="composition"', 'id="sae"', 'Spearman rank correlation',
+                    'compositional features'):
         assert section in report
     assert "data:image/png;base64," in report and "http://" not in report and "https://" not in report
     heads_csv = (out / "heads" / "heads.csv").read_text().splitlines()

@@ -1,7 +1,9 @@
 """``vitcircuits hunt``: every stage, resumable, then ``report.html``.
 
 Stages: overview (model card, predictions/accuracy, attention maps) → heads (the head atlas)
-→ composition (weight scores, path patching, shuffle control, verdicts) → report. Each stage
+→ composition (weight scores, attribution and path patching, shuffle control, verdicts) → sae
+(an SAE after the strongest composition receiver, with held-out metrics and downstream fidelity)
+→ features (circuit dependence and compositional features) → report. Each stage
 writes its outputs into the run folder; the report is built from those files, so it can be
 rebuilt from a finished or resumed run."""
 from __future__ import annotations
@@ -23,6 +25,7 @@ from vitcircuits.report.attention_maps import default_queries, patch_attention, 
 from vitcircuits.report.figures import denormalize
 from vitcircuits.report.page import write_report
 from vitcircuits.runs import Run, write_json, write_text
+from vitcircuits.sae.stage import AnalyzeConfig, SAEStageConfig, choose_hook, run_sae_analyze, run_sae_train
 from vitcircuits.stages import StageRunner
 
 
@@ -36,6 +39,10 @@ class HuntConfig:
     """Head-atlas settings."""
     compose: ComposeConfig = field(default_factory=ComposeConfig)
     """Composition settings."""
+    sae: SAEStageConfig = field(default_factory=SAEStageConfig)
+    """SAE settings; its hook (None by default) is chosen from the composition circuits."""
+    analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
+    """Feature-analysis settings."""
 
 
 @torch.no_grad()
@@ -96,6 +103,22 @@ def run_compose(run: Run, loaded: LoadedModel, images: ImageOptions, config: Com
     run.write_manifest(composition={"verdicts": counts, "ablation": config.patching.ablation})
 
 
+def _circuits(run: Run) -> list[dict]:
+    return json.loads(run.file("composition/circuits.json").read_text())["circuits"]
+
+
+def run_sae(run: Run, loaded: LoadedModel, images: ImageOptions, config: SAEStageConfig) -> None:
+    """Train the SAE at the configured hook, or after the strongest supported composition receiver."""
+    hook, reason = (config.hook, "given") if config.hook else choose_hook(_circuits(run), loaded.model.cfg.n_layers)
+    metrics = run_sae_train(run.file("sae"), loaded, images, config, hook, reason)
+    run.write_manifest(sae={"hook": hook, "hook_reason": reason, "held_out": {k: v for k, v in metrics["held_out"].items() if k != "density_histogram"}})
+
+
+def run_features(run: Run, loaded: LoadedModel, images: ImageOptions, config: AnalyzeConfig) -> None:
+    summary = run_sae_analyze(run.file("sae"), loaded, images, _circuits(run), config)
+    run.write_manifest(features={"n_analysed": summary["n_features_analysed"], "n_compositional": summary["n_compositional"]})
+
+
 def hunt(out: str, model: ModelOptions, images: ImageOptions, config: HuntConfig, *, force: bool = False, resume: bool = False) -> str:
     """Run every stage (skipping finished ones when resuming); returns the report path."""
     run_config = {"model": model.to_dict(), "images": images.to_dict(), "hunt": asdict(config)}
@@ -112,6 +135,10 @@ def hunt(out: str, model: ModelOptions, images: ImageOptions, config: HuntConfig
     stages.stage("heads", {**inputs, "atlas": asdict(config.atlas)}, lambda: run_heads(run, loaded, images, config.atlas))
     stages.stage("composition", {**inputs, "atlas": asdict(config.atlas), "compose": asdict(config.compose)},
                  lambda: run_compose(run, loaded, images, config.compose))
+    compose_inputs = {**inputs, "atlas": asdict(config.atlas), "compose": asdict(config.compose)}
+    stages.stage("sae", {**compose_inputs, "sae": asdict(config.sae)}, lambda: run_sae(run, loaded, images, config.sae))
+    stages.stage("features", {**compose_inputs, "sae": asdict(config.sae), "analyze": asdict(config.analyze)},
+                 lambda: run_features(run, loaded, images, config.analyze))
     stages.stage("report", {**inputs, "always": json.dumps(stages.done, sort_keys=True)}, lambda: write_report(run, loaded))
     run.write_manifest(outputs={"report": "report.html", "stages": stages.done})
     return str(run.file("report.html"))

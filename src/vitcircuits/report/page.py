@@ -5,6 +5,7 @@ import json
 
 from vitcircuits.models.loading import LoadedModel
 from vitcircuits.report import html
+from vitcircuits.report.sae_section import sae_section
 from vitcircuits.runs import Run, write_text
 
 
@@ -123,6 +124,8 @@ def write_report(run: Run, loaded: LoadedModel) -> None:
         sections.append(heads_section(run))
     if run.file("composition/circuits.json").exists():
         sections.append(composition_section(run))
+    if run.file("sae/metrics.json").exists():
+        sections.append(sae_section(run))
     sections.append(html.section(
         "Attention maps",
         html.paragraph("Each cell: one head's attention from the outlined query patch to every patch "

@@ -6,6 +6,12 @@ A folder holds ``cfg.json`` and ``sae_weights.safetensors`` (``W_enc``, ``b_enc`
 inference as a JumpReLU with its estimated threshold). Input normalisation is always folded into the
 saved weights, so ``normalize_activations`` is ``"none"``. Our own configuration is kept under the
 ``"vitcircuits"`` key.
+
+Foreign SAELens folders whose maths differs from ours only by an exact re-parametrisation are
+converted on load: ``apply_b_dec_to_input=false`` (``b_dec`` not subtracted before encoding) becomes
+``b_enc + b_dec @ W_enc``, and a TopK SAE with ``rescale_acts_by_decoder_norm=true`` (pre-activations
+multiplied by the decoder row norms, latents divided by them before decoding) gets those norms folded
+into ``W_enc``, ``b_enc`` and ``W_dec``. A ``log_threshold`` tensor is read as ``threshold = exp(log_threshold)``.
 """
 
 from __future__ import annotations
@@ -73,6 +79,7 @@ def sae_cfg_dict(sae: SAE) -> dict:
     }
     if cfg.architecture == "topk":
         out["k"] = cfg.k
+        out["rescale_acts_by_decoder_norm"] = False  # the folded decoder rows have norm 1 / norm_scale
         out["activation_fn_str"] = "topk"
         out["activation_fn_kwargs"] = {"k": cfg.k}
     else:
@@ -109,7 +116,8 @@ def _config_from_cfg_json(raw: dict) -> SAEConfig:
         return cfg
     # A foreign SAELens SAE: k only matters for topk (and for further BatchTopK training of a jumprelu).
     k = raw.get("k", (raw.get("activation_fn_kwargs") or {}).get("k"))
-    hook_layer = raw.get("hook_layer")
+    metadata = raw.get("metadata") or {}  # SAELens 6 keeps the hook there
+    hook_layer = raw.get("hook_layer", metadata.get("hook_layer"))
     return SAEConfig(
         d_in=int(raw["d_in"]),
         d_sae=int(raw["d_sae"]),
@@ -117,9 +125,22 @@ def _config_from_cfg_json(raw: dict) -> SAEConfig:
         k=int(k) if k is not None else min(SAEConfig.k, int(raw["d_sae"])),
         normalize_activations=False,
         dtype=raw.get("dtype", "float32").removeprefix("torch."),
-        hook_name=raw.get("hook_name") or "",
+        hook_name=raw.get("hook_name") or metadata.get("hook_name") or "",
         hook_layer=int(hook_layer) if hook_layer is not None else -1,
     )
+
+
+def _to_our_parametrisation(raw: dict, cfg: SAEConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rewrite SAELens weights so that our ``(x - b_dec) @ W_enc + b_enc`` encoder gives the same latents."""
+    tensors = {name: t.double() for name, t in tensors.items()}
+    if raw.get("apply_b_dec_to_input", True) is False:
+        tensors["b_enc"] = tensors["b_enc"] + tensors["b_dec"] @ tensors["W_enc"]
+    if cfg.architecture == "topk" and raw.get("rescale_acts_by_decoder_norm", False):
+        norms_F = tensors["W_dec"].norm(dim=1).clamp_min(1e-12)  # (guards all-zero rows only)
+        tensors["W_enc"] = tensors["W_enc"] * norms_F
+        tensors["b_enc"] = tensors["b_enc"] * norms_F
+        tensors["W_dec"] = tensors["W_dec"] / norms_F[:, None]
+    return tensors
 
 
 def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
@@ -141,6 +162,8 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
     cfg = _config_from_cfg_json(raw)
     sae = SAE(cfg)
     tensors = load_file(str(weights_path))
+    if "threshold" not in tensors and "log_threshold" in tensors:
+        tensors["threshold"] = tensors.pop("log_threshold").exp()
     expected = {
         "W_enc": (cfg.d_in, cfg.d_sae),
         "b_enc": (cfg.d_sae,),
@@ -157,6 +180,7 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
                 f"{weights_path.name}: {name} has shape {tuple(tensors[name].shape)}, "
                 f"expected {shape} for d_in={cfg.d_in}, d_sae={cfg.d_sae}"
             )
+    tensors = _to_our_parametrisation(raw, cfg, tensors)
     with torch.no_grad():
         for name in expected:
             getattr(sae, name).copy_(tensors[name].to(cfg.torch_dtype))

@@ -11,12 +11,17 @@ absorbs the scale into the weights so that ``norm_scale`` becomes 1 without chan
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 ARCHITECTURES = ("topk", "batchtopk", "relu")
+
+SPARSE_TRAINING_DTYPES = (torch.float32, torch.float64)
+"""Dtypes for which :func:`vitcircuits.sae.train.train_sae` uses the sparse TopK / BatchTopK step on the CPU."""
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -81,6 +86,102 @@ class SAEConfig:
     def torch_dtype(self) -> torch.dtype:
         """The :mod:`torch` dtype named by :attr:`dtype`."""
         return _DTYPES[self.dtype]
+
+
+class ActiveLatents(NamedTuple):
+    """The selected entries of a ``[B, F]`` latent matrix, in row-major CSR form (indices only, no values).
+
+    Attributes:
+        crow: ``[B + 1]`` row pointers; the entries of row ``b`` are ``crow[b]:crow[b + 1]``.
+        rows: ``[N]`` row of each entry (non-decreasing).
+        cols: ``[N]`` latent of each entry (any order within a row).
+    """
+
+    crow: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+
+    @classmethod
+    def from_topk(cls, idx_BK: torch.Tensor) -> ActiveLatents:
+        """``K`` entries per row at the latents ``idx_BK``."""
+        B, K = idx_BK.shape
+        device = idx_BK.device
+        crow = torch.arange(0, B * K + 1, K, device=device)
+        rows = torch.arange(B, device=device).repeat_interleave(K)
+        return cls(crow, rows, idx_BK.reshape(-1))
+
+    @classmethod
+    def from_flat(cls, flat_idx_N: torch.Tensor, B: int, F: int) -> ActiveLatents:
+        """Entries at the (distinct) flat indices ``row * F + col``; returns them sorted row-major."""
+        mask = torch.zeros(B * F, dtype=torch.bool, device=flat_idx_N.device)
+        mask[flat_idx_N] = True
+        flat = mask.nonzero().squeeze(1)
+        rows, cols = flat // F, flat % F
+        crow = torch.zeros(B + 1, dtype=torch.long, device=flat.device)
+        crow[1:] = torch.bincount(rows, minlength=B).cumsum(0)
+        return cls(crow, rows, cols)
+
+    def csr(self, values_N: torch.Tensor, B: int, F: int) -> torch.Tensor:
+        """``[B, F]`` sparse CSR matrix with ``values_N`` at these entries."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+            return torch.sparse_csr_tensor(self.crow, self.cols, values_N, (B, F), check_invariants=False)
+
+    def coo_transposed(self, values_N: torch.Tensor, B: int, F: int) -> torch.Tensor:
+        """``[F, B]`` sparse COO matrix (the transpose) with ``values_N`` at these entries."""
+        return torch.sparse_coo_tensor(torch.stack([self.cols, self.rows]), values_N, (F, B), check_invariants=False)
+
+
+class _SelectedPreactivations(torch.autograd.Function):
+    """``pre[rows, cols]`` for ``pre = xc @ W_enc + b_enc`` whose values were computed without autograd.
+
+    The forward pass only takes the already computed values; the backward pass computes the
+    gradients of ``xc``, ``W_enc`` and ``b_enc`` from the ``N`` selected entries alone (sparse
+    products), which is exactly the gradient of the dense expression restricted to those entries.
+    """
+
+    @staticmethod
+    def forward(ctx, vals_N, xc_BD, W_enc_DF, b_enc_F, active: ActiveLatents):
+        ctx.active = active
+        ctx.save_for_backward(xc_BD, W_enc_DF)
+        ctx.n_latents = b_enc_F.shape[0]
+        return vals_N.clone()
+
+    @staticmethod
+    def backward(ctx, g_N):
+        xc_BD, W_enc_DF = ctx.saved_tensors
+        active, F, B = ctx.active, ctx.n_latents, xc_BD.shape[0]
+        g_N = g_N.contiguous()
+        grad_xc = grad_W = grad_b = None
+        if ctx.needs_input_grad[1]:
+            grad_xc = active.csr(g_N, B, F) @ W_enc_DF.T
+        if ctx.needs_input_grad[2]:
+            grad_W = torch.sparse.mm(active.coo_transposed(g_N, B, F), xc_BD).T
+        if ctx.needs_input_grad[3]:
+            grad_b = torch.zeros(F, dtype=g_N.dtype, device=g_N.device).index_add_(0, active.cols, g_N)
+        return None, grad_xc, grad_W, grad_b, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """``out[b] = sum over the entries (b, f) of vals * W_dec[f]`` (no bias), with sparse backward."""
+
+    @staticmethod
+    def forward(ctx, vals_N, W_dec_FD, active: ActiveLatents, B: int):
+        ctx.active, ctx.B = active, B
+        ctx.save_for_backward(vals_N, W_dec_FD)
+        return active.csr(vals_N, B, W_dec_FD.shape[0]) @ W_dec_FD
+
+    @staticmethod
+    def backward(ctx, g_BD):
+        vals_N, W_dec_FD = ctx.saved_tensors
+        active, B, F = ctx.active, ctx.B, W_dec_FD.shape[0]
+        g_BD = g_BD.contiguous()
+        grad_vals = grad_W = None
+        if ctx.needs_input_grad[0]:  # (g @ W_dec^T) sampled at the entries
+            grad_vals = torch.sparse.sampled_addmm(active.csr(vals_N, B, F), g_BD, W_dec_FD.T, beta=0.0).values()
+        if ctx.needs_input_grad[1]:
+            grad_W = torch.sparse.mm(active.coo_transposed(vals_N, B, F), g_BD)
+        return grad_vals, grad_W, None, None
 
 
 class SAE(nn.Module):
@@ -203,6 +304,8 @@ class SAE(nn.Module):
     def update_threshold_(self, feats_BF: torch.Tensor) -> None:
         """Fold the smallest positive activation of a BatchTopK training batch into ``threshold``.
 
+        ``feats_BF`` may also be the kept activations alone, in any shape (only positive entries count).
+
         ``threshold`` is a running average (momentum ``cfg.threshold_momentum``, first batch taken as
         is) of the smallest kept activation; every latent shares the same value.
         """
@@ -229,3 +332,50 @@ class SAE(nn.Module):
         vals_BK, idx_BK = masked_BF.topk(min(self.cfg.resolved_aux_k, n_dead), dim=-1)
         aux_BF = torch.zeros_like(pre_BF).scatter(-1, idx_BK, torch.relu(vals_BK))
         return aux_BF @ self.W_dec
+
+    # ----------------------------------------------------------------- sparse training step
+    @property
+    def supports_sparse_training(self) -> bool:
+        """Whether :func:`~vitcircuits.sae.train.train_sae` uses the sparse step (TopK / BatchTopK,
+        float32 / float64, on the CPU): only the encoder matmul stays dense."""
+        return (self.cfg.architecture in ("topk", "batchtopk") and self.W_enc.dtype in SPARSE_TRAINING_DTYPES
+                and self.W_enc.device.type == "cpu")
+
+    @torch.no_grad()
+    def select_active(self, pre_BF: torch.Tensor) -> tuple[ActiveLatents, torch.Tensor]:
+        """The entries that :meth:`activate` keeps in training mode and their pre-activations ``vals_N``.
+
+        ``topk``: the ``k`` largest of each row; ``batchtopk``: the ``k * B`` largest of the batch.
+        ``relu(vals_N)`` at these entries (zeros elsewhere) is exactly :meth:`activate`'s output.
+        """
+        if self.cfg.architecture == "topk":
+            vals_BK, idx_BK = pre_BF.topk(self.cfg.k, dim=-1)
+            return ActiveLatents.from_topk(idx_BK), vals_BK.reshape(-1)
+        if self.cfg.architecture != "batchtopk":
+            raise ValueError(f"select_active needs a topk or batchtopk SAE, not {self.cfg.architecture!r}")
+        B, F = pre_BF.shape
+        flat = pre_BF.reshape(-1)
+        active = ActiveLatents.from_flat(flat.topk(min(self.cfg.k * B, flat.numel())).indices, B, F)
+        return active, pre_BF[active.rows, active.cols]
+
+    @torch.no_grad()
+    def select_auxk(self, pre_BF: torch.Tensor, dead_F: torch.Tensor) -> tuple[ActiveLatents, torch.Tensor] | None:
+        """The ``aux_k`` largest pre-activations among dead latents of each row (as in
+        :meth:`auxk_reconstruction`) and their values; ``None`` when no latent is dead."""
+        n_dead = int(dead_F.sum())
+        if n_dead == 0:
+            return None
+        vals_BK, idx_BK = pre_BF.masked_fill(~dead_F, float("-inf")).topk(min(self.cfg.resolved_aux_k, n_dead), dim=-1)
+        return ActiveLatents.from_topk(idx_BK), vals_BK.reshape(-1)
+
+    def selected_preactivations(self, vals_N: torch.Tensor, xc_BD: torch.Tensor, active: ActiveLatents) -> torch.Tensor:
+        """``(xc @ W_enc + b_enc)[active]`` with autograd, given those values computed without it.
+
+        ``xc_BD`` is the normalised input minus ``b_dec`` (with its graph, so that ``b_dec`` gets its
+        encoder-side gradient). Gradients reach ``W_enc``, ``b_enc`` and ``xc`` through sparse products only.
+        """
+        return _SelectedPreactivations.apply(vals_N, xc_BD, self.W_enc, self.b_enc, active)
+
+    def decode_active(self, feats_N: torch.Tensor, active: ActiveLatents, n_rows: int) -> torch.Tensor:
+        """``feats @ W_dec`` for latents given at ``active`` entries (no decoder bias), sparse forward and backward."""
+        return _SparseDecode.apply(feats_N, self.W_dec, active, n_rows)

@@ -197,6 +197,62 @@ def _init_sample(activations: torch.Tensor | Iterable[torch.Tensor], stream: Ite
     return torch.cat(peeked)[: tcfg.init_sample_rows], itertools.chain(peeked, stream)
 
 
+def _dense_step(sae: SAE, xn_BD: torch.Tensor, dead_F: torch.Tensor):
+    """Losses of one step with dense ``[B, F]`` latents (every architecture, any device / dtype).
+
+    Returns ``(loss, mse, aux, l1, recon_BD, feats, fired_F)``; ``feats`` holds the latent activations
+    (here ``[B, F]``), ``fired_F`` which latents fired.
+    """
+    cfg = sae.cfg
+    pre_BF = sae.pre_activations(xn_BD)
+    feats_BF = sae.activate(pre_BF)
+    recon_BD = sae.decode_normalized(feats_BF)
+    mse = (recon_BD - xn_BD).pow(2).sum(-1).mean()
+    aux = l1 = torch.zeros((), dtype=xn_BD.dtype, device=xn_BD.device)
+    if cfg.architecture == "relu":
+        l1 = sae.weighted_l1(feats_BF)
+        loss = mse + cfg.l1_coefficient * l1
+    else:
+        if dead_F.any():
+            residual_BD = (xn_BD - recon_BD).detach()
+            aux = (sae.auxk_reconstruction(pre_BF, dead_F) - residual_BD).pow(2).sum(-1).mean()
+        loss = mse + cfg.aux_coefficient * aux
+    with torch.no_grad():
+        fired_F = (feats_BF > 0).any(0)
+    return loss, mse, aux, l1, recon_BD, feats_BF, fired_F
+
+
+def _sparse_step(sae: SAE, xn_BD: torch.Tensor, dead_F: torch.Tensor):
+    """The same losses as :func:`_dense_step` for TopK / BatchTopK, touching only the kept latents.
+
+    The encoder pre-activations are computed densely without autograd (the selection needs them all);
+    the kept entries (and the AuxK ones) then re-enter the graph through
+    :meth:`SAE.selected_preactivations`, and decoding is a sparse product, so the backward pass costs
+    ``O(B * k * D)`` instead of three dense ``B x F x D`` products. Same values and gradients as the dense
+    step up to float rounding. ``feats`` is the ``[N]`` vector of kept activations.
+    """
+    cfg, B = sae.cfg, xn_BD.shape[0]
+    xc_BD = xn_BD - sae.b_dec
+    with torch.no_grad():
+        pre_BF = torch.addmm(sae.b_enc, xc_BD, sae.W_enc)  # = xc @ W_enc + b_enc, one pass over [B, F]
+    active, vals_N = sae.select_active(pre_BF)
+    feats_N = torch.relu(sae.selected_preactivations(vals_N, xc_BD, active))
+    recon_BD = sae.decode_active(feats_N, active, B) + sae.b_dec
+    mse = (recon_BD - xn_BD).pow(2).sum(-1).mean()
+    aux = torch.zeros((), dtype=xn_BD.dtype, device=xn_BD.device)
+    selected = sae.select_auxk(pre_BF, dead_F) if bool(dead_F.any()) else None
+    if selected is not None:
+        aux_active, aux_vals_N = selected
+        aux_feats_N = torch.relu(sae.selected_preactivations(aux_vals_N, xc_BD, aux_active))
+        residual_BD = (xn_BD - recon_BD).detach()
+        aux = (sae.decode_active(aux_feats_N, aux_active, B) - residual_BD).pow(2).sum(-1).mean()
+    loss = mse + cfg.aux_coefficient * aux
+    with torch.no_grad():
+        fired_F = torch.zeros(cfg.d_sae, dtype=torch.bool, device=xn_BD.device)
+        fired_F[active.cols[feats_N > 0]] = True
+    return loss, mse, aux, aux.new_zeros(()), recon_BD, feats_N.detach(), fired_F
+
+
 def _latest_checkpoint(out_dir: Path) -> Path | None:
     ckpts = sorted(p for p in (out_dir / CHECKPOINTS_DIR).glob("step_*") if p.is_dir() and p.name[5:].isdigit())
     return ckpts[-1] if ckpts else None
@@ -288,6 +344,7 @@ def train_sae(
             sae.b_dec.copy_(b_dec_D)
 
     sae.train()
+    sparse = sae.supports_sparse_training
     done = saved = start
     with _progress(progress) as bar:
         task = bar.add_task("train", total=total, completed=start, l0=0.0, ev=0.0, dead=0.0)
@@ -299,35 +356,23 @@ def train_sae(
             for group in opt.param_groups:
                 group["lr"] = lr
             xn_BD = x_BD.to(dtype) * sae.norm_scale
-            pre_BF = sae.pre_activations(xn_BD)
-            feats_BF = sae.activate(pre_BF)
-            recon_BD = sae.decode_normalized(feats_BF)
-            mse = (recon_BD - xn_BD).pow(2).sum(-1).mean()
             dead_F = steps_since_fired_F >= scfg.dead_steps_threshold
-            aux = l1 = torch.zeros((), dtype=dtype)
-            if scfg.architecture == "relu":
-                l1 = sae.weighted_l1(feats_BF)
-                loss = mse + scfg.l1_coefficient * l1
-            else:
-                if dead_F.any():
-                    residual_BD = (xn_BD - recon_BD).detach()
-                    aux = (sae.auxk_reconstruction(pre_BF, dead_F) - residual_BD).pow(2).sum(-1).mean()
-                loss = mse + scfg.aux_coefficient * aux
+            step_out = _sparse_step(sae, xn_BD, dead_F) if sparse else _dense_step(sae, xn_BD, dead_F)
+            loss, mse, aux, l1, recon_BD, feats, fired_F = step_out
             opt.zero_grad(set_to_none=True)
             loss.backward()
             sae.remove_parallel_decoder_grad_()
             opt.step()
             sae.normalize_decoder_()
             with torch.no_grad():
-                fired_F = (feats_BF > 0).any(0)
                 steps_since_fired_F = torch.where(fired_F, 0, steps_since_fired_F + 1)
                 if scfg.architecture == "batchtopk":
-                    sae.update_threshold_(feats_BF)
+                    sae.update_threshold_(feats)
             done = step + 1
             if done % tcfg.log_every == 0 or done == total:
                 record = {
                     "step": done, "lr": lr, "loss": loss.item(), "mse": mse.item(), "aux": aux.item(), "l1": l1.item(),
-                    "l0": float((feats_BF > 0).sum(-1).float().mean()),
+                    "l0": float((feats > 0).sum()) / xn_BD.shape[0],
                     "explained_variance": explained_variance(xn_BD.detach(), recon_BD.detach()),
                     "dead_fraction": float(dead_F.float().mean()),
                 }

@@ -263,3 +263,22 @@ def train_organism(
     cfg = CifarOrganismConfig(seed=seed) if epochs is None else CifarOrganismConfig(seed=seed, epochs=epochs)
     metrics = train_cifar_organism(cfg, zip_path, out)
     Console().print(f"test accuracy {metrics['test_accuracy']:.4f}, checkpoint in {out}")
+
+
+@app.command()
+def serve(
+    run_dir: Annotated[Path, typer.Argument(help="a run folder (hunt, heads, compose …) to explore")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="model for live attention (default: the run's, from manifest.json)")] = None,
+    images: Annotated[Optional[str], typer.Option("--images", "-i", help="image source (default: the run's, from manifest.json)")] = None,
+    host: Annotated[str, typer.Option("--host", help="address to bind; the default serves this machine only")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="port (0: any free port)")] = 8765,
+    device: DeviceOpt = "auto",
+    no_browser: Annotated[bool, typer.Option("--no-browser", help="do not open a web browser")] = False,
+) -> None:
+    """A local explorer of a run: live attention from any patch, the head atlas, circuits and features."""
+    from vitcircuits.serve import serve as serve_run
+
+    try:
+        serve_run(run_dir, model=model, images=images, host=host, port=port, device=device, open_browser=not no_browser)
+    except OSError as err:  # a missing run folder, a port in use …
+        fail(err)

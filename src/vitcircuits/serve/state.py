@@ -1,0 +1,245 @@
+"""What ``vitcircuits serve`` knows about a run: its files (read once at start) and, when it can be
+loaded, the run's model and image loader for live attention (loaded once, used under a lock)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vitcircuits.inputs import ImageOptions, ModelOptions, preprocess_config
+
+log = logging.getLogger(__name__)
+
+MAX_IMAGES = 200
+"""Images listed in ``/api/run`` (the first ones of the run's image order)."""
+KERNEL_RADIUS = 3
+"""Offsets kept of each head's kernel: the central ``(2r+1) x (2r+1)`` window."""
+MIN_IMAGE_PX = 256
+"""``/api/image`` upscales (nearest neighbour, integer factor) until the longer side reaches this."""
+CIRCUIT_LIMIT = 200
+FEATURE_COLUMNS = ("feature", "compositional", "compositional_score", "neighbour_drop", "circuit_excess", "drop_centre", "density", "act_clean")
+
+
+class Unavailable(RuntimeError):
+    """Live model features are not available; ``str(err)`` says why."""
+
+
+def _read_json(path: Path) -> dict | list | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _first_existing(root: Path, *names: str) -> Path | None:
+    return next((root / n for n in names if (root / n).exists()), None)
+
+
+def _finite(value):
+    """JSON-safe values, recursively: NaN/inf become None, numpy scalars Python ones, tuples lists."""
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+class RunState:
+    """One run folder, its summary for the page, and (optionally) its model for live attention."""
+
+    def __init__(self, run_dir: str | Path, model: str | None = None, images: str | None = None, device: str = "auto") -> None:
+        if not Path(run_dir).is_dir():
+            raise FileNotFoundError(f"{run_dir}: no such run folder")
+        self.root = Path(run_dir).resolve(strict=True)
+        self.manifest = _read_json(self.root / "manifest.json") or {}
+        self.lock = threading.Lock()
+        self.loaded = None
+        self.reason = ""
+        self._load_images = None
+        self.image_opts: ImageOptions | None = None
+        self.own_images = images is not None
+        self._image_cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._open_model(model, images, device)
+        self.summary = _finite(self._summarise())
+        self.image_indices = {row["index"] for row in self.summary["images"]}
+
+    # -- the model ---------------------------------------------------------------------------
+    def _open_model(self, model: str | None, images: str | None, device: str) -> None:
+        config = self.manifest.get("config", {})
+        try:
+            if model is None and "model" not in config:
+                raise Unavailable("the run's manifest.json records no model; pass --model")
+            if images is None and "images" not in config:
+                raise Unavailable("the run's manifest.json records no images; pass --images")
+            model_opts = ModelOptions(**config["model"]) if "model" in config else ModelOptions(model)
+            if model is not None and model != model_opts.model:
+                model_opts = replace(model_opts, model=model, arch=None)
+            model_opts = replace(model_opts, device=device)
+            image_opts = ImageOptions(**config["images"]) if "images" in config else ImageOptions(images)
+            if images is not None:
+                image_opts = replace(image_opts, images=images, max_images=MAX_IMAGES)
+            self.loaded = model_opts.load()
+            self.loaded.model.eval()
+            self._load_images = image_opts.image_loader(self.loaded)
+            self.image_opts = image_opts
+            self.pre = preprocess_config(self.loaded)
+        except Exception as err:  # noqa: BLE001 - any failure only turns live attention off, with the reason shown
+            self.loaded = None
+            self.reason = " ".join(str(err).split()) or type(err).__name__
+            log.warning("live attention unavailable: %s", self.reason)
+
+    @property
+    def live(self) -> bool:
+        return self.loaded is not None
+
+    def _require_live(self) -> None:
+        if not self.live:
+            raise Unavailable(f"live attention is unavailable: {self.reason}")
+
+    def _image(self, index: int) -> torch.Tensor:
+        """The preprocessed image ``[1, 3, H, W]`` (a few kept in memory); call under ``self.lock``."""
+        if index not in self._image_cache:
+            self._image_cache[index] = self._load_images([index])
+            if len(self._image_cache) > 16:
+                self._image_cache.popitem(last=False)
+        self._image_cache.move_to_end(index)
+        return self._image_cache[index]
+
+    def image_png(self, index: int) -> bytes:
+        """The de-normalised preprocessed image as PNG, upscaled by an integer factor (nearest neighbour)."""
+        from vitcircuits.report.figures import denormalize
+
+        self._require_live()
+        with self.lock:
+            image_1CHW = self._image(index)
+        pixels = (denormalize(image_1CHW[0], self.pre.mean, self.pre.std) * 255).round().astype(np.uint8)
+        height, width = pixels.shape[:2]
+        scale = max(1, math.ceil(MIN_IMAGE_PX / max(height, width)))
+        image = Image.fromarray(pixels).resize((width * scale, height * scale), Image.NEAREST)
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return buf.getvalue()
+
+    def attention(self, index: int, row: int, col: int) -> dict:
+        """Every head's attention from patch ``(row, col)`` of image ``index``: ``[L][H][rows*cols]``."""
+        from vitcircuits.report.attention_maps import patch_attention
+
+        self._require_live()
+        model = self.loaded.model
+        with self.lock, torch.no_grad():
+            image_1CHW = self._image(index).to(model.device, model.dtype)
+            maps_LHRC = patch_attention(model, image_1CHW, (row, col))
+        L, H, rows, cols = maps_LHRC.shape
+        return {"index": index, "row": row, "col": col, "rows": rows, "cols": cols,
+                "attention": maps_LHRC.reshape(L, H, rows * cols).tolist()}
+
+    # -- the run's files ---------------------------------------------------------------------
+    def _summarise(self) -> dict:
+        atlas = self._atlas()
+        model_cfg = self.manifest.get("model", {}).get("config", {})
+        if self.live:
+            cfg, layout = self.loaded.model.cfg, self.loaded.model.layout
+            grid, n_layers, n_heads, model_id = (layout.rows, layout.cols), cfg.n_layers, cfg.n_heads, self.loaded.model_id
+        else:
+            layout = (atlas or {}).get("layout", {})
+            grid = (layout.get("rows"), layout.get("cols"))
+            n_layers, n_heads = model_cfg.get("n_layers"), model_cfg.get("n_heads")
+            model_id = self.manifest.get("model", {}).get("model_id") or self.manifest.get("config", {}).get("model", {}).get("model")
+        return {
+            "run": self.root.name, "model_id": model_id, "rows": grid[0], "cols": grid[1], "n_layers": n_layers, "n_heads": n_heads,
+            "live": self.live, "reason": self.reason, "images": self._images(), **(atlas or {"atlas": [], "kernels": None}),
+            "circuits": self._circuits(), "features": self._features(), "files": self._files(),
+        }
+
+    def _images(self) -> list[dict]:
+        names = (self.loaded.label_names if self.live else None) or []
+        name = lambda i: names[i] if 0 <= i < len(names) else None  # noqa: E731
+        path = self.root / "overview" / "predictions.csv"
+        out = []
+        if path.is_file() and not self.own_images:  # the run's predictions describe the run's images only
+            for rec in csv.DictReader(io.StringIO(path.read_text())):
+                label = int(rec["label"]) if rec.get("label") not in (None, "", "-1") else None
+                pred = int(rec["prediction"]) if rec.get("prediction") not in (None, "", "None") else None
+                out.append({"index": int(rec["image_index"]), "id": rec["image"], "label": label, "prediction": pred,
+                            "label_name": name(label) if label is not None else None,
+                            "prediction_name": name(pred) if pred is not None else None})
+                if len(out) >= MAX_IMAGES:
+                    break
+        elif self.live:
+            from vitcircuits.data.images import resolve_source
+
+            source = resolve_source(self.image_opts.images, max_images=self.image_opts.max_images)
+            out = [{"index": it.index, "id": it.id, "label": it.label, "prediction": None, "prediction_name": None,
+                    "label_name": name(it.label) if it.label is not None else None}
+                   for it in source.items[:MAX_IMAGES]]
+        return out
+
+    def _atlas(self) -> dict | None:
+        from vitcircuits.heads.atlas import HeadAtlas
+
+        folder = _first_existing(self.root, "heads/atlas.json", "atlas.json")
+        if folder is None:
+            return None
+        try:
+            atlas = HeadAtlas.load(folder.parent)
+        except Exception as err:  # noqa: BLE001 - a damaged atlas leaves the atlas panel empty, with the reason logged
+            log.warning("cannot read the head atlas in %s: %s", folder.parent, err)
+            return None
+        radius = max(0, min(KERNEL_RADIUS, atlas.layout.rows - 1, atlas.layout.cols - 1))
+        window = atlas.window(radius)
+        kernels = [[[[_finite(v) for v in line] for line in window[layer, head]] for head in range(atlas.n_heads)]
+                   for layer in range(atlas.n_layers)]
+        rows = [{k: _finite(v) for k, v in r.items()} for r in atlas.rows]
+        return {"atlas": rows, "kernels": kernels, "kernel_radius": radius,
+                "layout": {"rows": atlas.layout.rows, "cols": atlas.layout.cols}}
+
+    def _circuits(self) -> list[dict]:
+        path = _first_existing(self.root, "composition/circuits.json", "circuits.json")
+        data = _read_json(path) if path else None
+        out = []
+        for c in (data or {}).get("circuits", [])[:CIRCUIT_LIMIT]:
+            e = c.get("evidence", {})
+            weight, patch, shuffle = e.get("weight_score", {}), e.get("patch_effect", {}), e.get("shuffle", {})
+            out.append({"senders": c.get("senders", []), "sender_kinds": c.get("sender_kinds", []), "receivers": c.get("receivers", []),
+                        "kind": c.get("kind"), "verdict": c.get("verdict"), "shuffle_reading": c.get("shuffle_reading"),
+                        "weight_score": _finite(weight.get("value")), "weight_z": _finite(weight.get("z")),
+                        "patch_effect": _finite(patch.get("value")), "patch_z": _finite(patch.get("z")),
+                        "attention_kept": _finite(shuffle.get("attention_kept"))})
+        return out
+
+    def _features(self) -> dict | None:
+        path = _first_existing(self.root, "sae/features/features.json", "features/features.json")
+        data = _read_json(path) if path else None
+        if not data:
+            return None
+        figures = []
+        for name, caption in data.get("figures", []):
+            # Figure paths are relative to the SAE folder (the parent of features/); accept the features folder too.
+            found = next((f for f in (path.parent.parent / name, path.parent / name) if f.is_file() and f.resolve().is_relative_to(self.root)), None)
+            if found is not None:
+                figures.append({"path": found.resolve().relative_to(self.root).as_posix(), "caption": caption})
+        top = [{k: _finite(v) for k, v in row.items()} for row in data.get("top", [])]
+        first = [k for k in FEATURE_COLUMNS if top and k in top[0]]
+        columns = (first + [k for k in (top[0] if top else {}) if k not in first])[:10]
+        return {"hook": data.get("hook"), "n_features_analysed": data.get("n_features_analysed"), "n_compositional": data.get("n_compositional"),
+                "columns": columns, "top": top, "figures": figures}
+
+    def _files(self) -> list[dict]:
+        """Figures and outputs of the run worth linking, as run-relative paths."""
+        out = [{"path": name, "caption": name} for name in ("report.html", "manifest.json") if (self.root / name).is_file()]
+        for listing in ("overview/summary.json", "heads/figures.json", "composition/figures.json"):
+            data = _read_json(self.root / listing)
+            figures = data.get("figures", []) if isinstance(data, dict) else data or []
+            out += [{"path": p, "caption": caption} for p, caption in figures if (self.root / p).is_file()]
+        return out

@@ -1,0 +1,155 @@
+"""The report and the explorer in a real (headless) Chromium: no console errors, sections and
+images present, clicking a patch renders live attention, traversal refused, atlas hover."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+
+import pytest
+
+from tests.serve.demo_run import demo_run
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright; the browser is the system chromium)")
+
+CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM, reason="no Chromium found: set CHROMIUM_PATH or install chromium (e.g. apt-get install chromium)"),
+]
+TIMEOUT_MS = 60_000  # generous: the CI machine may be busy
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return demo_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh page recording console errors and uncaught page errors."""
+    context = browser.new_context()
+    pg = context.new_page()
+    pg.set_default_timeout(TIMEOUT_MS)
+    pg.errors = []
+    pg.on("console", lambda msg: pg.errors.append(f"console: {msg.text}") if msg.type == "error" else None)
+    pg.on("pageerror", lambda err: pg.errors.append(f"page error: {err}"))
+    yield pg
+    context.close()
+
+
+@pytest.fixture(scope="module")
+def server_url(run_dir):
+    from vitcircuits.serve import RunState, make_server
+
+    server = make_server(RunState(run_dir, device="cpu"), port=0, quiet=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.url
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def test_report_renders_without_errors(page, run_dir):
+    page.goto((run_dir / "report.html").as_uri())
+    page.wait_for_load_state("load")
+    sections = ["model", "data", "heads", "composition", "attention"] + (["sae"] if (run_dir / "sae" / "metrics.json").exists() else [])
+    for section in sections:
+        assert page.locator(f"section#{section}").is_visible(), section
+    images = page.eval_on_selector_all("img", "imgs => imgs.map(i => [i.complete, i.naturalWidth, i.alt])")
+    assert images, "the report has no images"
+    assert all(complete and width > 0 for complete, width, _ in images), [alt for c, w, alt in images if not (c and w > 0)]
+    assert page.errors == []
+
+
+def _click_patch(page, row: int, col: int, rows: int, cols: int) -> None:
+    canvas = page.locator("#image-canvas")
+    box = canvas.bounding_box()
+    canvas.click(position={"x": (col + 0.5) * box["width"] / cols, "y": (row + 0.5) * box["height"] / rows})
+    page.wait_for_selector(f'#attention-panel[data-query="{row},{col}"][data-state="ready"]')
+    assert page.locator("#query-label").text_content() == f"query row {row}, col {col}"
+
+
+def test_clicking_a_patch_shows_live_attention(page, server_url):
+    page.goto(server_url)
+    page.wait_for_function("document.querySelectorAll('#image-select option').length > 0")
+    run = json.loads(page.request.get(server_url + "api/run").text())
+    rows, cols = run["rows"], run["cols"]
+    assert page.locator("#image-select option").count() == len(run["images"])
+    page.wait_for_selector('#image-canvas[data-image="0"]')
+    maps = "document.querySelectorAll('#attention-panel canvas.head-map')"
+    _click_patch(page, 1, 2, rows, cols)
+    assert page.evaluate(f"{maps}.length") == run["n_layers"] * run["n_heads"]
+    first = page.evaluate(f"Array.from({maps}).map(c => c.toDataURL())")
+    _click_patch(page, 6, 5, rows, cols)
+    second = page.evaluate(f"Array.from({maps}).map(c => c.toDataURL())")
+    assert first != second and len(set(second)) > 1
+    page.select_option("#image-select", str(run["images"][5]["index"]))  # another image: same query, new maps
+    page.wait_for_selector(f'#attention-panel[data-image="{run["images"][5]["index"]}"][data-query="6,5"][data-state="ready"]')
+    assert page.evaluate(f"Array.from({maps}).map(c => c.toDataURL())") != second
+    assert page.locator("#error").is_hidden()
+    assert "Live attention: on" in page.locator("#live-status").text_content()
+    assert page.errors == []
+
+
+def test_traversal_is_refused_from_the_browser(page, server_url):
+    page.goto(server_url)
+    # Browsers resolve '..' and '%2e%2e' before sending; encoded slashes and raw paths in fetch reach the server as sent.
+    for path in ("files/../manifest.json", "files/%2e%2e/manifest.json", "files/..%2fmanifest.json", "files/heads%2f..%2f..%2fsecret",
+                 "files/%2fetc%2fpasswd", "files/..%5cmanifest.json"):
+        response = page.request.get(server_url + path)
+        assert 400 <= response.status < 500, (path, response.status)
+        assert "model_id" not in response.text() and "root:" not in response.text()
+    status = page.evaluate("fetch('/files/..%2f..%2fetc%2fpasswd').then(r => r.status)")
+    assert status == 403
+    assert page.request.get(server_url + "files/manifest.json").status == 200
+
+
+def test_hovering_an_atlas_cell_shows_its_kernel_and_kind(page, server_url):
+    page.goto(server_url)
+    page.wait_for_selector("#atlas-grid td.atlas-cell")
+    run = json.loads(page.request.get(server_url + "api/run").text())
+    for row in (run["atlas"][0], run["atlas"][-1]):
+        name = f"L{row['layer']}H{row['head']}"
+        page.hover(f'#atlas-grid td[data-head="{name}"]')
+        page.wait_for_selector(f'#kernel-box[data-head="{name}"]')
+        assert page.locator("#kernel-title").text_content() == f"{name} · {row['kind']}"
+        assert page.locator("#kernel-box canvas").count() == 1
+        assert f"{row['modular_score']:.3f}" in page.locator("#kernel-box").text_content()
+    legend = page.locator("#atlas-legend").text_content()
+    assert all(kind in legend for kind in ("modular", "directional", "self", "cls/sink", "global", "mixed"))
+    circuits = page.locator("#circuits-table tr").count()
+    assert circuits == len(run["circuits"]) + 1
+    if run["features"]:
+        assert page.locator("#features-table tr").count() == len(run["features"]["top"]) + 1
+        page.wait_for_function("Array.from(document.querySelectorAll('#features-figures img')).every(i => i.complete && i.naturalWidth > 0)")
+    assert page.errors == []
+
+
+def test_without_a_model_the_page_says_why(page, run_dir):
+    from vitcircuits.serve import RunState, make_server
+
+    server = make_server(RunState(run_dir, model="bundled:no-such-organism", device="cpu"), port=0, quiet=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        page.goto(server.url)
+        page.wait_for_selector("#live-status.warn")
+        status = page.locator("#live-status").text_content()
+        assert status.startswith("Live attention is unavailable") and "no-such-organism" in status
+        assert page.locator("#image-select option").count() > 0 and page.locator("#atlas-grid td.atlas-cell").count() == 16
+        assert page.errors == []
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)

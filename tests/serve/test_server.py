@@ -1,0 +1,264 @@
+"""`vitcircuits serve` over HTTP (no browser): the run summary, live attention, images, the file
+route's path safety, errors and methods."""
+from __future__ import annotations
+
+import csv
+import http.client
+import inspect
+import io
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from tests.serve.demo_run import demo_run
+from vitcircuits.serve import RunState, make_server, serve
+from vitcircuits.serve.server import PAGE_CSP
+
+SECRET = "TOP-SECRET-do-not-serve-7f3a"
+
+
+def start(state: RunState, **kwargs):
+    server = make_server(state, port=0, quiet=True, **kwargs)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server, thread
+
+
+def stop(server, thread) -> None:
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = demo_run(tmp_path_factory)
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "secret.txt").write_text(SECRET)
+    (run.parent / "secret.txt").write_text(SECRET)  # next to the run folder: reachable only by '..'
+    for link, target in (("outside_link.txt", outside / "secret.txt"), ("outside_dir", outside), ("inside_link.json", run / "manifest.json")):
+        if not (run / link).is_symlink():
+            (run / link).symlink_to(target)
+    return run
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    srv, thread = start(RunState(run_dir, device="cpu"))
+    yield srv
+    stop(srv, thread)
+
+
+def get(server, path: str, method: str = "GET", headers: dict | None = None) -> tuple[int, dict, bytes]:
+    """Send ``path`` exactly as given (no client-side normalisation or encoding)."""
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=60)
+    try:
+        conn.putrequest(method, path, skip_host="Host" in (headers or {}), skip_accept_encoding=True)
+        for key, value in (headers or {}).items():
+            conn.putheader(key, value)
+        conn.endheaders()
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def get_json(server, path: str) -> dict:
+    status, headers, body = get(server, path)
+    assert status == 200, body
+    assert headers["content-type"] == "application/json"
+    return json.loads(body)
+
+
+def test_binds_loopback_by_default(server):
+    from vitcircuits import cli
+
+    assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"
+    assert inspect.signature(make_server).parameters["host"].default == "127.0.0.1"
+    assert inspect.signature(cli.serve).parameters["host"].default == "127.0.0.1"
+    assert server.server_address[0] == "127.0.0.1" and server.url.startswith("http://127.0.0.1:")
+
+
+def test_page_is_self_contained(server):
+    status, headers, body = get(server, "/")
+    page = body.decode()
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert headers["content-security-policy"] == PAGE_CSP
+    for element in ('id="image-select"', 'id="image-canvas"', 'id="attention-panel"', 'id="query-label"', 'id="atlas-grid"',
+                    'id="kernel-box"', 'id="circuits-table"', 'id="features-table"', 'id="error"'):
+        assert element in page
+    assert "http://" not in page and "https://" not in page and "src=" not in page and "@import" not in page  # nothing fetched from elsewhere
+    assert "innerHTML" not in page and "insertAdjacentHTML" not in page and "document.write" not in page
+
+
+def test_api_run_matches_run_files(server, run_dir):
+    from vitcircuits.heads.atlas import HeadAtlas
+
+    run = get_json(server, "/api/run")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert run["live"] is True and run["reason"] == ""
+    assert run["model_id"] == manifest["model"]["model_id"] == "bundled:cifar10-vit"
+    assert (run["rows"], run["cols"], run["n_layers"], run["n_heads"]) == (8, 8, 4, 4)
+
+    with open(run_dir / "overview" / "predictions.csv", newline="") as f:
+        predictions = list(csv.DictReader(f))
+    assert [(i["index"], i["id"], i["label"], i["prediction"]) for i in run["images"]] == [
+        (int(r["image_index"]), r["image"], int(r["label"]), int(r["prediction"])) for r in predictions]
+    assert run["images"][0]["label_name"] == "airplane"
+
+    atlas = HeadAtlas.load(run_dir / "heads")
+    assert [(r["layer"], r["head"], r["kind"]) for r in run["atlas"]] == [(r["layer"], r["head"], r["kind"]) for r in atlas.rows]
+    assert np.allclose([r["modular_score"] for r in run["atlas"]], [r["modular_score"] for r in atlas.rows])
+    assert np.allclose([r["neighbour_mass"] for r in run["atlas"]], [r["neighbour_mass"] for r in atlas.rows])
+    kernels = np.array(run["kernels"], dtype=float)  # None (offsets outside the grid) becomes NaN
+    assert kernels.shape == (4, 4, 2 * run["kernel_radius"] + 1, 2 * run["kernel_radius"] + 1)
+    np.testing.assert_allclose(kernels, atlas.window(run["kernel_radius"]), rtol=1e-6, equal_nan=True)
+
+    circuits = json.loads((run_dir / "composition" / "circuits.json").read_text())["circuits"]
+    assert len(run["circuits"]) == min(len(circuits), 200) and run["circuits"]
+    first, expected = run["circuits"][0], circuits[0]
+    assert (first["senders"], first["receivers"], first["kind"], first["verdict"], first["shuffle_reading"]) == (
+        expected["senders"], expected["receivers"], expected["kind"], expected["verdict"], expected["shuffle_reading"])
+    assert first["weight_z"] == pytest.approx(expected["evidence"]["weight_score"]["z"])
+    assert first["patch_z"] == pytest.approx(expected["evidence"]["patch_effect"]["z"])
+
+    features = json.loads((run_dir / "sae" / "features" / "features.json").read_text())
+    assert run["features"]["hook"] == features["hook"]
+    assert [r["feature"] for r in run["features"]["top"]] == [r["feature"] for r in features["top"]]
+    assert run["features"]["figures"] and len(run["features"]["figures"]) == len(features["figures"])
+    for figure in run["features"]["figures"] + run["files"]:
+        status, _, _ = get(server, "/files/" + figure["path"])
+        assert status == 200, figure
+
+
+def test_attention_equals_patch_attention(server, run_dir):
+    from vitcircuits.inputs import ImageOptions, ModelOptions
+    from vitcircuits.report.attention_maps import patch_attention
+
+    data = get_json(server, "/api/attention?index=3&row=2&col=5")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    loaded = ModelOptions(**manifest["config"]["model"]).load()
+    image = ImageOptions(**manifest["config"]["images"]).image_loader(loaded)([3])
+    expected = patch_attention(loaded.model, image, (2, 5))
+    got = np.array(data["attention"])
+    assert (data["rows"], data["cols"], data["row"], data["col"]) == (8, 8, 2, 5)
+    assert got.shape == (4, 4, 64)
+    np.testing.assert_allclose(got, expected.reshape(4, 4, 64), rtol=1e-5, atol=1e-7)
+    assert (got.sum(-1) <= 1 + 1e-5).all()  # prefix tokens dropped, not renormalised
+    other = np.array(get_json(server, "/api/attention?index=3&row=7&col=0")["attention"])
+    assert not np.allclose(other, got)
+
+
+def test_image_is_the_preprocessed_image_upscaled(server):
+    from PIL import Image
+
+    from vitcircuits.report.figures import denormalize
+
+    status, headers, body = get(server, "/api/image?index=0")
+    assert status == 200 and headers["content-type"] == "image/png"
+    image = np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))
+    assert image.shape == (256, 256, 3)  # 32 px upscaled 8x
+    state = server.state
+    with state.lock:
+        expected = denormalize(state._image(0)[0], state.pre.mean, state.pre.std)
+    assert np.abs(image[::8, ::8].astype(float) - expected * 255).max() <= 1
+
+
+def test_files_route_serves_run_files_with_content_types(server, run_dir):
+    for path, kind in (("manifest.json", "application/json"), ("overview/predictions.csv", "text/csv"), ("report.html", "text/html"),
+                       ("heads/atlas.png", "image/png"), ("inside_link.json", "application/json")):
+        status, headers, body = get(server, "/files/" + path)
+        assert status == 200, (path, body)
+        assert headers["content-type"].startswith(kind) and headers["x-content-type-options"] == "nosniff"
+        assert body == (run_dir / path).read_bytes()
+    status, _, body = get(server, "/files/no/such/file.png")
+    assert status == 404 and "error" in json.loads(body)
+    assert get(server, "/files/heads")[0] == 404  # a folder: no listing
+
+
+@pytest.mark.parametrize("path", [
+    "/files/../secret.txt", "/files/../manifest.json", "/files/heads/../../secret.txt", "/files/%2e%2e/secret.txt", "/files/%2E%2E/secret.txt",
+    "/files/..%2fsecret.txt", "/files/heads%2f..%2f..%2fsecret.txt", "/files/%2e%2e/%2e%2e/etc/passwd", "/files/%2e%2e%2f%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+    "/files//etc/passwd", "/files/%2fetc%2fpasswd", "/files/..\\secret.txt", "/files/..%5csecret.txt", "/files/C:%5cWindows%5cwin.ini",
+    "/files/outside_link.txt", "/files/outside_dir/secret.txt", "/files/manifest.json%00.png", "/files/%ff%fe",
+])
+def test_files_route_refuses_paths_outside_the_run(server, path):
+    status, headers, body = get(server, path)
+    assert 400 <= status < 500, (path, status)
+    assert headers["content-type"] == "application/json" and set(json.loads(body)) == {"error"}
+    assert SECRET.encode() not in body and b"root:" not in body and b"model_id" not in body
+
+
+@pytest.mark.parametrize("query, name", [
+    ("/api/attention?index=abc&row=1&col=1", "index"), ("/api/attention?index=99999&row=1&col=1", "index"),
+    ("/api/attention?index=0&row=8&col=1", "row"), ("/api/attention?index=0&row=1&col=-1", "col"),
+    ("/api/attention?index=0&row=1", "col"), ("/api/attention?index=0&row=1.5&col=1", "row"), ("/api/attention?index=0&row=--1&col=1", "row"),
+    ("/api/attention?index=0&index=1&row=1&col=1", "index"), ("/api/image", "index"), ("/api/image?index=", "index"),
+    ("/api/image?index=%F0%9F%92%A5", "index"), ("/api/image?index=12345678901234567890", "index"),
+])
+def test_bad_parameters_are_400_naming_the_parameter(server, query, name):
+    status, headers, body = get(server, query)
+    error = json.loads(body)["error"]
+    assert status == 400 and headers["content-type"] == "application/json"
+    assert error.startswith(name + ":") and "\n" not in error and "Traceback" not in error
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "BREW"])
+def test_only_get_is_allowed(server, method):
+    status, headers, body = get(server, "/api/run", method=method)
+    assert status == 405 and headers["allow"] == "GET"
+    if method != "HEAD":
+        assert "GET" in json.loads(body)["error"]
+
+
+def test_unknown_route_and_foreign_host(server):
+    status, _, body = get(server, "/etc/passwd")
+    assert status == 404 and json.loads(body)["error"].startswith("no such route")
+    status, _, body = get(server, "/api/run", headers={"Host": "attacker.example:8765"})  # DNS rebinding
+    assert status == 403 and "Host" in json.loads(body)["error"]
+    with urllib.request.urlopen(server.url.replace("127.0.0.1", "localhost") + "api/run", timeout=60) as resp:
+        assert resp.status == 200
+
+
+def test_internal_errors_are_one_json_line_without_traceback(server, monkeypatch, capsys):
+    def boom(*args):
+        raise RuntimeError("secret detail\nsecond line")
+
+    monkeypatch.setattr(server.state, "attention", boom)
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(server.url + "api/attention?index=0&row=1&col=1", timeout=60)
+    body = err.value.read().decode()
+    assert err.value.code == 500 and err.value.headers["Content-Type"] == "application/json"
+    assert json.loads(body) == {"error": "internal error (RuntimeError); details are in the server log"}
+    assert "Traceback" not in body and "secret detail" not in body
+
+
+def test_without_a_model_the_run_is_still_served(run_dir, tmp_path_factory):
+    state = RunState(run_dir, model="bundled:no-such-organism", device="cpu")
+    assert not state.live and "no-such-organism" in state.reason
+    srv, thread = start(state)
+    try:
+        run = get_json(srv, "/api/run")
+        assert run["live"] is False and "no-such-organism" in run["reason"] and len(run["atlas"]) == 16 and run["images"]
+        assert (run["rows"], run["cols"], run["n_layers"], run["n_heads"]) == (8, 8, 4, 4)
+        status, _, body = get(srv, "/api/attention?index=0&row=1&col=1")
+        assert status == 503 and "live attention is unavailable" in json.loads(body)["error"]
+        assert get(srv, "/api/image?index=0")[0] == 503
+        assert get(srv, "/files/manifest.json")[0] == 200
+    finally:
+        stop(srv, thread)
+
+
+def test_cli_registers_serve(tmp_path):
+    from vitcircuits.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--help"])
+    assert result.exit_code == 0 and "--no-browser" in result.output and "--port" in result.output
+    missing = CliRunner().invoke(app, ["serve", str(tmp_path / "missing"), "--no-browser", "--port", "0"])
+    assert missing.exit_code == 2 and "error:" in missing.output and "Traceback" not in missing.output

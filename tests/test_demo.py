@@ -25,6 +25,7 @@ def test_demo_writes_run_folder_and_report(tmp_path, monkeypatch):
     summary = json.loads((out / "overview" / "summary.json").read_text())
     assert summary["n_labelled"] == 120 and summary["accuracy"] > 0.4
     report = (out / "report.html").read_text()
+    assert report.index('id="verdicts"') < report.index('id="model"') and 'id="caveats"' in report
     for section in ('id="model"', 'id="data"', 'id="heads"', 'id="attention"', 'id="composition"', 'id="sae"', 'Spearman rank correlation',
                     'compositional features'):
         assert section in report

@@ -6,6 +6,7 @@ import json
 from vitcircuits.models.loading import LoadedModel
 from vitcircuits.report import html
 from vitcircuits.report.sae_section import sae_section
+from vitcircuits.report.summary import caveats_section, verdict_section
 from vitcircuits.runs import Run, write_text
 
 
@@ -117,6 +118,7 @@ def write_report(run: Run, loaded: LoadedModel) -> None:
     if overview["accuracy"] is not None:
         data_rows.append(("top-1 accuracy", f"{overview['accuracy']:.3f} on {overview['n_labelled']} labelled images"))
     sections = [
+        verdict_section(run),
         html.section("Model", html.table(model_card(loaded)), "model"),
         html.section("Data", html.table(data_rows), "data"),
     ]
@@ -132,6 +134,7 @@ def write_report(run: Run, loaded: LoadedModel) -> None:
                        "(prefix tokens omitted, scaled to the cell's maximum).") + _figures(run, overview["figures"]),
         "attention",
     ))
+    sections.append(caveats_section(run, loaded))
     if loaded.random_weights:
         sections.insert(0, html.paragraph("This model has RANDOM weights: nothing here describes a trained model.", "note"))
     write_text(run.file("report.html"), html.page(f"vitcircuits report: {loaded.model_id}", sections))

@@ -1,0 +1,121 @@
+"""The report's first and last sections: one verdict per claim of the hypothesis, each with its
+baseline and interval, and the caveats that bound what the run shows."""
+from __future__ import annotations
+
+import json
+
+from vitcircuits.models.loading import LoadedModel
+from vitcircuits.report import html
+from vitcircuits.runs import Run
+
+
+def _read(run: Run, name: str) -> dict | None:
+    path = run.file(name)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _heads_claim(atlas: dict) -> tuple:
+    rows, uniform = atlas["rows"], atlas["baselines"]["uniform"]
+    best = max(rows, key=lambda r: r["modular_score"])
+    modular = [r for r in rows if r["kind"] == "modular"]
+    directional = [r for r in rows if r["kind"] == "directional"]
+    answer = "yes" if modular else ("partly: directional heads only" if directional else "no")
+    evidence = (f"{len(modular)} modular and {len(directional)} directional of {len(rows)} heads. Most modular: L{best['layer']}H{best['head']} "
+                f"modular_score {best['modular_score']:.3f} [95% CI {best['modular_score_lo']:.3f}, {best['modular_score_hi']:.3f}] "
+                f"against {uniform['modular_score']:.3f} for uniform attention on this grid.")
+    return ("1. Early heads attend to the patches around the query, in several directions (modular heads)", answer, evidence)
+
+
+def _composition_claim(data: dict) -> tuple:
+    circuits = data["circuits"]
+    supported = [c for c in circuits if c["verdict"] == "supported"]
+    if not supported:
+        return ("2. Later heads read what those heads wrote (composition)", "no",
+                f"None of {len(circuits)} candidate circuits has weight and causal evidence beyond both baselines.")
+    local = [c for c in supported if set(c["sender_kinds"]) & {"modular", "directional"}]
+    c = (local or supported)[0]
+    e = c["evidence"]
+    (sl, sh), (rl, rh) = c["senders"][0], c["receivers"][0]
+    evidence = (f"{len(supported)} of {len(circuits)} candidates supported, {len(local)} from modular or directional senders. "
+                f"Strongest: L{sl}H{sh} → L{rl}H{rh} through {c['kind'].upper()}: "
+                f"weight score {e['weight_score']['value']:.3f} (random heads {e['weight_score']['baseline_mean']:.3f}, z {e['weight_score']['z']:.1f}); "
+                f"path-patching {e['patch_effect']['metric']} {e['patch_effect']['value']:.4f} against {e['patch_effect']['control_mean']:.4f} "
+                f"for the sender's layer-mates (z {e['patch_effect']['z']:.1f}); shuffle reading: {c['shuffle_reading']}.")
+    rho = (data.get("attribution") or {}).get("spearman_top")
+    if rho is not None:
+        evidence += f" Attribution patching agrees with exact patching at Spearman {rho:.2f} over its top triples."
+    answer = "yes" if local else "only from non-local senders (no modular or directional head to read)"
+    return ("2. Later heads read what those heads wrote (composition)", answer, evidence)
+
+
+def _transfer_claim(transfer: dict) -> tuple | None:
+    clean = transfer.get("clean")
+    if not clean or len(clean["ring_r2"][0]) < 2:
+        return None
+    ring1 = [row[1] for row in clean["ring_r2"]]
+    best = max(range(1, len(ring1)), key=lambda i: ring1[i])
+    gain = ring1[best] - ring1[0]
+    evidence = (f"Held-out R² of ridge probes predicting a distance-1 neighbour's patch embedding from the centre token: {ring1[0]:.3f} at the "
+                f"embedding (what the centre patch alone implies), {ring1[best]:.3f} at {clean['layers'][best]} ({clean['n_test_images']} test images).")
+    for name, result in transfer.items():
+        if name != "clean":
+            evidence += f" With {name}: {result['ring_r2'][best][1]:.3f}."
+    answer = "yes" if gain > 0.01 else "no gain over the embedding"
+    return ("2b. The centre token gains its neighbours' features", answer, evidence)
+
+
+def _features_claim(features: dict, metrics: dict) -> tuple:
+    held = metrics["held_out"]
+    n, total = features["n_compositional"], features["n_features_analysed"]
+    evidence = (f"SAE on {metrics['hook']}: explained variance {held['explained_variance']:.3f} at L0 {held['l0']:.1f} on held-out images. "
+                f"{n} of {total} analysed features need their neighbours (occlusion or shuffle) and the circuit beyond random heads.")
+    if features["top"]:
+        t = features["top"][0]
+        excess = "n/a" if t.get("circuit_excess") is None else f"{t['circuit_excess']:.2f}"
+        evidence += (f" Top: feature {t['feature']} (neighbour drop {t['neighbour_drop']:.2f}, centre drop {t['drop_centre']:.2f}, "
+                     f"circuit minus random heads {excess}).")
+    return ("3. Features after the composition layer combine neighbouring parts", "yes" if n else "no", evidence)
+
+
+def verdict_section(run: Run) -> str:
+    claims = []
+    atlas = _read(run, "heads/atlas.json")
+    if atlas:
+        claims.append(_heads_claim(atlas))
+    circuits = _read(run, "composition/circuits.json")
+    if circuits:
+        claims.append(_composition_claim(circuits))
+        transfer = _transfer_claim(circuits.get("transfer") or {})
+        if transfer:
+            claims.append(transfer)
+    features, metrics = _read(run, "sae/features/features.json"), _read(run, "sae/metrics.json")
+    if features and metrics:
+        claims.append(_features_claim(features, metrics))
+    intro = "Each claim of the hypothesis, what this run says, and the evidence with its baseline. Details follow in the sections below."
+    return html.section("Verdicts", html.paragraph(intro) + html.table(claims, ("claim", "verdict", "evidence and baseline")), "verdicts")
+
+
+def caveats_section(run: Run, loaded: LoadedModel) -> str:
+    items = []
+    overview = _read(run, "overview/summary.json") or {}
+    n_images = (overview.get("images") or {}).get("n_ok")
+    if n_images is not None:
+        items.append(f"All numbers come from {n_images} images; intervals are bootstrap intervals over images, not over models or datasets.")
+    if loaded.random_weights:
+        items.append("The model has random weights: nothing here describes a trained model.")
+    circuits = _read(run, "composition/circuits.json")
+    if circuits:
+        items += [
+            f"Ablation is '{circuits.get('ablation')}'. Mean ablation over images and positions removes position-specific output too; "
+            "other ablations (position_mean, zero, resample) can give other effect sizes.",
+            "Trained weights beat the random-matrix baseline almost everywhere, so weight evidence also requires beating the sender's layer-mates.",
+            "Path patching measures direct sender → receiver paths only; effects through intermediate layers are not counted.",
+            "Attribution patching is first-order; it ranks triples for exact patching and is not itself a verdict.",
+        ]
+    if _read(run, "sae/metrics.json"):
+        items += [
+            "Occluding patches with the mean colour is off-distribution; the shuffle variant keeps natural patch statistics, and both are reported.",
+            "Feature dependence is measured on each feature's top-activating patches, not on all patches where it fires.",
+        ]
+    body = "<ul>" + "".join(f"<li>{html.escape(text)}</li>" for text in items) + "</ul>"
+    return html.section("Caveats", body, "caveats")

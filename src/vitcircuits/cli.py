@@ -37,6 +37,7 @@ from vitcircuits.runs import Run, RunFolderError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Mechanistic interpretability of Vision Transformers.")
 app.add_typer(sae_app, name="sae")
 BUNDLED_MODEL = "bundled:cifar10-vit"
+QUICK_IMAGES = 256
 
 
 @app.callback()
@@ -226,13 +227,16 @@ def hunt_cmd(
     random_weights: RandomOpt = False,
     force: ForceOpt = False,
     resume: ResumeOpt = False,
+    quick: Annotated[bool, typer.Option("--quick", help=f"small, fast pass: at most {QUICK_IMAGES} images unless --max-images, lighter settings")] = False,
 ) -> None:
     """Run every stage on a model and images and write report.html."""
     from vitcircuits.hunt import HuntConfig, hunt
 
+    if quick and max_images is None:
+        max_images = QUICK_IMAGES
     try:
         report = hunt(str(out), ModelOptions(model, arch, img_size, random_weights, device, dtype, seed),
-                      ImageOptions(images, batch_size, max_images, num_workers), HuntConfig(), force=force, resume=resume)
+                      ImageOptions(images, batch_size, max_images, num_workers), HuntConfig.quick() if quick else HuntConfig(), force=force, resume=resume)
     except (RunFolderError, FileNotFoundError, ValueError, RuntimeError) as err:
         fail(err)
     Console().print(f"report: {report}")

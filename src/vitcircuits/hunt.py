@@ -25,6 +25,7 @@ from vitcircuits.report.attention_maps import default_queries, patch_attention, 
 from vitcircuits.report.figures import denormalize
 from vitcircuits.report.page import write_report
 from vitcircuits.runs import Run, write_json, write_text
+from vitcircuits.sae.dependence import DependenceConfig
 from vitcircuits.sae.stage import AnalyzeConfig, SAEStageConfig, choose_hook, run_sae_analyze, run_sae_train
 from vitcircuits.stages import StageRunner
 
@@ -43,6 +44,17 @@ class HuntConfig:
     """SAE settings; its hook (None by default) is chosen from the composition circuits."""
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
     """Feature-analysis settings."""
+
+    @classmethod
+    def quick(cls) -> HuntConfig:
+        """A small, fast pass (``--quick``): fewer bootstrap replicates and patching images, a smaller
+        SAE trained for one epoch, fewer features tested. Every stage still runs."""
+        return cls(
+            atlas=AtlasConfig(n_boot=50),
+            compose=ComposeConfig(max_patch_images=16, max_transfer_images=128),
+            sae=SAEStageConfig(epochs=1, expansion=4, fidelity_images=64),
+            analyze=AnalyzeConfig(dependence=DependenceConfig(n_features=16, n_examples=4, n_control_draws=2), zstats_images=32),
+        )
 
 
 @torch.no_grad()

@@ -21,6 +21,11 @@ copying head dims ``[0, C)`` into it)::
     local_decoy    attends to its 8 neighbours by position; V reads content; reads no head's output
     inert_k_decoy  Q reads content, K reads the sink head's slice (weights like k_composition)
 
+Optional roles (not in :data:`RECEIVER_ROLES`; pass ``roles`` to :func:`build_planted_circuits`)::
+
+    inert_q_decoy  the transpose: Q reads the sink head's slice, K reads content
+    inert_v_decoy  attends to itself by position; V reads content and the sink head's slice
+
 ``g = match_gain``, ``s = content_scale``, ``C = content_dims``. For unit-variance pixels each
 content coordinate has standard deviation ``s``, and ``m_j`` contains ``c_i / 8`` when ``i`` is a
 neighbour of ``j``, so a neighbour key gets an expected logit bonus of ``g`` (non-neighbours: 0;
@@ -37,7 +42,9 @@ tokens get no patch embedding), so its output is ``~N exp(-sharpness) |c|`` (abo
 modular head's) at every token of every image, and mean-ablating it moves the decoy's logits by
 about ``g * 1e-4``. Its weights, though, look exactly like ``k_composition``'s: the sink's
 ``W_OV`` copies content into its slice whatever the value is, and the decoy's ``W_QK`` reads that
-slice, so ``||W_OV^sink W_QK^T||`` scores as high as the real K edge.
+slice, so ``||W_OV^sink W_QK^T||`` scores as high as the real K edge. The same holds for the
+optional Q and V decoys; the V decoy's output is its own content (it attends to itself), next to
+which the sink's contribution is ``~1e-4`` too.
 """
 from __future__ import annotations
 
@@ -63,8 +70,16 @@ Q_RECEIVER = "q_composition"
 V_RECEIVER = "v_composition"
 LOCAL_DECOY = "local_decoy"
 INERT_DECOY = "inert_k_decoy"
+INERT_Q_DECOY = "inert_q_decoy"
+INERT_V_DECOY = "inert_v_decoy"
 RECEIVER_ROLES = (K_RECEIVER, Q_RECEIVER, V_RECEIVER, LOCAL_DECOY, INERT_DECOY)
-"""Roles of layer-1 heads ``0, 1, ...``; later layer-1 heads are random fillers."""
+"""Default roles of layer-1 heads ``0, 1, ...``; later layer-1 heads are random fillers."""
+ALL_RECEIVER_ROLES = (*RECEIVER_ROLES, INERT_Q_DECOY, INERT_V_DECOY)
+"""Every role :func:`build_planted_circuits` can plant."""
+EDGE_OF_ROLE = {K_RECEIVER: (MODULAR, "k"), Q_RECEIVER: (MODULAR, "q"), V_RECEIVER: (SELF, "v")}
+"""Causal receiver role -> (kind of the layer-0 sender it reads, input it reads it through)."""
+DECOY_OF_ROLE = {INERT_DECOY: (SINK, "k"), INERT_Q_DECOY: (SINK, "q"), INERT_V_DECOY: (SINK, "v")}
+"""Inert decoy role -> (sender kind, input): weights compose, the path has no effect."""
 V_RECEIVER_OFFSET = (0, -1)
 """``(dy, dx)`` the V receiver attends to: the patch to the left (itself in the first column)."""
 CIRCUIT_CONFIG = PlantedConfig(content_scale=0.01)
@@ -102,22 +117,35 @@ class PlantedCircuitModel:
         return head
 
 
-def build_planted_circuits(cfg: PlantedConfig | None = None, match_gain: float = 4.0) -> PlantedCircuitModel:
+def build_planted_circuits(cfg: PlantedConfig | None = None, match_gain: float = 4.0, roles: tuple[str, ...] = RECEIVER_ROLES,
+                           v_offset: tuple[int, int] = V_RECEIVER_OFFSET) -> PlantedCircuitModel:
     """The planted layer-0 heads of ``cfg`` (default :data:`CIRCUIT_CONFIG`) plus the layer-1
     receivers of the module docstring; ``match_gain`` is the expected logit bonus of a neighbour
-    key in the two content-matching receivers."""
+    key in the two content-matching receivers. ``roles`` are the roles of layer-1 heads ``0, 1,
+    ...`` (any of :data:`ALL_RECEIVER_ROLES`; only ``local_decoy`` may repeat) and ``v_offset`` the
+    ``(dy, dx)`` the V receiver attends to."""
     cfg = CIRCUIT_CONFIG if cfg is None else cfg
-    if cfg.n_layers < 2 or cfg.n_heads < len(RECEIVER_ROLES):
-        raise ValueError(f"planted circuits need n_layers >= 2 and n_heads >= {len(RECEIVER_ROLES)}, "
+    if cfg.n_layers < 2 or cfg.n_heads < len(roles):
+        raise ValueError(f"planted circuits need n_layers >= 2 and n_heads >= {len(roles)}, "
                          f"got {cfg.n_layers} and {cfg.n_heads}")
+    if set(roles) - set(ALL_RECEIVER_ROLES):
+        raise ValueError(f"unknown receiver roles {sorted(set(roles) - set(ALL_RECEIVER_ROLES))}")
+    if any(roles.count(role) > 1 for role in roles if role != LOCAL_DECOY):
+        raise ValueError(f"only {LOCAL_DECOY!r} may repeat, got {roles}")
     planted = build_planted_heads(cfg)
     model = planted.model
     N, C, D, H, Dh = cfg.n_tokens, cfg.content_dims, cfg.d_model, cfg.n_heads, model.cfg.d_head
-    sender = {kind: cfg.planted_kinds.index(kind) for kind in (MODULAR, SELF, SINK)}
-    head_of = {role: head for head, role in enumerate(RECEIVER_ROLES)}
+    reads = {kind: planted.out_slice(0, cfg.planted_kinds.index(kind)) for kind in (MODULAR, SELF, SINK)}
     content, eye_CC = planted.content_slice, torch.eye(C)
+    reads["content"] = content
     # q.k / sqrt(Dh) = match^2 / sqrt(Dh) * c.m = match_gain * 8 / C * c.m / content_scale^2
     match = math.sqrt(match_gain * 8 / C * math.sqrt(Dh)) / cfg.content_scale
+    # content-matching role -> (what Q reads, what K reads); V reads content
+    matching = {K_RECEIVER: ("content", MODULAR), Q_RECEIVER: (MODULAR, "content"),
+                INERT_DECOY: ("content", SINK), INERT_Q_DECOY: (SINK, "content")}
+    # positional role -> (pattern kind, offset, what V reads)
+    positional = {V_RECEIVER: (DIRECTIONAL, v_offset, (SELF,)), LOCAL_DECOY: (MODULAR, None, ("content",)),
+                  INERT_V_DECOY: (SELF, None, ("content", SINK))}
     receiver_masks = {}
     block = model.blocks[1]
     with torch.no_grad():
@@ -125,41 +153,36 @@ def build_planted_circuits(cfg: PlantedConfig | None = None, match_gain: float =
         block.ln1.bias.copy_(model.blocks[0].ln1.bias)
         W_Q, W_K, W_V = block.attn.qkv.weight.view(3, H, Dh, D).unbind(0)
         W_O_DHd = block.attn.proj.weight.view(D, H, Dh)
-        for head in head_of.values():
+        for head, role in enumerate(roles):
             for W in (W_Q, W_K, W_V):
                 W[head] = 0.0
             W_O_DHd[:, head] = 0.0
             W_O_DHd[planted.out_slice(1, head), head, :C] = eye_CC
-        for role, query_dims, key_dims in (
-            (K_RECEIVER, content, planted.out_slice(0, sender[MODULAR])),
-            (Q_RECEIVER, planted.out_slice(0, sender[MODULAR]), content),
-            (INERT_DECOY, content, planted.out_slice(0, sender[SINK])),
-        ):
-            W_Q[head_of[role], :C, query_dims] = match * eye_CC
-            W_K[head_of[role], :C, key_dims] = match * eye_CC
-            W_V[head_of[role], :C, content] = eye_CC
-        for role, kind, offset, value_dims in (
-            (V_RECEIVER, DIRECTIONAL, V_RECEIVER_OFFSET, planted.out_slice(0, sender[SELF])),
-            (LOCAL_DECOY, MODULAR, None, content),
-        ):
-            head = head_of[role]
+            if role in matching:
+                query_reads, key_reads = matching[role]
+                W_Q[head, :C, reads[query_reads]] = match * eye_CC
+                W_K[head, :C, reads[key_reads]] = match * eye_CC
+                W_V[head, :C, content] = eye_CC
+                continue
+            kind, offset, value_reads = positional[role]
             mask_NN = target_mask(kind, model.layout, offset=offset)
             W_Q[head, :N, :N] = cfg.sharpness * math.sqrt(Dh) * mask_NN.T.to(W_Q.dtype)
             W_K[head, :N, :N] = torch.eye(N)
-            W_V[head, :C, value_dims] = eye_CC
+            for name in value_reads:
+                W_V[head, :C, reads[name]] = eye_CC
             receiver_masks[(1, head)] = mask_NN
+
+    def edges_of(table: dict) -> dict:
+        return {(0, cfg.planted_kinds.index(table[role][0]), 1, head): table[role][1] for head, role in enumerate(roles) if role in table}
+
     return PlantedCircuitModel(
         model=model,
         config=cfg,
         truth_heads=dict(planted.truth),
-        edges={
-            (0, sender[MODULAR], 1, head_of[K_RECEIVER]): "k",
-            (0, sender[MODULAR], 1, head_of[Q_RECEIVER]): "q",
-            (0, sender[SELF], 1, head_of[V_RECEIVER]): "v",
-        },
-        decoy_edges={(0, sender[SINK], 1, head_of[INERT_DECOY]): "k"},
-        receivers=[(1, head) for head in head_of.values()],
-        roles={(1, head): role for role, head in head_of.items()},
+        edges=edges_of(EDGE_OF_ROLE),
+        decoy_edges=edges_of(DECOY_OF_ROLE),
+        receivers=[(1, head) for head in range(len(roles))],
+        roles={(1, head): role for head, role in enumerate(roles)},
         receiver_masks=receiver_masks,
         planted=planted,
     )

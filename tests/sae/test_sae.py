@@ -256,3 +256,18 @@ def test_one_shot_source_ends_training_early(planted, tmp_path):
     assert history[-1]["step"] == 7
     assert (tmp_path / "checkpoints" / "step_00000007" / "state.json").is_file()
     assert load_sae(tmp_path / "sae").cfg.d_sae == 64
+
+
+def test_old_checkpoints_are_pruned_and_gradients_clipped(planted, tmp_path):
+    x_ND, _ = planted
+    scfg = SAEConfig(d_in=32, d_sae=64, architecture="topk", k=4)
+    train_sae(x_ND, scfg, quick(total_steps=40, checkpoint_every=10, keep_checkpoints=2), out_dir=tmp_path, progress=False)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000030", "step_00000040"]
+    # A clip far below the gradient norm pushes the gradients under Adam's eps, so the first step barely moves the weights.
+    one = dict(total_steps=1, warmup_steps=1, log_every=1)
+    init = train_sae(x_ND, scfg, quick(lr=0.0, **one), progress=False)[0]
+    clipped, hist_clipped = train_sae(x_ND, scfg, quick(max_grad_norm=1e-9, **one), progress=False)
+    free, hist_free = train_sae(x_ND, scfg, quick(max_grad_norm=None, **one), progress=False)
+    assert hist_clipped[0]["loss"] == hist_free[0]["loss"]  # same batch, same initialisation
+    moved_clipped, moved_free = (clipped.W_enc - init.W_enc).abs().max(), (free.W_enc - init.W_enc).abs().max()
+    assert moved_clipped < 0.2 * moved_free

@@ -1,6 +1,7 @@
 """Score the head atlas and the composition finder against planted ground truth.
 
     python bench/ground_truth.py [--n-models 8] [--small] [--n-images 16] [--json PATH] [--threads 1]
+                                 [--organism [--truth-images 1200] [--truth-out FILE]]
 
 Builds ``--n-models`` members of the planted family (:mod:`vitcircuits.testing.planted_family`;
 different seeds, grids, depths, sender layers, class token / registers, decoys), runs the head
@@ -9,6 +10,12 @@ recall (atlas kind labels, the ``supported`` verdict) and ROC-AUC (kind scores, 
 attribution, exact path-patch z) against the truth, then a JSON summary. Populations and
 definitions: :mod:`vitcircuits.testing.ground_truth`. Goal: precision = recall = 1 for the kinds
 and the verdict. ``--small`` is the CI configuration (small grids, 8 images).
+
+``--organism`` scores the same detectors on the trained shapes organism instead, against its
+causal edges measured by path-ablating each edge on the task
+(:mod:`vitcircuits.testing.organism_benchmark`). Goal: ROC-AUC ≥ 0.95. ``--truth-out`` also
+writes the measured edges as a ``truth.json`` for ``vitcircuits hunt --truth`` (the bundled
+organism's copy is made with this).
 """
 from __future__ import annotations
 
@@ -20,7 +27,9 @@ from pathlib import Path
 
 import torch
 
+from vitcircuits.runs import write_json
 from vitcircuits.testing.ground_truth import benchmark_configs, format_report, run_benchmark
+from vitcircuits.testing.organism_benchmark import OrganismBenchConfig, format_organism, run_organism
 
 
 def _clean(value):
@@ -41,8 +50,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n-images", type=int, default=None, help="noise images per member (default 16, or 8 with --small)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these tiny models)")
     parser.add_argument("--json", type=Path, default=None, help="also write the full JSON summary (per-member details) here")
+    parser.add_argument("--organism", action="store_true", help="benchmark on the trained shapes organism instead")
+    parser.add_argument("--truth-images", type=int, default=OrganismBenchConfig.truth_images, help="generated images for the organism's truth")
+    parser.add_argument("--truth-out", type=Path, default=None, help="write the organism's measured edges here (truth.json layout)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.organism:
+        summary = run_organism(OrganismBenchConfig(truth_images=args.truth_images))
+        print(format_organism(summary))
+        if args.truth_out:
+            write_json(args.truth_out, summary["truth"])
+        print(json.dumps(_clean({k: v for k, v in summary.items() if k != "truth"}), indent=1))
+        if args.json:
+            args.json.write_text(json.dumps(_clean(summary), indent=1))
+        return summary
     n_models = args.n_models or (3 if args.small else 8)
     n_images = args.n_images or (8 if args.small else 16)
     summary = run_benchmark(benchmark_configs(n_models, args.small), n_images=n_images, log=lambda s: print(s, file=sys.stderr))

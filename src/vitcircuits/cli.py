@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from vitcircuits.cli_necessity import necessity_cmd
 from vitcircuits.cli_options import (
     ArchOpt,
     BatchOpt,
@@ -36,7 +37,9 @@ from vitcircuits.runs import Run, RunFolderError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Mechanistic interpretability of Vision Transformers.")
 app.add_typer(sae_app, name="sae")
-BUNDLED_MODEL = "bundled:cifar10-vit"
+app.command(name="necessity")(necessity_cmd)
+ORGANISMS = {"cifar10": ("bundled:cifar10-vit", "bundled:cifar10"), "shapes": ("bundled:shapes-vit", "bundled:shapes")}
+"""``vitcircuits demo --organism NAME``: the bundled model and images of each organism."""
 QUICK_IMAGES = 256
 
 
@@ -228,6 +231,7 @@ def hunt_cmd(
     force: ForceOpt = False,
     resume: ResumeOpt = False,
     quick: Annotated[bool, typer.Option("--quick", help=f"small, fast pass: at most {QUICK_IMAGES} images unless --max-images, lighter settings")] = False,
+    truth: Annotated[Optional[Path], typer.Option("--truth", help="known causal edges (truth.json) to set the verdicts against")] = None,
 ) -> None:
     """Run every stage on a model and images and write report.html."""
     from vitcircuits.hunt import HuntConfig, hunt
@@ -236,7 +240,8 @@ def hunt_cmd(
         max_images = QUICK_IMAGES
     try:
         report = hunt(str(out), ModelOptions(model, arch, img_size, random_weights, device, dtype, seed),
-                      ImageOptions(images, batch_size, max_images, num_workers), HuntConfig.quick() if quick else HuntConfig(), force=force, resume=resume)
+                      ImageOptions(images, batch_size, max_images, num_workers), HuntConfig.quick() if quick else HuntConfig(),
+                      force=force, resume=resume, truth=truth)
     except (RunFolderError, FileNotFoundError, ValueError, RuntimeError) as err:
         fail(err)
     Console().print(f"report: {report}")
@@ -245,13 +250,21 @@ def hunt_cmd(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="run folder to write")] = Path("runs/demo"),
+    organism: Annotated[str, typer.Option("--organism", help=f"bundled organism: {', '.join(ORGANISMS)}")] = "cifar10",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
     max_images: MaxImagesOpt = None,
     force: Annotated[bool, typer.Option("--force/--no-force", help="overwrite --out")] = True,
 ) -> None:
-    """`hunt` on the bundled CIFAR-10 organism and bundled images, offline."""
-    hunt_cmd(BUNDLED_MODEL, "bundled:cifar10", out, device=device, dtype=dtype, max_images=max_images, batch_size=100, force=force)
+    """`hunt` on a bundled organism and its bundled images, offline (shapes: with its known circuit)."""
+    from vitcircuits.models.loading import bundled_model_folder
+
+    if organism not in ORGANISMS:
+        fail(ValueError(f"--organism {organism!r}: choose one of {', '.join(ORGANISMS)}"))
+    model, images = ORGANISMS[organism]
+    truth = bundled_model_folder(model.removeprefix("bundled:")) / "truth.json"
+    hunt_cmd(model, images, out, device=device, dtype=dtype, max_images=max_images, batch_size=100, force=force,
+             truth=truth if truth.is_file() else None)
 
 
 @app.command(name="train-organism")

@@ -1,7 +1,9 @@
 """``vitcircuits hunt``: every stage, resumable, then ``report.html``.
 
 Stages: overview (model card, predictions/accuracy, attention maps) → heads (the head atlas)
-→ composition (weight scores, attribution and path patching, shuffle control, verdicts) → sae
+→ composition (weight scores, attribution and path patching, shuffle control, verdicts)
+→ necessity (accuracy per class group with the supported circuits' heads ablated, against random
+heads of the same layers; classifiers with labelled images only) → sae
 (an SAE after the strongest composition receiver, with held-out metrics and downstream fidelity)
 → features (circuit dependence and compositional features) → report. Each stage
 writes its outputs into the run folder; the report is built from those files, so it can be
@@ -11,10 +13,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 
+from vitcircuits.composition.necessity import LabelledBatches, NecessityConfig, circuit_heads, necessity_report
 from vitcircuits.composition.outputs import write_composition
 from vitcircuits.composition.scan import ComposeConfig, run_composition
 from vitcircuits.heads.atlas import AtlasConfig, HeadAtlas
@@ -40,6 +44,10 @@ class HuntConfig:
     """Head-atlas settings."""
     compose: ComposeConfig = field(default_factory=ComposeConfig)
     """Composition settings."""
+    necessity: NecessityConfig = field(default_factory=lambda: NecessityConfig(draws=10))
+    """Circuit-ablation settings (random same-layer head sets to compare with)."""
+    max_necessity_images: int | None = 1000
+    """Labelled images for the necessity stage (None: all)."""
     sae: SAEStageConfig = field(default_factory=SAEStageConfig)
     """SAE settings; its hook (None by default) is chosen from the composition circuits."""
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
@@ -52,6 +60,8 @@ class HuntConfig:
         return cls(
             atlas=AtlasConfig(n_boot=50),
             compose=ComposeConfig(max_patch_images=16, max_transfer_images=128),
+            necessity=NecessityConfig(draws=4),
+            max_necessity_images=256,
             sae=SAEStageConfig(epochs=1, expansion=4, fidelity_images=64),
             analyze=AnalyzeConfig(dependence=DependenceConfig(n_features=16, n_examples=4, n_control_draws=2), zstats_images=32),
         )
@@ -119,6 +129,23 @@ def _circuits(run: Run) -> list[dict]:
     return json.loads(run.file("composition/circuits.json").read_text())["circuits"]
 
 
+def run_necessity(run: Run, loaded: LoadedModel, images: ImageOptions, config: HuntConfig) -> None:
+    """Ablate the supported circuits' heads; ``necessity/necessity.json`` says why when it cannot."""
+    overview = json.loads(run.file("overview/summary.json").read_text())
+    heads = circuit_heads(_circuits(run))
+    reason = ("the model has no classification head" if not loaded.model.cfg.n_classes else
+              "the images have no class labels" if not overview["n_labelled"] else
+              "no supported circuit" if not heads else None)
+    if reason:
+        write_json(run.file("necessity/necessity.json"), {"skipped": reason})
+        return
+    limit = min(filter(None, (images.max_images, config.max_necessity_images)), default=None)
+    groups = dict(loaded.pretrained_cfg.get("class_groups") or {})
+    report = necessity_report(loaded.model, LabelledBatches(replace(images, max_images=limit).batches(loaded)), heads, groups, config.necessity)
+    write_json(run.file("necessity/necessity.json"), report)
+    run.write_manifest(necessity={"heads": report["circuit"]["heads"], "clean": report["clean"], "circuit": report["circuit"]["overall"]})
+
+
 def run_sae(run: Run, loaded: LoadedModel, images: ImageOptions, config: SAEStageConfig) -> None:
     """Train the SAE at the configured hook, or after the strongest supported composition receiver."""
     hook, reason = (config.hook, "given") if config.hook else choose_hook(_circuits(run), loaded.model.cfg.n_layers)
@@ -131,8 +158,25 @@ def run_features(run: Run, loaded: LoadedModel, images: ImageOptions, config: An
     run.write_manifest(features={"n_analysed": summary["n_features_analysed"], "n_compositional": summary["n_compositional"]})
 
 
-def hunt(out: str, model: ModelOptions, images: ImageOptions, config: HuntConfig, *, force: bool = False, resume: bool = False) -> str:
-    """Run every stage (skipping finished ones when resuming); returns the report path."""
+def copy_truth(run: Run, truth: str | Path) -> None:
+    """Validate a known-circuit file (the ``truth.json`` layout of
+    :func:`vitcircuits.testing.organism_benchmark.truth_document`) and copy it into the run."""
+    try:
+        data = json.loads(Path(truth).read_text())
+        missing = [key for key in ("source", "images", "threshold", "edges") if key not in data]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
+        n_causal = sum(bool(row["causal"]) for row in data["edges"] if len(row["edge"]) == 5)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{truth}: not a truth file ({err})") from None
+    run.write_manifest(truth={"file": str(truth), "n_causal": n_causal})
+    write_json(run.file("truth.json"), data)
+
+
+def hunt(out: str, model: ModelOptions, images: ImageOptions, config: HuntConfig, *, force: bool = False, resume: bool = False,
+         truth: str | Path | None = None) -> str:
+    """Run every stage (skipping finished ones when resuming); returns the report path. ``truth``: a
+    file of known causal edges to set the verdicts against in the report."""
     run_config = {"model": model.to_dict(), "images": images.to_dict(), "hunt": asdict(config)}
     run = Run.create(out, "hunt", run_config, force=force, resume=resume)
     if force and run.file("stages.json").exists():
@@ -148,9 +192,13 @@ def hunt(out: str, model: ModelOptions, images: ImageOptions, config: HuntConfig
     stages.stage("composition", {**inputs, "atlas": asdict(config.atlas), "compose": asdict(config.compose)},
                  lambda: run_compose(run, loaded, images, config.compose))
     compose_inputs = {**inputs, "atlas": asdict(config.atlas), "compose": asdict(config.compose)}
+    stages.stage("necessity", {**compose_inputs, "necessity": asdict(config.necessity), "max_images": config.max_necessity_images},
+                 lambda: run_necessity(run, loaded, images, config))
     stages.stage("sae", {**compose_inputs, "sae": asdict(config.sae)}, lambda: run_sae(run, loaded, images, config.sae))
     stages.stage("features", {**compose_inputs, "sae": asdict(config.sae), "analyze": asdict(config.analyze)},
                  lambda: run_features(run, loaded, images, config.analyze))
+    if truth is not None:
+        copy_truth(run, truth)
     stages.stage("report", {**inputs, "always": json.dumps(stages.done, sort_keys=True)}, lambda: write_report(run, loaded))
     run.write_manifest(outputs={"report": "report.html", "stages": stages.done})
     return str(run.file("report.html"))

@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 
 from vitcircuits.models.hooked_vit import HookedViT
+from vitcircuits.models.hooks import HookFn
 
 AblationKind = Literal["mean", "position_mean", "zero", "resample"]
 
@@ -66,3 +67,18 @@ def ablated_z(kind: AblationKind, z_BNd: torch.Tensor, layer: int, head: int, st
         position_perm = torch.randperm(N, generator=generator)
         return z_BNd[image_perm][:, position_perm]
     raise ValueError(f"unknown ablation {kind!r}; choose mean, position_mean, zero or resample")
+
+
+def ablation_hooks(heads: list[tuple[int, int]], kind: AblationKind, stats: ZStats | None,
+                   generator: torch.Generator) -> list[tuple[str, HookFn]]:
+    """``hook_z`` hooks replacing each head's ``z`` by :func:`ablated_z`."""
+    def hook_for(layer: int, layer_heads: list[int]) -> HookFn:
+        def replace(z_BNHd: torch.Tensor, hook) -> torch.Tensor:
+            z_BNHd = z_BNHd.clone()
+            for head in layer_heads:
+                z_BNHd[:, :, head] = ablated_z(kind, z_BNHd[:, :, head], layer, head, stats, generator)
+            return z_BNHd
+        return replace
+
+    layers = sorted({layer for layer, _ in heads})
+    return [(f"blocks.{layer}.attn.hook_z", hook_for(layer, [h for at, h in heads if at == layer])) for layer in layers]

@@ -11,7 +11,10 @@ receiver head, through one input (q, k or v). Its evidence:
 - ``patch_z``: that effect against the *control senders*, the other heads of the sender's layer,
   patched into the same receiver through the same input (mean and std over them);
 - ``shuffle_effect``: the same effect on patch-shuffled images, and ``attention_kept``: the
-  total-variation similarity of the receiver's mean offset kernel on shuffled vs clean images.
+  total-variation similarity of the receiver's mean offset kernel on shuffled vs clean images;
+- ``task_margin_drop`` (classifiers): how much the model's margin for its own prediction drops with
+  this one edge ablated (:mod:`~vitcircuits.composition.task_patching`). It is reported beside the
+  verdict, not part of it: the verdict is about composition, this about what the output uses.
 
 Verdicts (:class:`VerdictCriteria`):
 - ``supported``: the weights (weight_z ≥ 3 and weight_z_within ≥ 2) **and** the causal test
@@ -94,6 +97,7 @@ def build_circuits(candidates: list[dict], criteria: VerdictCriteria) -> list[di
                                  "control_std": row["control_std"], "z": row["patch_z"], "ablation": row["ablation"]},
                 "shuffle": {"effect": row["shuffle_effect"], "effect_retained": row["shuffle_effect"] / max(row["patch_effect"], 1e-12),
                             "attention_kept": row["attention_kept"]},
+                "task_margin_drop": row.get("task_effect"),
             },
             "criteria": asdict(criteria),
         })

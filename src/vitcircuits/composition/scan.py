@@ -14,6 +14,7 @@ from vitcircuits.composition.attribution import AttributionSums, agreement, attr
 from vitcircuits.composition.circuits import EFFECT_OF_KIND, VerdictCriteria, build_circuits, control_stats
 from vitcircuits.composition.patching import METRICS, PATHS, PatchEffects, PatchingConfig, path_patch_batch
 from vitcircuits.composition.shuffle import shuffle_patches
+from vitcircuits.composition.task_patching import EdgeKey, all_edges, task_edge_effects
 from vitcircuits.composition.transfer import TransferConfig, TransferResult, transfer_curves
 from vitcircuits.composition.weights import CompositionConfig, CompositionScores, composition_scores
 from vitcircuits.heads.atlas import HeadAtlas
@@ -46,6 +47,12 @@ class ComposeConfig:
     attribution_top: int = 40
     """The rank agreement of attribution with exact patching is also reported over this many
     patched triples with the largest estimates."""
+    task_images: int = 64
+    """Classifiers only: images for task-level path patching, the drop of the margin of the model's
+    clean prediction with one edge ablated (:mod:`~vitcircuits.composition.task_patching`); 0: off."""
+    max_task_edges: int = 1000
+    """Task-level patching covers every edge when the model has at most this many, else the
+    candidate rows only."""
 
 
 @dataclass
@@ -67,6 +74,8 @@ class CompositionResult:
     """Attribution-patching estimates ``[sender L, sender H, 3 paths, receiver L, receiver H]`` of every triple."""
     attribution_agreement: dict = field(default_factory=dict)
     """Rank agreement of attribution with exact path patching (:func:`~vitcircuits.composition.attribution.agreement`)."""
+    task_effects: dict = field(default_factory=dict)
+    """Task-level path patching: ``(sender L, H, receiver L, H, input)`` -> margin, log-prob and accuracy drops."""
 
 
 def choose_sender_layers(atlas: HeadAtlas, n_fallback: int) -> list[int]:
@@ -107,6 +116,9 @@ def run_composition(model: HookedViT, image_batches: Callable[[], Iterable[torch
     shuffled = _patch(model, [xs for _, xs in pairs], heads, stats, config.patching)
     kept_LH = attention_kept(model, pairs)
     candidates = _candidates(scores, senders, clean, shuffled, kept_LH, config)
+    task = _task_effects(model, image_batches, candidates, stats, config)
+    for row in candidates:
+        row["task_effect"] = task.get(_key(row), {}).get("margin_drop")
     circuits = build_circuits(candidates, config.criteria)
     ablations = {"modular/directional senders ablated": [(layer, head) for layer, head, kind in senders if kind in SENDER_KINDS]}
     supported = sorted({tuple(c["receivers"][0]) for c in circuits if c["verdict"] == "supported"})
@@ -119,7 +131,24 @@ def run_composition(model: HookedViT, image_batches: Callable[[], Iterable[torch
         batches = _Reiterable(_limited(image_batches, config.max_transfer_images))
         transfer = transfer_curves(model, batches, transfer_config, {k: v for k, v in ablations.items() if v}, stats, config.patching.ablation)
     return CompositionResult(scores, senders, candidates, circuits, {"clean": clean.mean().numpy(), "shuffled": shuffled.mean().numpy()},
-                             heads, transfer, estimates, agreement(estimates, clean.mean().numpy(), heads, config.attribution_top))
+                             heads, transfer, estimates, agreement(estimates, clean.mean().numpy(), heads, config.attribution_top), task)
+
+
+def _key(row: dict) -> EdgeKey:
+    return row["sender_layer"], row["sender_head"], row["receiver_layer"], row["receiver_head"], row["kind"]
+
+
+@torch.no_grad()
+def _task_effects(model: HookedViT, image_batches: Callable[[], Iterable[torch.Tensor]], candidates: list[dict], stats: ZStats,
+                  config: ComposeConfig) -> dict[EdgeKey, dict[str, float]]:
+    """Task-level path patching of every edge (or the candidates, on a large model) on the first
+    ``task_images`` images, against the model's clean predictions; empty for non-classifiers."""
+    if not model.cfg.n_classes or not config.task_images:
+        return {}
+    images_BCHW = torch.cat(list(_limited(image_batches, config.task_images)()))
+    targets_B = torch.cat([model(images_BCHW[s : s + 64]).argmax(-1) for s in range(0, len(images_BCHW), 64)])
+    edges = all_edges(model)
+    return task_edge_effects(model, images_BCHW, targets_B, edges if len(edges) <= config.max_task_edges else [_key(r) for r in candidates], stats)
 
 
 class _Reiterable:

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vitcircuits.composition.ablation import AblationKind, ZStats, ablated_z
+from vitcircuits.composition.ablation import AblationKind, ZStats, ablation_hooks
 from vitcircuits.models.hooked_vit import HookedViT
 from vitcircuits.models.hooks import HookFn
 from vitcircuits.report.figures import plt, save_figure
@@ -304,21 +304,6 @@ class TransferProbe:
         )
 
 
-def _ablation_hooks(heads: list[tuple[int, int]], kind: AblationKind, stats: ZStats | None,
-                    generator: torch.Generator) -> list[tuple[str, HookFn]]:
-    """``hook_z`` hooks replacing each head's ``z`` by :func:`ablated_z`."""
-    def hook_for(layer: int, layer_heads: list[int]) -> HookFn:
-        def replace(z_BNHd: torch.Tensor, hook) -> torch.Tensor:
-            z_BNHd = z_BNHd.clone()
-            for head in layer_heads:
-                z_BNHd[:, :, head] = ablated_z(kind, z_BNHd[:, :, head], layer, head, stats, generator)
-            return z_BNHd
-        return replace
-
-    layers = sorted({layer for layer, _ in heads})
-    return [(f"blocks.{layer}.attn.hook_z", hook_for(layer, [h for at, h in heads if at == layer])) for layer in layers]
-
-
 def transfer_curves(model: HookedViT, batches: Iterable[torch.Tensor], config: TransferConfig = TransferConfig(),
                     ablations: dict[str, list[tuple[int, int]]] | None = None, stats: ZStats | None = None,
                     ablation_kind: AblationKind = "mean") -> dict[str, TransferResult]:
@@ -334,7 +319,7 @@ def transfer_curves(model: HookedViT, batches: Iterable[torch.Tensor], config: T
         raise ValueError("'clean' is reserved for the unablated probes")
     kind = "zero" if stats is None and ablation_kind in ("mean", "position_mean") else ablation_kind
     generator = torch.Generator().manual_seed(config.seed)
-    hooks = {name: _ablation_hooks(heads, kind, stats, generator) for name, heads in ablations.items()}
+    hooks = {name: ablation_hooks(heads, kind, stats, generator) for name, heads in ablations.items()}
     basis = fit_target_basis(model, batches, config)
     clean = TransferProbe(config, basis)
     ablated = {name: TransferProbe(config, basis) for name in ablations}

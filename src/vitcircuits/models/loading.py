@@ -193,8 +193,9 @@ def _timm_kwargs(config: dict, img_size: int | tuple | None) -> tuple[dict, dict
         kwargs.setdefault("img_size", tuple(pretrained_cfg["input_size"][-2:]))
     if img_size is not None:
         kwargs["img_size"] = img_size
-    if "label_names" in config:
-        pretrained_cfg["label_names"] = config["label_names"]
+    for key in ("label_names", "class_groups"):
+        if key in config:
+            pretrained_cfg[key] = config[key]
     return kwargs, pretrained_cfg
 
 

@@ -7,6 +7,7 @@ from vitcircuits.models.loading import LoadedModel
 from vitcircuits.report import html
 from vitcircuits.report.sae_section import sae_section
 from vitcircuits.report.summary import caveats_section, verdict_section
+from vitcircuits.report.truth_section import truth_section
 from vitcircuits.runs import Run, write_text
 
 
@@ -107,6 +108,22 @@ def _attribution_paragraph(agreement: dict) -> str:
     return html.paragraph(text)
 
 
+def necessity_section(data: dict) -> str:
+    """Accuracy per class group: clean, with the circuit's heads ablated, with random same-layer heads."""
+    if "skipped" in data:
+        return html.section("Necessity", html.paragraph(f"Not measured: {data['skipped']}."), "necessity")
+    keys = ["overall", *data["groups"]]
+    rows = [("clean", *(f"{data['clean'][k]:.3f}" for k in keys)),
+            ("circuit heads ablated", *(f"{data['circuit'][k]:.3f}" for k in keys))]
+    if data["random"]["n_draws"]:
+        rows.append((f"random heads ({data['random']['n_draws']} draws): mean [5–95%]",
+                     *(f"{data['random'][k]['mean']:.3f} [{data['random'][k]['p05']:.3f}, {data['random'][k]['p95']:.3f}]" for k in keys)))
+    heads = ", ".join(f"L{layer}H{head}" for layer, head in data["circuit"]["heads"])
+    text = (f"Top-1 accuracy on {data['n_images']} labelled images with the {data['ablation']}-ablated heads of the supported circuits ({heads}), "
+            "against as many random heads from the same layers. " + "; ".join(f"{name}: classes {classes}" for name, classes in data["groups"].items()))
+    return html.section("Necessity", html.paragraph(text) + html.table(rows, ("condition", *keys)), "necessity")
+
+
 def write_report(run: Run, loaded: LoadedModel) -> None:
     overview = json.loads(run.file("overview/summary.json").read_text())
     images = overview["images"]
@@ -126,6 +143,10 @@ def write_report(run: Run, loaded: LoadedModel) -> None:
         sections.append(heads_section(run))
     if run.file("composition/circuits.json").exists():
         sections.append(composition_section(run))
+        if run.file("truth.json").exists():
+            sections.append(truth_section(run))
+    if run.file("necessity/necessity.json").exists():
+        sections.append(necessity_section(json.loads(run.file("necessity/necessity.json").read_text())))
     if run.file("sae/metrics.json").exists():
         sections.append(sae_section(run))
     sections.append(html.section(

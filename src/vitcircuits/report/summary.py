@@ -64,6 +64,23 @@ def _transfer_claim(transfer: dict) -> tuple | None:
     return ("2b. The centre token gains its neighbours' features", answer, evidence)
 
 
+def _necessity_claim(data: dict) -> tuple:
+    keys = ["overall", *data["groups"]]
+    random = data["random"]
+    parts = [f"{key}: {data['clean'][key]:.3f} clean → {data['circuit'][key]:.3f} with the circuit ablated, "
+             f"{random[key]['mean']:.3f} [5–95%: {random[key]['p05']:.3f}, {random[key]['p95']:.3f}] with random heads"
+             for key in keys if key in random]
+    heads = ", ".join(f"L{layer}H{head}" for layer, head in data["circuit"]["heads"])
+    evidence = (f"Mean-ablating the {len(data['circuit']['heads'])} heads of the supported circuits ({heads}) on {data['n_images']} labelled "
+                f"images, against {random['n_draws']} draws of as many random heads from the same layers. Accuracy " + "; ".join(parts)
+                + f". Chance: {data['chance']['model']:.3f}.")
+    drop = data["clean"]["overall"] - data["circuit"]["overall"]
+    random_drop = data["clean"]["overall"] - random["overall"]["mean"] if random["n_draws"] else 0.0
+    beats_every_draw = not random["n_draws"] or random["overall"]["fraction_at_or_below_circuit"] == 0
+    answer = "yes" if beats_every_draw and drop > max(2 * random_drop, 0.02) else ("partly" if drop > random_drop + 0.01 else "no")
+    return ("2c. The model needs the circuit (ablation beyond random heads)", answer, evidence)
+
+
 def _features_claim(features: dict, metrics: dict) -> tuple:
     held = metrics["held_out"]
     n, total = features["n_compositional"], features["n_features_analysed"]
@@ -88,6 +105,9 @@ def verdict_section(run: Run) -> str:
         transfer = _transfer_claim(circuits.get("transfer") or {})
         if transfer:
             claims.append(transfer)
+    necessity = _read(run, "necessity/necessity.json")
+    if necessity and "skipped" not in necessity:
+        claims.append(_necessity_claim(necessity))
     features, metrics = _read(run, "sae/features/features.json"), _read(run, "sae/metrics.json")
     if features and metrics:
         claims.append(_features_claim(features, metrics))

@@ -1,0 +1,168 @@
+"""Is a circuit necessary? Accuracy per class group with the circuit's heads ablated, against as
+many random heads of the same layers.
+
+A head is ablated by replacing its ``blocks.L.attn.hook_z[:, :, h]`` with
+:func:`~vitcircuits.composition.ablation.ablated_z` (default ``mean``: the mean over the images and
+positions, from a :class:`~vitcircuits.composition.ablation.ZStats` of the same images). If the
+heads are the circuit that solves some classes, those classes fall towards chance within their
+group while the others stay, and random heads of the same layers do much less.
+
+Class groups name sets of class indices (e.g. ``compositional`` and ``single_patch`` for the
+shapes organism, whose ``config.json`` declares them as ``class_groups``); the
+accuracy within a group counts a prediction correct only when it is the true class, so chance
+within a group is ``1 / n_classes`` of the model, and ``1 / len(group)`` is also reported for a
+model that still knows the group but not the class.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vitcircuits.composition.ablation import AblationKind, ZStats, ablation_hooks
+from vitcircuits.models.hooked_vit import HookedViT
+
+Head = tuple[int, int]
+Groups = Mapping[str, Sequence[int]]
+
+
+@dataclass(frozen=True)
+class NecessityConfig:
+    """How the circuit and the random baselines are ablated."""
+
+    draws: int = 20
+    """Random head sets (each: as many heads per layer as the circuit has there, other heads first)."""
+    ablation: AblationKind = "mean"
+    """What an ablated head's ``z`` becomes (see :func:`~vitcircuits.composition.ablation.ablated_z`)."""
+    seed: int = 0
+    """Seeds the random head draws (and ``resample`` ablation)."""
+
+
+def circuit_heads(circuits: Iterable[dict], verdicts: Sequence[str] = ("supported",)) -> list[Head]:
+    """Every sender and receiver head of the circuits (``circuits.json`` rows) with one of ``verdicts``."""
+    heads = {(int(layer), int(head)) for c in circuits if c["verdict"] in verdicts for layer, head in [*c["senders"], *c["receivers"]]}
+    return sorted(heads)
+
+
+def random_heads_like(heads: Sequence[Head], n_heads: int, generator: np.random.Generator) -> list[Head]:
+    """As many random heads in each layer as ``heads`` has there, drawn from the layer's other heads
+    first; circuit heads are added only when too few others are left."""
+    circuit = {tuple(h) for h in heads}
+    chosen: list[Head] = []
+    for layer in sorted({h[0] for h in circuit}):
+        k = sum(1 for h in circuit if h[0] == layer)
+        others = [h for h in range(n_heads) if (layer, h) not in circuit]
+        picked = [int(h) for h in generator.choice(others, size=min(k, len(others)), replace=False)]
+        if len(picked) < k:
+            rest = [h for h in range(n_heads) if h not in picked]
+            picked += [int(h) for h in generator.choice(rest, size=k - len(picked), replace=False)]
+        chosen += [(layer, h) for h in sorted(picked)]
+    return chosen
+
+
+def group_accuracy(predictions_B: torch.Tensor, labels_B: torch.Tensor, groups: Groups) -> dict[str, float]:
+    """``overall`` and one accuracy per class group (NaN for a group without images)."""
+    correct_B = (predictions_B == labels_B).double()
+    report = {"overall": float(correct_B.mean()) if len(correct_B) else float("nan")}
+    for name, classes in groups.items():
+        in_group_B = torch.isin(labels_B, torch.tensor(sorted(classes), dtype=labels_B.dtype))
+        report[name] = float(correct_B[in_group_B].mean()) if in_group_B.any() else float("nan")
+    return report
+
+
+class LabelledBatches:
+    """Re-iterable ``(images_BCHW, labels_B)`` of the labelled images (label ≥ 0) among ``batches``
+    (an iterable of :class:`~vitcircuits.data.loader.ImageBatch`, e.g. ``ImageOptions.batches``)."""
+
+    def __init__(self, batches: Iterable) -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        for batch in self.batches:
+            if batch.labels_B is not None and (keep_B := batch.labels_B >= 0).any():
+                yield batch.images_BCHW[keep_B], batch.labels_B[keep_B]
+
+
+@torch.no_grad()
+def zstats_of(model: HookedViT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> ZStats:
+    """Every head's ``hook_z`` sums over the images of ``batches`` (for mean ablation)."""
+    stats = ZStats.empty(model)
+    for images_BCHW, _ in batches:
+        stats.update(model, images_BCHW.to(model.device, model.dtype))
+    return stats
+
+
+@torch.no_grad()
+def ablated_predictions(model: HookedViT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], conditions: Mapping[str, Sequence[Head]],
+                        stats: ZStats | None, config: NecessityConfig = NecessityConfig()) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Predicted classes under every condition (name -> heads to ablate; no heads: clean), in one
+    pass over ``batches`` of ``(images_BCHW, labels_B)``; returns ``({name: predictions_B}, labels_B)``."""
+    generator = torch.Generator().manual_seed(config.seed)
+    hooks = {name: ablation_hooks(list(heads), config.ablation, stats, generator) if heads else [] for name, heads in conditions.items()}
+    predictions: dict[str, list[torch.Tensor]] = {name: [] for name in conditions}
+    labels = []
+    for images_BCHW, labels_B in batches:
+        images_BCHW = images_BCHW.to(model.device, model.dtype)
+        labels.append(labels_B.cpu())
+        for name, condition_hooks in hooks.items():
+            with model.hooks(condition_hooks):
+                predictions[name].append(model(images_BCHW).argmax(-1).cpu())
+    if not labels:
+        return {name: torch.zeros(0, dtype=torch.int64) for name in conditions}, torch.zeros(0, dtype=torch.int64)
+    return {name: torch.cat(p) for name, p in predictions.items()}, torch.cat(labels)
+
+
+def necessity_report(model: HookedViT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], heads: Sequence[Head], groups: Groups,
+                     config: NecessityConfig = NecessityConfig(), stats: ZStats | None = None) -> dict:
+    """Clean accuracy, accuracy with ``heads`` ablated, and with ``config.draws`` random same-layer
+    head sets ablated (each draw's numbers, and their mean, std and 5-95 % range), per group.
+
+    ``batches`` must be re-iterable when ``stats`` is None (one pass for the statistics, one for
+    the predictions); the statistics default to those of the same images.
+    """
+    circuit = sorted({(int(layer), int(head)) for layer, head in heads})
+    if not circuit:
+        raise ValueError("no circuit heads to ablate (no circuit with the requested verdict)")
+    stats = stats if stats is not None else zstats_of(model, batches)
+    generator = np.random.default_rng(config.seed)
+    draws = [random_heads_like(circuit, model.cfg.n_heads, generator) for _ in range(config.draws)]
+    conditions = {"clean": [], "circuit": circuit, **{f"random{i}": d for i, d in enumerate(draws)}}
+    predictions, labels_B = ablated_predictions(model, batches, conditions, stats, config)
+    if not len(labels_B):
+        raise ValueError("no labelled images: necessity needs class labels (a labels.tsv beside the images, or class folders)")
+    accuracy = {name: group_accuracy(p, labels_B, groups) for name, p in predictions.items()}
+    keys = ["overall", *groups]
+    random_rows = [{"heads": [list(h) for h in d], "overlap_with_circuit": len(set(d) & set(circuit)), **accuracy[f"random{i}"]}
+                   for i, d in enumerate(draws)]
+
+    def summary(key: str) -> dict:
+        values = np.array([row[key] for row in random_rows], dtype=float)
+        return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                "p05": float(np.quantile(values, 0.05)), "p95": float(np.quantile(values, 0.95)),
+                "fraction_at_or_below_circuit": float((values <= accuracy["circuit"][key]).mean())}
+
+    return {
+        "n_images": len(labels_B),
+        "n_classes": model.cfg.n_classes,
+        "ablation": config.ablation,
+        "seed": config.seed,
+        "groups": {name: sorted(int(c) for c in classes) for name, classes in groups.items()},
+        "chance": {"model": 1.0 / model.cfg.n_classes, **{name: 1.0 / len(classes) for name, classes in groups.items()}},
+        "clean": accuracy["clean"],
+        "circuit": {"heads": [list(h) for h in circuit], **accuracy["circuit"]},
+        "random": {"n_draws": config.draws, **({key: summary(key) for key in keys} if draws else {}), "draws": random_rows},
+    }
+
+
+def format_report(report: dict) -> str:
+    """A text table of :func:`necessity_report`: clean, circuit ablated, random heads (mean ± std)."""
+    keys = ["overall", *report["groups"]]
+    lines = [f"{'condition':<26}" + "".join(f"{key:>20}" for key in keys),
+             f"{'clean':<26}" + "".join(f"{report['clean'][key]:>20.3f}" for key in keys),
+             f"{'circuit heads ablated':<26}" + "".join(f"{report['circuit'][key]:>20.3f}" for key in keys)]
+    if report["random"]["n_draws"]:
+        random = report["random"]
+        lines.append(f"{'random heads (mean ± std)':<26}" + "".join(f"{random[key]['mean']:>12.3f} ± {random[key]['std']:.3f}" for key in keys))
+    return "\n".join(lines)

@@ -1,0 +1,178 @@
+"""The detector benchmark on the trained shapes organism, whose causal edges are measured, not planted.
+
+Truth (:mod:`vitcircuits.composition.task_patching`): every ``sender → receiver → q/k/v`` edge of the
+organism is path-ablated alone on ``truth_images`` freshly generated images of the compositional
+classes (a generator stream the model never saw, ``truth_seed``); an edge is **causal** when the
+true class's logit margin (its logit minus the mean other logit) drops by at least ``threshold``
+on average.
+
+Detectors: the head atlas and the composition stage run on the bundled ``bundled:shapes`` images,
+exactly as ``vitcircuits hunt`` runs them, and are scored on the organism's edges
+(:func:`detector_scores`): ``weight_z`` and ``attribution`` over every edge, ``patch_z`` and
+``verdict`` over the edges of the senders the finder patched (true edges from other senders are
+counted in ``n_true_unpatched``), and ``task_effect``, the composition stage's task-level path
+patching on the first 64 bundled images against the model's own predictions (no labels), over the
+edges it covered. ``task_effect`` measures what the truth measures, on other images and without
+labels, so it tests whether the stage's estimate from a few images holds on fresh ones; the other
+detectors test whether composition in the weights or in the receivers' attention points to the
+edges the task uses.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from vitcircuits.composition.ablation import ZStats
+from vitcircuits.composition.patching import PATHS
+from vitcircuits.composition.scan import ComposeConfig, run_composition
+from vitcircuits.composition.task_patching import EdgeKey, all_edges, task_edge_effects
+from vitcircuits.heads.atlas import AtlasConfig, accumulate, build_atlas, new_accumulator
+from vitcircuits.inputs import ImageOptions
+from vitcircuits.models.loading import load_model
+from vitcircuits.models.organisms import shapes_task
+from vitcircuits.models.organisms.cifar import normalize_images
+from vitcircuits.testing.ground_truth import edge_scores, score_edges
+
+SENSITIVITY_THRESHOLDS = (0.05, 0.1, 0.2, 0.5)
+
+
+@dataclass(frozen=True)
+class OrganismBenchConfig:
+    """What the organism benchmark measures on."""
+
+    model: str = "bundled:shapes-vit"
+    """The organism (its ``config.json`` declares the class groups)."""
+    images: str = "bundled:shapes"
+    """Images the detectors run on, as ``hunt`` would."""
+    detector_images: int | None = None
+    """Use the first N of ``images`` (None: all)."""
+    truth_images: int = 1200
+    """Generated images of the compositional classes for the task effect of each edge."""
+    truth_seed: int = 4
+    """Generator stream of those images (training used 1, testing 2, the bundled images 3)."""
+    threshold: float = 0.1
+    """Mean drop of the logit margin from which an edge counts as causal (the ROC-AUC at other
+    thresholds, :data:`SENSITIVITY_THRESHOLDS`, is reported too)."""
+    batch_size: int = 100
+    """Images per forward pass of the detectors."""
+
+
+def truth_inputs(config: OrganismBenchConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Preprocessed images and labels of the compositional classes from stream ``truth_seed``."""
+    n_classes = len(shapes_task.CLASSES)
+    per_class = -(-config.truth_images // len(shapes_task.COMPOSITIONAL))
+    images, labels = shapes_task.dataset(config.truth_seed, per_class * n_classes)
+    keep = torch.isin(labels, torch.tensor(sorted(shapes_task.COMPOSITIONAL)))
+    return normalize_images(images[keep][: config.truth_images]), labels[keep][: config.truth_images]
+
+
+def measure_truth(model, images: torch.Tensor, labels: torch.Tensor, config: OrganismBenchConfig) -> dict:
+    """Every edge's task effects (``margin_drop``, ``logprob_drop``, ``accuracy_drop``) on the truth images."""
+    stats = ZStats.empty(model)
+    for start in range(0, len(images), config.batch_size):
+        stats.update(model, images[start : start + config.batch_size])
+    return task_edge_effects(model, images, labels, all_edges(model), stats)
+
+
+def run_detectors(loaded, config: OrganismBenchConfig, compose: ComposeConfig = ComposeConfig()):
+    """The atlas and the composition result on the detector images."""
+    batches = [b.images_BCHW for b in ImageOptions(config.images, config.batch_size, config.detector_images).batches(loaded, progress=False)]
+    atlas_config = AtlasConfig()
+    acc = new_accumulator(loaded.model, atlas_config)
+    start = 0
+    for images_BCHW in batches:
+        accumulate(loaded.model, acc, images_BCHW, list(range(start, start + len(images_BCHW))))
+        start += len(images_BCHW)
+    atlas = build_atlas(loaded.model, acc, atlas_config, loaded.model_id)
+    return atlas, run_composition(loaded.model, lambda: iter(batches), atlas, compose)
+
+
+def run_organism(config: OrganismBenchConfig = OrganismBenchConfig()) -> dict:
+    """Truth, detectors and their scores (see the module docstring)."""
+    t0 = time.perf_counter()
+    loaded = load_model(config.model, device="cpu")
+    images, labels = truth_inputs(config)
+    effects = measure_truth(loaded.model, images, labels, config)
+    t1 = time.perf_counter()
+    atlas, result = run_detectors(loaded, config)
+    t2 = time.perf_counter()
+    true_edges = {edge for edge, e in effects.items() if e["margin_drop"] >= config.threshold}
+    detectors = detector_scores(result)
+    scores = {name: score_edges(true_edges & population.keys(), population.keys(), population, threshold=0.5 if name == "verdict" else None)
+              for name, population in detectors.items()}
+    sensitivity = {str(threshold): {name: score_edges({e for e, v in effects.items() if v["margin_drop"] >= threshold} & population.keys(),
+                                                      population.keys(), population)["roc_auc"]
+                                    for name, population in detectors.items()}
+                   for threshold in SENSITIVITY_THRESHOLDS}
+    patched = set(result.patched)
+    ranked = sorted(effects.items(), key=lambda item: -item[1]["margin_drop"])
+    verdicts = {(*c["senders"][0], *c["receivers"][0], c["kind"]): c["verdict"] for c in result.circuits}
+    return {
+        "config": asdict(config),
+        "n_edges": len(effects),
+        "true_edges": [[*edge, round(effects[edge]["margin_drop"], 4)] for edge, _ in ranked if edge in true_edges],
+        "n_true_unpatched": sum((edge[0], edge[1]) not in patched for edge in true_edges),
+        "top_edges": [{"edge": list(edge), **{k: round(v, 4) for k, v in e.items()}, "verdict": verdicts.get(edge, "not a candidate")}
+                      for edge, e in ranked[:15]],
+        "atlas_kinds": {f"L{r['layer']}H{r['head']}": r["kind"] for r in atlas.rows},
+        "sender_layers": sorted({layer for layer, _ in result.patched}),
+        "circuits": [{"edge": [*c["senders"][0], *c["receivers"][0], c["kind"]], "verdict": c["verdict"]} for c in result.circuits],
+        "detectors": scores,
+        "auc_by_threshold": sensitivity,
+        "seconds": {"truth": t1 - t0, "detectors": t2 - t1},
+        "truth": truth_document(effects, config.threshold, f"{config.model}, measured by bench/ground_truth.py --organism",
+                                f"{len(labels)} generated images of the compositional classes, stream {config.truth_seed}"),
+    }
+
+
+def detector_scores(result) -> dict[str, dict[EdgeKey, float]]:
+    """Detector -> ``{edge: score}``: ``weight_z`` and ``attribution`` (``|estimate|``) on every
+    edge, ``patch_z`` and ``verdict`` on the patched senders' edges (as for the planted family), and
+    ``task_effect`` (task-level path patching on the detector images) on the edges it covered."""
+    n_layers, n_heads = result.scores.q_LHLH.shape[:2]
+    planted_style = edge_scores(result)
+    out = {"weight_z": {}, "attribution": {}, "patch_z": planted_style["patch_z"], "verdict": planted_style["verdict"],
+           "task_effect": {edge: e["margin_drop"] for edge, e in result.task_effects.items()}}
+    for p, kind in enumerate(PATHS):
+        weight_z = result.scores.z(kind)
+        for sl in range(n_layers):
+            for sh in range(n_heads):
+                for rl in range(sl + 1, n_layers):
+                    for rh in range(n_heads):
+                        out["weight_z"][(sl, sh, rl, rh, kind)] = float(weight_z[sl, sh, rl, rh])
+                        out["attribution"][(sl, sh, rl, rh, kind)] = abs(float(result.attribution[sl, sh, p, rl, rh]))
+    return out
+
+
+def format_organism(summary: dict) -> str:
+    """Plain-text tables of a :func:`run_organism` summary."""
+    lines = [f"Organism {summary['config']['model']}: {summary['n_edges']} edges, {len(summary['true_edges'])} causal "
+             f"(margin drop ≥ {summary['config']['threshold']}), {summary['n_true_unpatched']} of them from senders the finder did not patch",
+             f"{'detector':<14}{'population':<20}{'pos':>5}{'neg':>6}{'prec':>7}{'recall':>7}{'AUC':>7}"]
+    for name, d in summary["detectors"].items():
+        population = {"weight_z": "all edges", "attribution": "all edges", "task_effect": f"{d['n_pos'] + d['n_neg']} edges"}.get(name, "patched senders")
+        prec, rec = (f"{d[k]:7.3f}" if k in d else f"{'':>7}" for k in ("precision", "recall"))
+        lines.append(f"{name:<14}{population:<20}{d['n_pos']:>5}{d['n_neg']:>6}{prec}{rec}{d['roc_auc']:7.3f}")
+    lines += ["", "ROC-AUC by causal threshold (margin drop): " + "; ".join(
+        f"≥{threshold}: " + ", ".join(f"{name} {auc:.3f}" for name, auc in aucs.items()) for threshold, aucs in summary["auc_by_threshold"].items())]
+    lines += ["", f"{'strongest edges':<24}{'margin drop':>12}{'log-prob drop':>14}{'acc drop':>10}  verdict"]
+    for row in summary["top_edges"]:
+        sl, sh, rl, rh, kind = row["edge"]
+        edge = f"L{sl}H{sh} -> L{rl}H{rh} {kind}"
+        lines.append(f"{edge:<24}{row['margin_drop']:>12.4f}{row['logprob_drop']:>14.4f}{row['accuracy_drop']:>10.3f}  {row['verdict']}")
+    return "\n".join(lines)
+
+
+def truth_document(effects: dict[EdgeKey, dict[str, float]], threshold: float, source: str, images: str) -> dict:
+    """``truth.json`` for ``vitcircuits hunt --truth``: every edge with its task effects, sorted by
+    the margin drop, and ``causal`` when that drop reaches ``threshold`` (logits)."""
+    ranked = sorted(effects.items(), key=lambda item: -item[1]["margin_drop"])
+    return {
+        "source": source,
+        "images": images,
+        "metric": "mean drop of the true class's logit margin (minus the mean other logit) with the one path mean-ablated",
+        "threshold": threshold,
+        "edges": [{"edge": list(edge), **{k: round(v, 6) for k, v in e.items()}, "causal": e["margin_drop"] >= threshold} for edge, e in ranked],
+    }

@@ -1,0 +1,76 @@
+"""Task-level path ablation of single edges, against a two-pass reference built from plain hooks."""
+import pytest
+import torch
+
+from vitcircuits.composition.ablation import ZStats, ablation_hooks
+from vitcircuits.composition.task_patching import all_edges, edge_logits, task_edge_effects
+from vitcircuits.inputs import ImageOptions
+from vitcircuits.models.loading import load_model
+
+
+@pytest.fixture(scope="module")
+def organism():
+    torch.set_num_threads(1)
+    loaded = load_model("bundled:shapes-vit", device="cpu")
+    batch = next(iter(ImageOptions("bundled:shapes", batch_size=24).batches(loaded, progress=False)))
+    stats = ZStats.empty(loaded.model)
+    stats.update(loaded.model, batch.images_BCHW)
+    return loaded.model, batch.images_BCHW, batch.labels_B, stats
+
+
+def _reference(model, images, edge, stats):
+    """Pass 1: the sender's output change from a clean and a mean-ablated run (``hook_result``);
+    pass 2: the receiver's input recomputed from the residual plus that change, via ``hook_resid_pre``;
+    pass 3: the clean run with only that head's input replaced."""
+    sl, sh, rl, rh, kind = edge
+    grab = lambda store, key: lambda t, hook: store.__setitem__(key, t.clone())  # noqa: E731
+    clean, ablated, patched = {}, {}, {}
+    with model.hooks([(f"blocks.{sl}.attn.hook_result", grab(clean, "result")), (f"blocks.{rl}.hook_resid_pre", grab(clean, "resid"))]):
+        model(images)
+    hooks = ablation_hooks([(sl, sh)], "mean", stats, torch.Generator())
+    with model.hooks([*hooks, (f"blocks.{sl}.attn.hook_result", grab(ablated, "result"))]):
+        model(images)
+    delta = ablated["result"][:, :, sh] - clean["result"][:, :, sh]
+    with model.hooks([(f"blocks.{rl}.hook_resid_pre", lambda t, hook: clean["resid"] + delta), (f"blocks.{rl}.attn.hook_{kind}", grab(patched, "input"))]):
+        model(images)
+
+    def replace(t, hook):
+        t = t.clone()
+        t[:, :, rh] = patched["input"][:, :, rh]
+        return t
+
+    with model.hooks([(f"blocks.{rl}.attn.hook_{kind}", replace)]):
+        return model(images)
+
+
+@pytest.mark.parametrize("edge", [(0, 1, 1, 2, "q"), (0, 3, 2, 0, "k"), (1, 0, 3, 3, "v"), (2, 2, 3, 1, "k")])
+def test_edge_ablation_matches_reference(organism, edge):
+    model, images, _, stats = organism
+    with torch.no_grad():
+        ours, reference, clean = edge_logits(model, images, edge, stats), _reference(model, images, edge, stats), model(images)
+    assert (ours - clean).abs().max() > 1e-3, "the edge should change the logits at all"
+    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_a_sender_that_writes_its_mean_has_no_effect(organism):
+    model, images, labels, stats = organism
+    edge = (0, 1, 2, 3, "v")
+    with model.hooks([("blocks.0.attn.hook_z", lambda z, hook: _set_head(z, 1, stats.mean_LHd()[0, 1]))]):
+        effects = task_edge_effects(model, images, labels, [edge], stats)
+    assert all(abs(effects[edge][key]) < 1e-5 for key in ("margin_drop", "logprob_drop", "accuracy_drop"))
+
+
+def _set_head(z_BNHd, head, value_d):
+    z_BNHd = z_BNHd.clone()
+    z_BNHd[:, :, head] = value_d
+    return z_BNHd
+
+
+def test_all_edges_counts_every_later_receiver(organism):
+    model = organism[0]
+    edges = all_edges(model)
+    assert len(edges) == 3 * 4 * 4 * (3 + 2 + 1) and len(set(edges)) == len(edges)
+    assert all(sl < rl for sl, _, rl, _, _ in edges) and {e[4] for e in edges} == {"q", "k", "v"}
+    assert len(all_edges(model, [2])) == 3 * 4 * 4
+    with pytest.raises(ValueError, match="earlier layer"):
+        edge_logits(model, organism[1], (2, 0, 2, 1, "q"), organism[3])

@@ -13,7 +13,8 @@ and the verdict. ``--small`` is the CI configuration (small grids, 8 images).
 
 ``--organism`` scores the same detectors on the trained shapes organism instead, against its
 causal edges measured by path-ablating each edge on the task
-(:mod:`vitcircuits.testing.organism_benchmark`). Goal: ROC-AUC ≥ 0.95. ``--truth-out`` also
+(:mod:`vitcircuits.testing.organism_benchmark`; ``--small``: 240 truth images instead of 1200).
+Goal: ROC-AUC ≥ 0.95. ``--truth-out`` also
 writes the measured edges as a ``truth.json`` for ``vitcircuits hunt --truth`` (the bundled
 organism's copy is made with this).
 """
@@ -51,12 +52,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these tiny models)")
     parser.add_argument("--json", type=Path, default=None, help="also write the full JSON summary (per-member details) here")
     parser.add_argument("--organism", action="store_true", help="benchmark on the trained shapes organism instead")
-    parser.add_argument("--truth-images", type=int, default=OrganismBenchConfig.truth_images, help="generated images for the organism's truth")
+    parser.add_argument("--truth-images", type=int, default=None,
+                        help=f"generated images for the organism's truth (default {OrganismBenchConfig.truth_images}, or 240 with --small)")
     parser.add_argument("--truth-out", type=Path, default=None, help="write the organism's measured edges here (truth.json layout)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.organism:
-        summary = run_organism(OrganismBenchConfig(truth_images=args.truth_images))
+        summary = run_organism(OrganismBenchConfig(truth_images=args.truth_images or (240 if args.small else OrganismBenchConfig.truth_images)))
         print(format_organism(summary))
         if args.truth_out:
             write_json(args.truth_out, summary["truth"])

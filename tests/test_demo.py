@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from vitcircuits.cli import app
@@ -50,3 +51,34 @@ def test_hunt_resumes_without_recomputing_finished_stages(tmp_path):
     assert (out / "report.html").exists()
     changed = CliRunner().invoke(app, args[:-2] + ["--max-images", "41", "--out", str(out), "--device", "cpu", "--resume"])
     assert changed.exit_code == 0 and "stage overview: running" in changed.output  # changed inputs re-run
+
+
+@pytest.mark.slow
+def test_demo_shapes_shows_necessity_and_the_truth(tmp_path, monkeypatch):
+    """The shapes organism's found circuit is necessary for the compositional classes only, and the
+    report sets the verdicts beside the bundled truth."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(1)
+    out = tmp_path / "shapes"
+    result = CliRunner().invoke(app, ["demo", "--organism", "shapes", "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    necessity = json.loads((out / "necessity" / "necessity.json").read_text())
+    assert necessity["groups"] == {"compositional": [0, 1, 2, 3], "single_patch": [4, 5]} and necessity["n_images"] == 300
+    assert necessity["clean"]["compositional"] >= 0.95 and necessity["clean"]["single_patch"] >= 0.95
+    assert necessity["circuit"]["compositional"] <= 0.45, "ablating the found circuit should leave the compositional classes near chance"
+    assert necessity["circuit"]["single_patch"] >= 0.95, "and leave the single-patch classes intact"
+    assert necessity["random"]["compositional"]["mean"] >= necessity["circuit"]["compositional"] + 0.3
+    assert necessity["random"]["compositional"]["fraction_at_or_below_circuit"] == 0
+    truth = json.loads((out / "truth.json").read_text())
+    assert truth == json.loads((bundled_model_folder("shapes-vit") / "truth.json").read_text())
+    report = (out / "report.html").read_text()
+    assert 'id="truth"' in report and 'id="necessity"' in report and "2c. The model needs the circuit" in report
+    circuits = json.loads((out / "composition" / "circuits.json").read_text())
+    run_top = [[*s["sender"], *s["receiver"], s["kind"]] for s in circuits["task_patching"]["strongest"]]
+    causal = [row["edge"] for row in truth["edges"] if row["causal"]]
+    assert truth["edges"][0]["edge"] in run_top[:3] and sum(edge in causal for edge in run_top[:5]) >= 4, (run_top, causal)
+
+
+def test_demo_rejects_an_unknown_organism(tmp_path):
+    result = CliRunner().invoke(app, ["demo", "--organism", "mnist", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "choose one of cifar10, shapes" in result.output

@@ -35,6 +35,8 @@ def test_quick_hunt_runs_every_stage(tmp_path):
         torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
     stages = json.loads((tmp_path / "q" / "stages.json").read_text())
-    assert list(stages) == ["overview", "heads", "composition", "sae", "features", "report"]
+    assert list(stages) == ["overview", "heads", "composition", "necessity", "sae", "features", "report"]
+    necessity = json.loads((tmp_path / "q" / "necessity" / "necessity.json").read_text())
+    assert necessity.get("skipped") == "no supported circuit" or (necessity["n_images"] == 40 and necessity["random"]["n_draws"] == 4)
     manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
     assert manifest["config"]["hunt"]["compose"]["max_patch_images"] == 16 and manifest["sae"]["held_out"]["n_tokens"] == 4 * 64

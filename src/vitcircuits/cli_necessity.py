@@ -93,6 +93,6 @@ def necessity_cmd(
         run.write_manifest(images=images_manifest(batches), outputs=["necessity.json"])
     except (RunFolderError, FileNotFoundError, ValueError, RuntimeError) as err:
         fail(err)
-    Console().print(format_report(report))
+    typer.echo(format_report(report))
     Console().print(f"wrote {run.path / 'necessity.json'}")
 

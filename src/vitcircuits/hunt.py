@@ -46,8 +46,8 @@ class HuntConfig:
     """Composition settings."""
     necessity: NecessityConfig = field(default_factory=lambda: NecessityConfig(draws=10))
     """Circuit-ablation settings (random same-layer head sets to compare with)."""
-    max_necessity_images: int | None = 1000
-    """Labelled images for the necessity stage (None: all)."""
+    max_necessity_images: int | None = 512
+    """Labelled images for the necessity stage (None: all); it costs ``draws + 2`` forward passes over them."""
     sae: SAEStageConfig = field(default_factory=SAEStageConfig)
     """SAE settings; its hook (None by default) is chosen from the composition circuits."""
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
@@ -61,7 +61,7 @@ class HuntConfig:
             atlas=AtlasConfig(n_boot=50),
             compose=ComposeConfig(max_patch_images=16, max_transfer_images=128),
             necessity=NecessityConfig(draws=4),
-            max_necessity_images=256,
+            max_necessity_images=128,
             sae=SAEStageConfig(epochs=1, expansion=4, fidelity_images=64),
             analyze=AnalyzeConfig(dependence=DependenceConfig(n_features=16, n_examples=4, n_control_draws=2), zstats_images=32),
         )

@@ -74,3 +74,16 @@ def test_all_edges_counts_every_later_receiver(organism):
     assert len(all_edges(model, [2])) == 3 * 4 * 4
     with pytest.raises(ValueError, match="earlier layer"):
         edge_logits(model, organism[1], (2, 0, 2, 1, "q"), organism[3])
+
+
+def test_task_images_are_a_uniform_sample_in_stream_order():
+    from vitcircuits.composition.scan import _reservoir
+
+    batches = [torch.arange(start, start + 10, dtype=torch.float32).view(10, 1, 1, 1) for start in range(0, 100, 10)]
+    counts = torch.zeros(100)
+    for seed in range(400):
+        sample = _reservoir(iter(batches), 10, seed).flatten()
+        assert len(sample) == 10 and torch.equal(sample, sample.sort().values)
+        counts[sample.long()] += 1
+    assert counts.min() > 15 and counts.max() < 70, "each image is kept about 40 times in 400 draws"
+    assert torch.equal(_reservoir(iter(batches), 500, 0).flatten(), torch.arange(100, dtype=torch.float32))

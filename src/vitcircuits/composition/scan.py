@@ -48,11 +48,14 @@ class ComposeConfig:
     """The rank agreement of attribution with exact patching is also reported over this many
     patched triples with the largest estimates."""
     task_images: int = 64
-    """Classifiers only: images for task-level path patching, the drop of the margin of the model's
-    clean prediction with one edge ablated (:mod:`~vitcircuits.composition.task_patching`); 0: off."""
-    max_task_edges: int = 1000
-    """Task-level patching covers every edge when the model has at most this many, else the
-    candidate rows only."""
+    """Classifiers only: images (a seeded uniform sample of all) for task-level path patching, the
+    drop of the margin of the model's clean prediction with one edge ablated
+    (:mod:`~vitcircuits.composition.task_patching`); 0: off."""
+    max_task_edges: int = 300
+    """Task-level patching covers every edge when the model has at most this many (a small
+    organism), else the ``task_candidates`` candidate rows with the largest weight or patch z."""
+    task_candidates: int = 24
+    """Candidate rows patched at task level on a larger model: each costs ``task_images`` forward passes."""
 
 
 @dataclass
@@ -141,14 +144,18 @@ def _key(row: dict) -> EdgeKey:
 @torch.no_grad()
 def _task_effects(model: HookedViT, image_batches: Callable[[], Iterable[torch.Tensor]], candidates: list[dict], stats: ZStats,
                   config: ComposeConfig) -> dict[EdgeKey, dict[str, float]]:
-    """Task-level path patching of every edge (or the candidates, on a large model) on the first
-    ``task_images`` images, against the model's clean predictions; empty for non-classifiers."""
+    """Task-level path patching of every edge (or the candidates, on a large model) on
+    ``task_images`` images drawn uniformly from all of them (folders are often sorted by class), against
+    the model's clean predictions; empty for non-classifiers."""
     if not model.cfg.n_classes or not config.task_images:
         return {}
-    images_BCHW = torch.cat(list(_limited(image_batches, config.task_images)()))
+    images_BCHW = _reservoir(image_batches(), config.task_images, config.patching.seed)
     targets_B = torch.cat([model(images_BCHW[s : s + 64]).argmax(-1) for s in range(0, len(images_BCHW), 64)])
     edges = all_edges(model)
-    return task_edge_effects(model, images_BCHW, targets_B, edges if len(edges) <= config.max_task_edges else [_key(r) for r in candidates], stats)
+    if len(edges) > config.max_task_edges:
+        strongest = sorted(candidates, key=lambda r: -max(r["weight_z"], r["patch_z"]))[: config.task_candidates]
+        edges = [_key(r) for r in strongest]
+    return task_edge_effects(model, images_BCHW, targets_B, edges, stats)
 
 
 class _Reiterable:
@@ -227,3 +234,21 @@ def _candidates(scores: CompositionScores, senders, clean: PatchEffects, shuffle
             per_receiver.sort(key=lambda r: -max(r["weight_z"], r["patch_z"]))
             rows.extend(per_receiver[: config.top_receivers])
     return rows
+
+
+def _reservoir(batches: Iterable[torch.Tensor], n: int, seed: int) -> torch.Tensor:
+    """A uniform random sample of ``n`` images (all, if fewer) from a stream of batches, in one pass
+    with memory for ``n`` images (reservoir sampling, seeded); kept in stream order."""
+    generator = torch.Generator().manual_seed(seed)
+    kept: list[tuple[int, torch.Tensor]] = []
+    seen = 0
+    for images_BCHW in batches:
+        for image_CHW in images_BCHW:
+            if len(kept) < n:
+                kept.append((seen, image_CHW))
+            else:
+                slot = int(torch.randint(seen + 1, (1,), generator=generator))
+                if slot < n:
+                    kept[slot] = (seen, image_CHW)
+            seen += 1
+    return torch.stack([image for _, image in sorted(kept, key=lambda item: item[0])])

@@ -18,16 +18,16 @@ def _edge(e: list) -> str:
 
 
 def compare(truth: dict, circuits: list[dict]) -> dict:
-    """Counts of ``supported`` verdicts against the causal edges, and one row per candidate circuit
-    and per causal edge that is not a candidate."""
+    """Counts of ``supported`` verdicts against the causal edges, and one row per causal edge and
+    per supported or weak candidate (with the truth's and the run's own task effect)."""
     effect = {tuple(row["edge"]): row for row in truth["edges"]}
     causal = {edge for edge, row in effect.items() if row["causal"]}
-    verdicts = {(*c["senders"][0], *c["receivers"][0], c["kind"]): c["verdict"] for c in circuits}
-    supported = {edge for edge, verdict in verdicts.items() if verdict == "supported"}
-    rows = [{"edge": list(edge), "verdict": verdict, "effect": effect.get(edge, {}).get("margin_drop"), "causal": edge in causal}
-            for edge, verdict in verdicts.items()]
-    rows += [{"edge": list(edge), "verdict": "not a candidate", "effect": effect[edge]["margin_drop"], "causal": True}
-             for edge in sorted(causal - verdicts.keys())]
+    by_edge = {(*c["senders"][0], *c["receivers"][0], c["kind"]): c for c in circuits}
+    supported = {edge for edge, c in by_edge.items() if c["verdict"] == "supported"}
+    shown = causal | {edge for edge, c in by_edge.items() if c["verdict"] != "none"}
+    rows = [{"edge": list(edge), "verdict": by_edge[edge]["verdict"] if edge in by_edge else "not a candidate",
+             "effect": effect.get(edge, {}).get("margin_drop"), "causal": edge in causal,
+             "run_effect": by_edge[edge]["evidence"].get("task_margin_drop") if edge in by_edge else None} for edge in shown]
     rows.sort(key=lambda r: -(r["effect"] or 0.0))
     tp = len(supported & causal)
     return {"tp": tp, "fp": len(supported - causal), "fn": len(causal - supported), "n_causal": len(causal), "rows": rows}
@@ -40,8 +40,11 @@ def truth_section(run: Run) -> str:
     intro = (f"Known causal edges ({truth['source']}): {result['n_causal']} edges whose path ablation alone lowers the true "
              f"class's logit margin by at least {truth['threshold']} ({truth['images']}). "
              f"Of the run's 'supported' circuits, {result['tp']} are causal edges and {result['fp']} are not; "
-             f"{result['fn']} causal edges are not supported.")
-    rows = [(_edge(r["edge"]), r["verdict"], "n/a" if r["effect"] is None else f"{r['effect']:.3f}", "causal" if r["causal"] else "not causal")
+             f"{result['fn']} causal edges are not supported. The last column is this run's own task-level path patching "
+             "(margin drop of the model's prediction on its first images), which needs no truth. Rows: every causal edge and "
+             "every supported or weak candidate.")
+    number = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    rows = [(_edge(r["edge"]), r["verdict"], "causal" if r["causal"] else "not causal", number(r["effect"]), number(r["run_effect"]))
             for r in result["rows"]]
-    table = html.table(rows, ("edge", "run's verdict", "task effect (margin drop)", "truth"))
+    table = html.table(rows, ("edge", "run's verdict", "truth", "true task effect (margin drop)", "run's task effect"))
     return html.section("Verdicts against the ground truth", html.paragraph(intro) + table, "truth")

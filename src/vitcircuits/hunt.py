@@ -166,7 +166,7 @@ def copy_truth(run: Run, truth: str | Path) -> None:
         missing = [key for key in ("source", "images", "threshold", "edges") if key not in data]
         if missing:
             raise ValueError(f"missing {', '.join(missing)}")
-        n_causal = sum(bool(row["causal"]) for row in data["edges"] if len(row["edge"]) == 5)
+        n_causal = sum(bool(row["causal"]) for row in data["edges"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{truth}: not a truth file ({err})") from None
     run.write_manifest(truth={"file": str(truth), "n_causal": n_causal})

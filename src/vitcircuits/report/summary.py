@@ -132,6 +132,10 @@ def caveats_section(run: Run, loaded: LoadedModel) -> str:
             "Path patching measures direct sender → receiver paths only; effects through intermediate layers are not counted.",
             "Attribution patching is first-order; it ranks triples for exact patching and is not itself a verdict.",
         ]
+    necessity = _read(run, "necessity/necessity.json")
+    if necessity and "skipped" not in necessity:
+        items.append("Necessity ablates all circuit heads at once: it shows that the model needs those heads, not which edge between them "
+                     "matters, and a head can serve other computations too. Task-level path patching (composition section) tests single edges.")
     if _read(run, "sae/metrics.json"):
         items += [
             "Occluding patches with the mean colour is off-distribution; the shuffle variant keeps natural patch statistics, and both are reported.",

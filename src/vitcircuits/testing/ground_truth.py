@@ -33,6 +33,7 @@ import torch
 from vitcircuits.composition.circuits import EFFECT_OF_KIND, control_stats
 from vitcircuits.composition.patching import METRICS, PATHS
 from vitcircuits.composition.scan import ComposeConfig, CompositionResult, run_composition
+from vitcircuits.composition.task_patching import EdgeKey
 from vitcircuits.heads.atlas import AtlasConfig, HeadAtlas, accumulate, build_atlas, new_accumulator
 from vitcircuits.testing.planted_family import FamilyConfig, FamilyMember, build_family_member
 
@@ -46,8 +47,6 @@ KIND_SCORES: dict[str, Callable[[dict], float]] = {
 mass when the peak is at a non-zero offset (else 0); ``self_mass``; the prefix-token mass."""
 SCORED_KINDS = tuple(KIND_SCORES)
 EDGE_DETECTORS = ("verdict", "weight_z", "attribution", "patch_z", "weight_z@candidates", "patch_z@candidates")
-EdgeKey = tuple[int, int, int, int, str]
-"""``(sender_layer, sender_head, receiver_layer, receiver_head, input)``."""
 
 
 def roc_auc(labels: Iterable[bool], scores: Iterable[float]) -> float:

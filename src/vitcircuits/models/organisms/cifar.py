@@ -52,6 +52,8 @@ from rich.progress import (
 from safetensors.torch import save_file
 from timm.optim import create_optimizer_v2
 
+from vitcircuits.runs import write_bytes, write_json, write_text, write_with
+
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -221,7 +223,7 @@ def evaluate_accuracy(model: torch.nn.Module, images_NCHW: torch.Tensor, labels_
     return correct / len(labels_N)
 
 
-def _lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     """Linear warm-up to 1, then cosine decay to 0 at `total_steps`."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -269,9 +271,9 @@ def train_cifar_organism(
             total_steps = min(total_steps, cfg.max_steps)
         warmup_steps = max(1, round(cfg.warmup_epochs * steps_per_epoch))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: _lr_factor(step, warmup_steps, total_steps)
+            optimizer, lambda step: lr_factor(step, warmup_steps, total_steps)
         )
-        history = _train_loop(
+        history = train_loop(
             cfg, model, optimizer, scheduler, train_images_NCHW, train_labels_N, generator,
             steps_per_epoch, total_steps, progress,
         )  # fmt: skip
@@ -298,13 +300,14 @@ def train_cifar_organism(
     }
     out_path = Path(out_dir)
     out_path.mkdir(parents=True, exist_ok=True)
-    (out_path / "config.json").write_text(json.dumps(timm_hub_config(cfg), indent=2) + "\n")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_path / "model.safetensors"))
-    (out_path / "training.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(out_path / "config.json", timm_hub_config(cfg))
+    state_dict = {k: v.contiguous() for k, v in model.state_dict().items()}
+    write_with(out_path / "model.safetensors", lambda tmp: save_file(state_dict, str(tmp)))
+    write_json(out_path / "training.json", metrics)
     return metrics
 
 
-def _train_loop(
+def train_loop(
     cfg: CifarOrganismConfig,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -365,10 +368,10 @@ def export_bundled_images(zip_path: str | os.PathLike, out_dir: str | os.PathLik
         for index, (name, members) in enumerate(_split_members(archive, "test").items()):
             for member in members[:per_class]:
                 filename = f"{name}_{Path(member).name}"
-                (out_path / filename).write_bytes(archive.read(member))
+                write_bytes(out_path / filename, archive.read(member))
                 rows.append(f"{filename}\t{index}\t{name}")
     labels_path = out_path / "labels.tsv"
-    labels_path.write_text("\n".join(rows) + "\n")
+    write_text(labels_path, "\n".join(rows) + "\n")
     return labels_path
 
 

@@ -37,7 +37,8 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.optim import create_optimizer_v2
 
 from vitcircuits.models.organisms import shapes_task
-from vitcircuits.models.organisms.cifar import TIMM_ARCHITECTURE, CifarOrganismConfig, _lr_factor, _train_loop, normalize_images, timm_hub_config
+from vitcircuits.models.organisms.cifar import TIMM_ARCHITECTURE, CifarOrganismConfig, lr_factor, normalize_images, timm_hub_config, train_loop
+from vitcircuits.runs import write_json, write_with
 
 _ASSETS = Path(__file__).resolve().parents[2] / "assets"
 BUNDLED_MODEL_DIR = _ASSETS / "organisms" / "shapes-vit"
@@ -191,11 +192,11 @@ def train_shapes_organism(cfg: ShapesOrganismConfig, out_dir: str | os.PathLike,
             raise ValueError(f"need at least batch_size={cfg.batch_size} training images, got {cfg.n_train}")
         total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.epochs * steps_per_epoch, cfg.max_steps)
         warmup_steps = max(1, round(cfg.warmup_epochs * steps_per_epoch))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, warmup_steps, total_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
         history, step = [], 0
         while step < total_steps:
             steps = min(steps_per_epoch, total_steps - step)
-            (epoch,) = _train_loop(cfg.loop_config(), model, optimizer, scheduler, train_images, train_labels, generator, steps_per_epoch, steps, progress)
+            (epoch,) = train_loop(cfg.loop_config(), model, optimizer, scheduler, train_images, train_labels, generator, steps_per_epoch, steps, progress)
             step += steps
             test = accuracy_report(predict(model, test_images, cfg.eval_batch_size), test_labels)
             history.append({**epoch, "epoch": len(history) + 1, "step": step, "elapsed_s": round(time.perf_counter() - start_time, 1),
@@ -229,9 +230,10 @@ def train_shapes_organism(cfg: ShapesOrganismConfig, out_dir: str | os.PathLike,
     }
     out_path = Path(out_dir)
     out_path.mkdir(parents=True, exist_ok=True)
-    (out_path / "config.json").write_text(json.dumps(shapes_hub_config(cfg), indent=2) + "\n")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_path / "model.safetensors"))
-    (out_path / "training.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(out_path / "config.json", shapes_hub_config(cfg))
+    state_dict = {k: v.contiguous() for k, v in model.state_dict().items()}
+    write_with(out_path / "model.safetensors", lambda tmp: save_file(state_dict, str(tmp)))
+    write_json(out_path / "training.json", metrics)
     return metrics
 
 

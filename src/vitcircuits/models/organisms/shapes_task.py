@@ -44,6 +44,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vitcircuits.runs import write_text, write_with
+
 IMAGE_SIZE = 32
 PATCH = 4
 GRID = IMAGE_SIZE // PATCH
@@ -235,8 +237,8 @@ def write_image_folder(folder: str | os.PathLike, seed: int, n: int) -> Path:
     for index in range(n):
         image, label = render(seed, index)
         filename = f"{CLASSES[label]}_{index:04d}.png"
-        Image.fromarray(image).save(out / filename, optimize=True)
+        write_with(out / filename, lambda tmp, image=image: Image.fromarray(image).save(tmp, format="PNG", optimize=True))
         rows.append(f"{filename}\t{label}\t{CLASSES[label]}")
     labels_path = out / "labels.tsv"
-    labels_path.write_text("\n".join(rows) + "\n")
+    write_text(labels_path, "\n".join(rows) + "\n")
     return labels_path

@@ -179,8 +179,11 @@ def hunt(out: str, model: ModelOptions, images: ImageOptions, config: HuntConfig
     file of known causal edges to set the verdicts against in the report."""
     run_config = {"model": model.to_dict(), "images": images.to_dict(), "hunt": asdict(config)}
     run = Run.create(out, "hunt", run_config, force=force, resume=resume)
-    if force and run.file("stages.json").exists():
-        run.file("stages.json").unlink()
+    if force:
+        run.file("stages.json").unlink(missing_ok=True)
+        run.file("truth.json").unlink(missing_ok=True)
+    if truth is not None:
+        copy_truth(run, truth)
     with run.timed("load_model"):
         loaded = model.load()
     run.write_manifest(model=loaded.manifest(), seed=model.seed)
@@ -197,8 +200,6 @@ def hunt(out: str, model: ModelOptions, images: ImageOptions, config: HuntConfig
     stages.stage("sae", {**compose_inputs, "sae": asdict(config.sae)}, lambda: run_sae(run, loaded, images, config.sae))
     stages.stage("features", {**compose_inputs, "sae": asdict(config.sae), "analyze": asdict(config.analyze)},
                  lambda: run_features(run, loaded, images, config.analyze))
-    if truth is not None:
-        copy_truth(run, truth)
     stages.stage("report", {**inputs, "always": json.dumps(stages.done, sort_keys=True)}, lambda: write_report(run, loaded))
     run.write_manifest(outputs={"report": "report.html", "stages": stages.done})
     return str(run.file("report.html"))

@@ -1,0 +1,55 @@
+"""Setting a run's verdicts against known causal edges: the truth file, the comparison, the CLI check."""
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from vitcircuits.cli import app
+from vitcircuits.hunt import copy_truth
+from vitcircuits.report.truth_section import compare
+from vitcircuits.runs import Run
+
+
+def _truth(edges):
+    return {"source": "hand-made", "images": "none", "threshold": 0.1,
+            "edges": [{"edge": list(edge), "margin_drop": drop, "causal": drop >= 0.1} for edge, drop in edges]}
+
+
+def _circuit(edge, verdict, run_effect=None):
+    sl, sh, rl, rh, kind = edge
+    return {"senders": [[sl, sh]], "receivers": [[rl, rh]], "kind": kind, "verdict": verdict, "evidence": {"task_margin_drop": run_effect}}
+
+
+def test_compare_counts_supported_verdicts_against_causal_edges():
+    a, b, c, d = (0, 1, 2, 0, "k"), (0, 2, 1, 0, "q"), (1, 0, 3, 3, "v"), (0, 0, 3, 1, "k")
+    truth = _truth([(a, 1.5), (b, 0.3), (c, 0.02), (d, 0.0)])
+    circuits = [_circuit(a, "supported", 1.2), _circuit(c, "supported", 0.01), _circuit(d, "none")]
+    result = compare(truth, circuits)
+    assert (result["tp"], result["fp"], result["fn"], result["n_causal"]) == (1, 1, 1, 2)
+    rows = {tuple(r["edge"]): r for r in result["rows"]}
+    assert set(rows) == {a, b, c}, "causal edges and supported/weak candidates only"
+    assert rows[b]["verdict"] == "not a candidate" and rows[b]["causal"] and rows[b]["run_effect"] is None
+    assert rows[a]["run_effect"] == 1.2 and [tuple(r["edge"]) for r in result["rows"]] == [a, b, c], "sorted by the true effect"
+
+
+def test_copy_truth_validates_and_records(tmp_path):
+    run = Run.create(tmp_path / "run", "hunt", {})
+    good = tmp_path / "truth.json"
+    good.write_text(json.dumps(_truth([((0, 1, 2, 0, "k"), 1.0), ((0, 2, 1, 0, "q"), 0.0)])))
+    copy_truth(run, good)
+    assert json.loads(run.file("truth.json").read_text()) == json.loads(good.read_text()) and run.manifest["truth"]["n_causal"] == 1
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"edges": []}))
+    with pytest.raises(ValueError, match=r"bad.json: not a truth file \(missing source, images, threshold\)"):
+        copy_truth(run, bad)
+    with pytest.raises(ValueError, match="missing.json: not a truth file"):
+        copy_truth(run, tmp_path / "missing.json")
+
+
+def test_hunt_rejects_a_bad_truth_file_before_any_stage(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("[not json")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["hunt", "--model", "bundled:shapes-vit", "--images", "bundled:shapes", "--out", str(out), "--truth", str(bad)])
+    assert result.exit_code == 2 and "bad.json: not a truth file" in result.output
+    assert not (out / "stages.json").exists()

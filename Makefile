@@ -20,8 +20,10 @@ chromium:
 	  else sudo -n apt-get update -qq && sudo -n apt-get install -y -qq chromium; fi \
 	  || echo "warning: could not install chromium; the browser tests will be skipped"; }
 
+# `make demo ORGANISM=shapes` runs the shapes organism (with its known circuit) instead.
+ORGANISM ?= cifar10
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/vitcircuits demo --out runs/demo
+	HF_HUB_OFFLINE=1 $(VENV)/bin/vitcircuits demo --organism $(ORGANISM) --out runs/demo-$(ORGANISM)
 
 test: $(STAMP) chromium
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

@@ -58,3 +58,27 @@ def test_cli_parsers():
         parse_groups(["g=bird"], ["dog"])
     with pytest.raises(ValueError, match="NAME=CLASS"):
         parse_groups(["g"], None)
+
+
+def test_necessity_command_on_the_shapes_organism(tmp_path):
+    """The two layer-0 shift heads carry the compositional classes; the only other layer-0 pair does not."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from vitcircuits.cli import app
+
+    torch.set_num_threads(1)
+    out = tmp_path / "n"
+    result = CliRunner().invoke(app, ["necessity", "--model", "bundled:shapes-vit", "--images", "bundled:shapes", "--heads", "0.2,0.3",
+                                      "--draws", "2", "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "necessity.json").read_text())
+    assert report["groups"] == {"compositional": [0, 1, 2, 3], "single_patch": [4, 5]} and report["n_images"] == 300
+    assert report["circuit"]["compositional"] < 0.5 and report["circuit"]["single_patch"] > 0.95
+    assert all(draw["heads"] == [[0, 0], [0, 1]] for draw in report["random"]["draws"])
+    assert report["random"]["compositional"]["mean"] > 0.85
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["images"]["n_ok"] == 300 and manifest["config"]["heads"] == [[0, 2], [0, 3]]
+    both = CliRunner().invoke(app, ["necessity", "--model", "bundled:shapes-vit", "--images", "bundled:shapes", "--out", str(tmp_path / "m")])
+    assert both.exit_code == 2 and "exactly one of --circuits" in both.output

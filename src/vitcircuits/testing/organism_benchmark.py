@@ -11,8 +11,8 @@ exactly as ``vitcircuits hunt`` runs them, and are scored on the organism's edge
 (:func:`detector_scores`): ``weight_z`` and ``attribution`` over every edge, ``patch_z`` and
 ``verdict`` over the edges of the senders the finder patched (true edges from other senders are
 counted in ``n_true_unpatched``), and ``task_effect``, the composition stage's task-level path
-patching on the first 64 bundled images against the model's own predictions (no labels), over the
-edges it covered. ``task_effect`` measures what the truth measures, on other images and without
+patching on 64 of the bundled images (a seeded uniform sample) against the model's own predictions
+(no labels), over the edges it covered. ``task_effect`` measures what the truth measures, on other images and without
 labels, so it tests whether the stage's estimate from a few images holds on fresh ones; the other
 detectors test whether composition in the weights or in the receivers' attention points to the
 edges the task uses.

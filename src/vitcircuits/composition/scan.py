@@ -34,7 +34,8 @@ class ComposeConfig:
     criteria: VerdictCriteria = field(default_factory=VerdictCriteria)
     """Verdict thresholds."""
     max_patch_images: int | None = 64
-    """Images used for path patching and the shuffle control (None: all)."""
+    """Images used for path patching and the shuffle control, a seeded uniform sample of all
+    (image folders are often sorted by class); None: all."""
     n_fallback_senders: int = 4
     """When the atlas finds no modular or directional head, the layers of this many heads with the
     highest modular_score become the sender layers."""
@@ -108,7 +109,7 @@ def run_composition(model: HookedViT, image_batches: Callable[[], Iterable[torch
     heads = [(layer, head) for layer, head, _ in senders]
     stats = ZStats.empty(model)
     generator = torch.Generator().manual_seed(config.patching.seed)
-    pairs = [(x, shuffle_patches(x, model.cfg.patch_size, generator)) for x in _limited(image_batches, config.max_patch_images)()]
+    pairs = [(x, shuffle_patches(x, model.cfg.patch_size, generator)) for x in _patch_batches(image_batches, config)]
     for images_BCHW, _ in pairs:
         stats.update(model, images_BCHW)
     clean = _patch(model, [x for x, _ in pairs], heads, stats, config.patching)
@@ -156,6 +157,17 @@ def _task_effects(model: HookedViT, image_batches: Callable[[], Iterable[torch.T
         strongest = sorted(candidates, key=lambda r: -max(r["weight_z"], r["patch_z"]))[: config.task_candidates]
         edges = [_key(r) for r in strongest]
     return task_edge_effects(model, images_BCHW, targets_B, edges, stats)
+
+
+PATCH_BATCH = 32
+"""Images per path-patching batch when they are a sample."""
+
+
+def _patch_batches(image_batches: Callable[[], Iterable[torch.Tensor]], config: ComposeConfig) -> list[torch.Tensor]:
+    """The path-patching images: all batches, or a seeded uniform sample of ``max_patch_images``."""
+    if config.max_patch_images is None:
+        return list(image_batches())
+    return list(_reservoir(image_batches(), config.max_patch_images, config.patching.seed).split(PATCH_BATCH))
 
 
 class _Reiterable:

@@ -82,8 +82,12 @@ def test_task_images_are_a_uniform_sample_in_stream_order():
     batches = [torch.arange(start, start + 10, dtype=torch.float32).view(10, 1, 1, 1) for start in range(0, 100, 10)]
     counts = torch.zeros(100)
     for seed in range(400):
-        sample = _reservoir(iter(batches), 10, seed).flatten()
+        (sample,) = _reservoir(iter(batches), [10], seed)
+        sample = sample.flatten()
         assert len(sample) == 10 and torch.equal(sample, sample.sort().values)
         counts[sample.long()] += 1
     assert counts.min() > 15 and counts.max() < 70, "each image is kept about 40 times in 400 draws"
-    assert torch.equal(_reservoir(iter(batches), 500, 0).flatten(), torch.arange(100, dtype=torch.float32))
+    assert torch.equal(_reservoir(iter(batches), [500], 0)[0].flatten(), torch.arange(100, dtype=torch.float32))
+    together = _reservoir(iter(batches), [7, 20], 3)
+    apart = [_reservoir(iter(batches), [n], 3)[0] for n in (7, 20)]
+    assert all(torch.equal(a, b) for a, b in zip(together, apart)), "one pass gives each sample as if drawn alone"

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from vitcircuits.composition.necessity import NecessityConfig, ablated_predictions, group_accuracy, necessity_report, random_heads_like, zstats_of
+from vitcircuits.composition.necessity import NecessityConfig, ablated_predictions, group_accuracy, necessity_report, zstats_of
 from vitcircuits.inputs import ImageOptions
 from vitcircuits.models.loading import bundled_model_names, load_model
 from vitcircuits.models.organisms import shapes_task as st
@@ -178,10 +178,12 @@ def test_ablating_no_heads_is_clean_and_all_heads_is_chance(loaded, bundled_batc
     assert _accuracy(model, inputs, labels, every, stats)["compositional"] <= 0.3
 
 
-def test_random_heads_and_report(loaded, bundled_batch):
-    heads = random_heads_like([(0, 1), (0, 2), (1, 0)], 4, np.random.default_rng(0))
-    assert sorted(h[0] for h in heads) == [0, 0, 1] and not {(0, 1), (0, 2), (1, 0)} & set(heads)
-    assert len(set(random_heads_like([(0, 0), (0, 1), (0, 2)], 4, np.random.default_rng(1)))) == 3
+def test_report_on_the_shift_heads(loaded, bundled_batch):
+    """On every fifth bundled image (all six classes): the two layer-0 shift heads carry the
+    compositional classes only, and the other layer-0 pair (the only random draw) carries neither."""
     inputs, labels, _ = bundled_batch
-    report = necessity_report(loaded.model, [(inputs[:60], labels[:60])], [(0, 0)], GROUPS, NecessityConfig(draws=2))
-    assert report["random"]["n_draws"] == 2 and report["circuit"]["heads"] == [[0, 0]] and set(report["clean"]) == {"overall", *GROUPS}
+    report = necessity_report(loaded.model, [(inputs[::5], labels[::5])], [(0, 2), (0, 3)], GROUPS, NecessityConfig(draws=2))
+    assert report["n_images"] == 60 and report["circuit"]["heads"] == [[0, 2], [0, 3]] and set(report["clean"]) == {"overall", *GROUPS}
+    assert report["circuit"]["compositional"] < 0.6 and report["circuit"]["single_patch"] > 0.9
+    assert [d["heads"] for d in report["random"]["draws"]] == [[[0, 0], [0, 1]]] * 2
+    assert report["random"]["compositional"]["mean"] > 0.85 and report["random"]["compositional"]["fraction_at_or_below_circuit"] == 0

@@ -110,7 +110,7 @@ def ablated_predictions(model: HookedViT, batches: Iterable[tuple[torch.Tensor, 
             with model.hooks(condition_hooks):
                 predictions[name].append(model(images_BCHW).argmax(-1).cpu())
     if not labels:
-        return {name: torch.zeros(0, dtype=torch.int64) for name in conditions}, torch.zeros(0, dtype=torch.int64)
+        raise ValueError("no labelled images: necessity needs class labels (a labels.tsv beside the images, or class folders)")
     return {name: torch.cat(p) for name, p in predictions.items()}, torch.cat(labels)
 
 
@@ -130,8 +130,6 @@ def necessity_report(model: HookedViT, batches: Iterable[tuple[torch.Tensor, tor
     draws = [random_heads_like(circuit, model.cfg.n_heads, generator) for _ in range(config.draws)]
     conditions = {"clean": [], "circuit": circuit, **{f"random{i}": d for i, d in enumerate(draws)}}
     predictions, labels_B = ablated_predictions(model, batches, conditions, stats, config)
-    if not len(labels_B):
-        raise ValueError("no labelled images: necessity needs class labels (a labels.tsv beside the images, or class folders)")
     accuracy = {name: group_accuracy(p, labels_B, groups) for name, p in predictions.items()}
     keys = ["overall", *groups]
     random_rows = [{"heads": [list(h) for h in d], "overlap_with_circuit": len(set(d) & set(circuit)), **accuracy[f"random{i}"]}

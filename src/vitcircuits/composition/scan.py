@@ -3,7 +3,7 @@ that hold the atlas's modular and directional heads (each head's layer-mates are
 the patch-shuffle control; verdicts."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -109,7 +109,8 @@ def run_composition(model: HookedViT, image_batches: Callable[[], Iterable[torch
     heads = [(layer, head) for layer, head, _ in senders]
     stats = ZStats.empty(model)
     generator = torch.Generator().manual_seed(config.patching.seed)
-    pairs = [(x, shuffle_patches(x, model.cfg.patch_size, generator)) for x in _patch_batches(image_batches, config)]
+    patch_batches, task_images_BCHW = _samples(image_batches, config, want_task=bool(model.cfg.n_classes and config.task_images))
+    pairs = [(x, shuffle_patches(x, model.cfg.patch_size, generator)) for x in patch_batches]
     for images_BCHW, _ in pairs:
         stats.update(model, images_BCHW)
     clean = _patch(model, [x for x, _ in pairs], heads, stats, config.patching)
@@ -120,7 +121,7 @@ def run_composition(model: HookedViT, image_batches: Callable[[], Iterable[torch
     shuffled = _patch(model, [xs for _, xs in pairs], heads, stats, config.patching)
     kept_LH = attention_kept(model, pairs)
     candidates = _candidates(scores, senders, clean, shuffled, kept_LH, config)
-    task = _task_effects(model, image_batches, candidates, stats, config)
+    task = _task_effects(model, task_images_BCHW, candidates, stats, config) if task_images_BCHW is not None else {}
     for row in candidates:
         row["task_effect"] = task.get(_key(row), {}).get("margin_drop")
     circuits = build_circuits(candidates, config.criteria)
@@ -143,14 +144,10 @@ def _key(row: dict) -> EdgeKey:
 
 
 @torch.no_grad()
-def _task_effects(model: HookedViT, image_batches: Callable[[], Iterable[torch.Tensor]], candidates: list[dict], stats: ZStats,
+def _task_effects(model: HookedViT, images_BCHW: torch.Tensor, candidates: list[dict], stats: ZStats,
                   config: ComposeConfig) -> dict[EdgeKey, dict[str, float]]:
-    """Task-level path patching of every edge (or the candidates, on a large model) on
-    ``task_images`` images drawn uniformly from all of them (folders are often sorted by class), against
-    the model's clean predictions; empty for non-classifiers."""
-    if not model.cfg.n_classes or not config.task_images:
-        return {}
-    images_BCHW = _reservoir(image_batches(), config.task_images, config.patching.seed)
+    """Task-level path patching of every edge (or the candidates, on a large model) on these
+    images, against the model's clean predictions."""
     targets_B = torch.cat([model(images_BCHW[s : s + 64]).argmax(-1) for s in range(0, len(images_BCHW), 64)])
     edges = all_edges(model)
     if len(edges) > config.max_task_edges:
@@ -163,11 +160,18 @@ PATCH_BATCH = 32
 """Images per path-patching batch when they are a sample."""
 
 
-def _patch_batches(image_batches: Callable[[], Iterable[torch.Tensor]], config: ComposeConfig) -> list[torch.Tensor]:
-    """The path-patching images: all batches, or a seeded uniform sample of ``max_patch_images``."""
+def _samples(image_batches: Callable[[], Iterable[torch.Tensor]], config: ComposeConfig,
+             want_task: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """One pass over the images for both: the path-patching batches (all images, or a seeded
+    uniform sample of ``max_patch_images``; image folders are often sorted by class) and, with
+    ``want_task``, the task-patching images (a seeded uniform sample of ``task_images``)."""
+    seed = config.patching.seed
     if config.max_patch_images is None:
-        return list(image_batches())
-    return list(_reservoir(image_batches(), config.max_patch_images, config.patching.seed).split(PATCH_BATCH))
+        patch_batches = list(image_batches())
+        return patch_batches, _reservoir(patch_batches, [config.task_images], seed)[0] if want_task else None
+    sizes = [config.max_patch_images, config.task_images] if want_task else [config.max_patch_images]
+    patch_BCHW, *task = _reservoir(image_batches(), sizes, seed)
+    return list(patch_BCHW.split(PATCH_BATCH)), task[0] if want_task else None
 
 
 class _Reiterable:
@@ -248,19 +252,21 @@ def _candidates(scores: CompositionScores, senders, clean: PatchEffects, shuffle
     return rows
 
 
-def _reservoir(batches: Iterable[torch.Tensor], n: int, seed: int) -> torch.Tensor:
-    """A uniform random sample of ``n`` images (all, if fewer) from a stream of batches, in one pass
-    with memory for ``n`` images (reservoir sampling, seeded); kept in stream order."""
-    generator = torch.Generator().manual_seed(seed)
-    kept: list[tuple[int, torch.Tensor]] = []
+def _reservoir(batches: Iterable[torch.Tensor], sizes: Sequence[int], seed: int) -> list[torch.Tensor]:
+    """Uniform random samples of ``n`` images (all, if fewer) for each ``n`` of ``sizes``, from one
+    pass over a stream of batches with memory for the samples only (reservoir sampling, each with
+    its own generator seeded ``seed``); each sample in stream order."""
+    generators = [torch.Generator().manual_seed(seed) for _ in sizes]
+    kept: list[list[tuple[int, torch.Tensor]]] = [[] for _ in sizes]
     seen = 0
     for images_BCHW in batches:
         for image_CHW in images_BCHW:
-            if len(kept) < n:
-                kept.append((seen, image_CHW))
-            else:
-                slot = int(torch.randint(seen + 1, (1,), generator=generator))
-                if slot < n:
-                    kept[slot] = (seen, image_CHW)
+            for n, sample, generator in zip(sizes, kept, generators):
+                if len(sample) < n:
+                    sample.append((seen, image_CHW))
+                else:
+                    slot = int(torch.randint(seen + 1, (1,), generator=generator))
+                    if slot < n:
+                        sample[slot] = (seen, image_CHW)
             seen += 1
-    return torch.stack([image for _, image in sorted(kept, key=lambda item: item[0])])
+    return [torch.stack([image for _, image in sorted(sample, key=lambda item: item[0])]) for sample in kept]

@@ -28,7 +28,8 @@ from vitcircuits.composition.ablation import ZStats
 from vitcircuits.composition.patching import PATHS
 from vitcircuits.composition.scan import ComposeConfig, run_composition
 from vitcircuits.composition.task_patching import EdgeKey, all_edges, task_edge_effects
-from vitcircuits.heads.atlas import AtlasConfig, accumulate, build_atlas, new_accumulator
+from vitcircuits.heads.atlas import AtlasConfig
+from vitcircuits.heads.scan import scan_heads
 from vitcircuits.inputs import ImageOptions
 from vitcircuits.models.loading import load_model
 from vitcircuits.models.organisms import shapes_task
@@ -77,16 +78,11 @@ def measure_truth(model, images: torch.Tensor, labels: torch.Tensor, config: Org
 
 
 def run_detectors(loaded, config: OrganismBenchConfig, compose: ComposeConfig = ComposeConfig()):
-    """The atlas and the composition result on the detector images."""
-    batches = [b.images_BCHW for b in ImageOptions(config.images, config.batch_size, config.detector_images).batches(loaded, progress=False)]
-    atlas_config = AtlasConfig()
-    acc = new_accumulator(loaded.model, atlas_config)
-    start = 0
-    for images_BCHW in batches:
-        accumulate(loaded.model, acc, images_BCHW, list(range(start, start + len(images_BCHW))))
-        start += len(images_BCHW)
-    atlas = build_atlas(loaded.model, acc, atlas_config, loaded.model_id)
-    return atlas, run_composition(loaded.model, lambda: iter(batches), atlas, compose)
+    """The atlas and the composition result on the detector images, as ``hunt`` computes them."""
+    batches = list(ImageOptions(config.images, config.batch_size, config.detector_images).batches(loaded, progress=False))
+    atlas, _ = scan_heads(loaded, batches, AtlasConfig())
+    images = [b.images_BCHW for b in batches]
+    return atlas, run_composition(loaded.model, lambda: iter(images), atlas, compose)
 
 
 def run_organism(config: OrganismBenchConfig = OrganismBenchConfig()) -> dict:

@@ -210,12 +210,17 @@ def test_rows_top_and_options():
         result.scores("pos_q")
 
 
-def test_zero_head_scores_are_nan_and_skipped_by_top():
+def test_zero_head_scores_are_zero_and_flagged_silent():
     model = small_model(seed=6)
     with torch.no_grad():
         model.blocks[1].attn.qkv.weight.view(3, 4, 12, 48)[2, 2] = 0  # W_V of head (1, 2): W_OV = 0
     result = composition_scores(model, CompositionConfig(n_baseline_samples=20, include_positional=False))
     for kind in result.kinds:
-        assert np.isnan(result.scores(kind)[1, 2, 2]).all() and not np.isnan(result.scores(kind)[1, 1, 2]).any()
-        assert all((r["sender_layer"], r["sender_head"]) != (1, 2) for r in result.top(kind, 100))
-    assert np.isnan(result.v_LHLH[0, :, 1, 2]).all() and not np.isnan(result.q_LHLH[0, :, 1, 2]).any()
+        assert (result.scores(kind)[1, 2, 2] == 0).all() and result.silent[kind][1, 2, 2].all()
+        assert (result.scores(kind)[1, 1, 2] > 0).all() and not result.silent[kind][1, 1, 2].any()
+    # as a receiver, a zero W_V silences only its V-composition
+    assert (result.v_LHLH[0, :, 1, 2] == 0).all() and result.silent["v"][0, :, 1, 2].all()
+    assert (result.q_LHLH[0, :, 1, 2] > 0).all() and not result.silent["q"][0, :, 1, 2].any()
+    rows = list(result.rows())
+    assert not any(np.isnan(r["weight_score"]) or np.isnan(r["weight_z"]) for r in rows)
+    assert sum(r["silent"] for r in rows) == 3 * 4 + 4  # (1, 2) as sender into layer 2 (3 kinds x 4), as V receiver of layer 0

@@ -31,8 +31,9 @@ CONFIGS = {
 MIN_MASS = 0.95
 N_IMAGES = 16
 INERT = {"js": 1e-5, "d_neighbour": 1e-3, "d_kernel": 1e-3, "rel_out": 1e-2, "d_out_norm": 1e-2, "d_out_proj": 1e-2}
-"""Largest effect of any kind that counts as none (the ablation still moves every ``ln1``
-normalisation by a relative ``O(|c|^2)``)."""
+"""Largest effect of any kind at patch queries that counts as none (the ablation still moves every
+``ln1`` normalisation by a relative ``O(|c|^2)``). The planted roles are defined at patch queries;
+what a planted head does at the class token's query is left to chance."""
 
 
 def noise_images(planted: PlantedCircuitModel, scale: float = 1.0) -> torch.Tensor:
@@ -100,8 +101,8 @@ def test_decoys_have_no_path_patching_effect():
     planted, effects_SPHM = patched()
     for role in (LOCAL_DECOY, INERT_DECOY):
         _, receiver = planted.receiver(role)
-        for m, metric in enumerate(METRICS):
-            assert effects_SPHM[:, :, receiver, m].abs().max() < INERT[metric], (role, metric)
+        for metric, largest in INERT.items():
+            assert effects_SPHM[:, :, receiver, METRICS.index(metric)].abs().max() < largest, (role, metric)
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -3,9 +3,13 @@
 A head that attends by position alone writes the same output at a given position for every
 image, so per-position mean-ablation would leave it unchanged and it would look inert. The
 default is therefore the mean over images *and* positions. Every table says which was used.
+
+:func:`random_directions` gives the controls of an ablation: a change of the same norm as the
+sender's, token by token, in a random direction.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -82,3 +86,11 @@ def ablation_hooks(heads: list[tuple[int, int]], kind: AblationKind, stats: ZSta
 
     layers = sorted({layer for layer, _ in heads})
     return [(f"blocks.{layer}.attn.hook_z", hook_for(layer, [h for at, h in heads if at == layer])) for layer in layers]
+
+
+def random_directions(shape: Sequence[int], draw: int, seed: int) -> torch.Tensor:
+    """Unit vectors along the last dim, i.i.d. Gaussian directions, the same for a given
+    ``(seed, draw)`` whatever the edge."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + draw)
+    x = torch.randn(*shape, generator=generator)
+    return x / x.norm(dim=-1, keepdim=True)

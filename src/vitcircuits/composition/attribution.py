@@ -13,9 +13,7 @@ q, k and v (the direct path, nothing downstream). The metrics are the path-patch
 
 For a sender ``s`` with ablated-minus-clean output ``delta_s = (z_abl − z) W_O^s``, the estimate of
 the effect on receiver ``r`` through input ``p`` is ``<grad_p^r, delta_s>`` summed over tokens, where
-``grad_p^r`` is the head-space gradient pulled back through ``W_p^r`` and ``ln1``. LayerNorm's
-backward is ``P_t (γ ⊙ ·) / σ_t`` with ``P_t = I − 11ᵀ/D − x̂_t x̂_tᵀ/D``, so the pull-back is one
-matmul per role plus two per-token scalars that are computed in head space. All (sender,
+``grad_p^r`` is the head-space gradient pulled back through ``W_p^r`` and ``ln1`` (:class:`LNPullBack`). All (sender,
 receiver, path) triples then cost one matmul per receiver layer over image chunks.
 """
 from __future__ import annotations
@@ -52,15 +50,8 @@ def _receiver_gradients(model: HookedViT, layer: int, resid_BND: torch.Tensor, n
     respect to the residual it reads through that role alone."""
     block, cfg = model.blocks[layer], model.cfg
     H, Dh, start = cfg.n_heads, cfg.d_head, model.layout.patch_start
-    B, N, D = resid_BND.shape
-    ln1 = block.ln1
-    sigma_BN1 = (resid_BND.var(-1, unbiased=False, keepdim=True) + ln1.eps).sqrt()
-    x_hat_BND = (resid_BND - resid_BND.mean(-1, keepdim=True)) / sigma_BN1
-    gamma_D, W_3HdD = ln1.weight.detach(), block.attn.qkv.weight.detach().view(3, H, Dh, D)
-    Wg_3HdD = W_3HdD * gamma_D
-    qkv_lin_3BHNd = (x_hat_BND @ Wg_3HdD.reshape(3 * H * Dh, D).T).reshape(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4)
-    offset_3Hd = (W_3HdD @ ln1.bias.detach()) + block.attn.qkv.bias.detach().view(3, H, Dh)
-    q, k, v = ((qkv_lin_3BHNd[i] + offset_3Hd[i, None, :, None]).requires_grad_(True) for i in range(3))
+    pull_back = LNPullBack(block, resid_BND)
+    q, k, v = ((pull_back.qkv_lin_3BHNd[i] + pull_back.offset_3Hd[i, None, :, None]).requires_grad_(True) for i in range(3))
     with torch.enable_grad():
         pattern_BHQK = ((q * Dh**-0.5) @ k.transpose(-1, -2)).softmax(-1)
         patches = pattern_BHQK[:, :, start:, start:]
@@ -71,13 +62,40 @@ def _receiver_gradients(model: HookedViT, layer: int, resid_BND: torch.Tensor, n
         out = ((z_BHPd * gz_BHPd).sum(-1) / norm_BHP).sum(-1) / norm_BHP.sum(-1)
         grad_q, grad_k = torch.autograd.grad(neighbour.sum(), (q, k), retain_graph=True)
         (grad_v,) = torch.autograd.grad(out.sum(), v)
-    g_3BHNd = torch.stack([grad_q, grad_k, grad_v]) / sigma_BN1.view(1, B, 1, N, 1)
-    sum_3BHN = torch.einsum("rbhnd,rhd->rbhn", g_3BHNd, Wg_3HdD.sum(-1)) / D
-    xhat_3BHN = (g_3BHNd * qkv_lin_3BHNd).sum(-1) / D
-    grad_3HBND = torch.einsum("rbhnd,rhdD->rhbnD", g_3BHNd, Wg_3HdD)
-    grad_3HBND.sub_(sum_3BHN.permute(0, 2, 1, 3).unsqueeze(-1))
-    grad_3HBND.sub_(xhat_3BHN.permute(0, 2, 1, 3).unsqueeze(-1) * x_hat_BND)
-    return grad_3HBND.reshape(3 * H, B, N, D)
+    return pull_back(torch.stack([grad_q, grad_k, grad_v]))
+
+
+class LNPullBack:
+    """Gradients with respect to one layer's q, k, v (head space) pulled back to the residual
+    stream that layer reads, through its ``ln1`` and each head's projection separately.
+
+    LayerNorm's backward is ``P_t (γ ⊙ ·) / σ_t`` with ``P_t = I − 11ᵀ/D − x̂_t x̂_tᵀ/D``, so the
+    pull-back is one matmul per role plus two per-token scalars computed in head space.
+    """
+
+    def __init__(self, block, resid_BND: torch.Tensor) -> None:
+        H, Dh = block.attn.n_heads, block.attn.d_head
+        B, N, D = resid_BND.shape
+        ln1 = block.ln1
+        self.sigma_BN1 = (resid_BND.var(-1, unbiased=False, keepdim=True) + ln1.eps).sqrt()
+        self.x_hat_BND = (resid_BND - resid_BND.mean(-1, keepdim=True)) / self.sigma_BN1
+        gamma_D, W_3HdD = ln1.weight.detach(), block.attn.qkv.weight.detach().view(3, H, Dh, D)
+        self.Wg_3HdD = W_3HdD * gamma_D
+        self.qkv_lin_3BHNd = (self.x_hat_BND @ self.Wg_3HdD.reshape(3 * H * Dh, D).T).reshape(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4)
+        bias = block.attn.qkv.bias
+        self.offset_3Hd = (W_3HdD @ ln1.bias.detach()) + (bias.detach().view(3, H, Dh) if bias is not None else 0)
+
+    def __call__(self, g_3BHNd: torch.Tensor) -> torch.Tensor:
+        """``[3 * H, B, N, D]`` from ``[3, B, H, N, Dh]``."""
+        _, B, H, N, _ = g_3BHNd.shape
+        D = self.x_hat_BND.shape[-1]
+        g_3BHNd = g_3BHNd / self.sigma_BN1.view(1, B, 1, N, 1)
+        sum_3BHN = torch.einsum("rbhnd,rhd->rbhn", g_3BHNd, self.Wg_3HdD.sum(-1)) / D
+        xhat_3BHN = (g_3BHNd * self.qkv_lin_3BHNd).sum(-1) / D
+        grad_3HBND = torch.einsum("rbhnd,rhdD->rhbnD", g_3BHNd, self.Wg_3HdD)
+        grad_3HBND.sub_(sum_3BHN.permute(0, 2, 1, 3).unsqueeze(-1))
+        grad_3HBND.sub_(xhat_3BHN.permute(0, 2, 1, 3).unsqueeze(-1) * self.x_hat_BND)
+        return grad_3HBND.reshape(3 * H, B, N, D)
 
 
 @torch.no_grad()

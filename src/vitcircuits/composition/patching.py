@@ -12,7 +12,15 @@ the mean offset kernel inside the radius window), ``rel_out`` (‖Δ head output
 ``d_out_norm`` (signed relative change of the summed output norm), ``d_out_proj`` (the output change
 projected on the clean output direction at each token, summed, over the summed clean norm: the
 first-order part of ``d_out_norm``, linear in the receiver's value input, and what attribution
-estimates for V).
+estimates for V). ``js_prefix`` and ``rel_out_prefix`` are ``js`` and ``rel_out`` at the prefix
+queries instead (class token, registers, distillation token; 0 when the model has none): a
+classifier's decisive reads happen at its class token.
+
+Besides the senders' own changes, :func:`path_patch_batch` can patch **random-direction
+controls**: for a sender ``s`` and draw ``k``, a change with ``delta_s``'s norm at every token in a
+seeded random direction (:func:`~vitcircuits.composition.ablation.random_directions`).
+:attr:`PatchEffects.per_image_IRPLHQ` keeps each image's verdict metric (:data:`VERDICT_METRIC`) at
+patch and prefix queries, for bootstrap intervals.
 One batch costs one clean forward plus, per sender and later layer, one qkv projection and three
 attention computations, so a few forward-equivalents for a handful of senders.
 """
@@ -23,12 +31,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vitcircuits.composition.ablation import AblationKind, ZStats, ablated_z
+from vitcircuits.composition.ablation import AblationKind, ZStats, ablated_z, random_directions
 from vitcircuits.heads.offsets import OffsetGeometry
 from vitcircuits.models.hooked_vit import HookedViT
 
 PATHS = ("q", "k", "v")
-METRICS = ("js", "d_neighbour", "d_kernel", "rel_out", "d_out_norm", "d_out_proj")
+METRICS = ("js", "d_neighbour", "d_kernel", "rel_out", "d_out_norm", "d_out_proj", "js_prefix", "rel_out_prefix")
+VERDICT_METRIC = {"q": "js", "k": "js", "v": "rel_out"}
+"""The receiver metric the verdict reads per input, at patch queries (``*_prefix`` at prefix queries)."""
+QUERY_SETS = ("patch", "prefix")
 
 
 @dataclass(frozen=True)
@@ -44,15 +55,24 @@ class PatchingConfig:
 
 
 class PatchEffects:
-    """Sums of effects ``[S, 3 paths, L, H, metrics]`` over images, for senders ``senders``."""
+    """Sums of effects ``[S + R, 3 paths, L, H, metrics]`` over images for senders ``senders``, then
+    their random-direction controls ``randoms`` (``(layer, head, draw)``)."""
 
-    def __init__(self, senders: list[tuple[int, int]], n_layers: int, n_heads: int) -> None:
+    def __init__(self, senders: list[tuple[int, int]], n_layers: int, n_heads: int,
+                 random_draws: dict[tuple[int, int], int] | None = None) -> None:
         self.senders = senders
-        self.sum_SPLHM = torch.zeros(len(senders), len(PATHS), n_layers, n_heads, len(METRICS), dtype=torch.float64)
+        self.randoms = [(sl, sh, draw) for sl, sh in senders for draw in range((random_draws or {}).get((sl, sh), 0))]
+        self.sum_SPLHM = torch.zeros(len(senders) + len(self.randoms), len(PATHS), n_layers, n_heads, len(METRICS), dtype=torch.float64)
+        self.per_image_IRPLHQ: list[torch.Tensor] = []
+        """Per batch ``[B, S + R, 3, L, H, 2]``: the verdict metric at patch and prefix queries."""
         self.n_images = 0
 
     def mean(self) -> torch.Tensor:
         return self.sum_SPLHM / max(self.n_images, 1)
+
+    def per_image(self) -> torch.Tensor:
+        """``[I, S + R, 3, L, H, 2]``."""
+        return torch.cat(self.per_image_IRPLHQ) if self.per_image_IRPLHQ else torch.zeros(0, *self.sum_SPLHM.shape[:4], 2)
 
     def rows(self, ablation: str) -> list[dict]:
         mean = self.mean()
@@ -98,12 +118,12 @@ class _Receiver:
         self.qkv = _qkv(self.block, resid_BND)
         self.pattern, self.z = _attend(*self.qkv, self.scale)
         self.W_O_HdD = W_O_HdD
-        self.out_BHND = torch.einsum("bhnd,hdD->bhnD", self.z, self.W_O_HdD)[:, :, self.start :]
-        out_norm_BHP = self.out_BHND.norm(dim=-1, keepdim=True)
-        self.out_dir_BHND = self.out_BHND / out_norm_BHP.clamp_min(1e-30)
-        self.out_norm_BH = out_norm_BHP.sum((-1, -2)).clamp_min(1e-30)
-        p = self.pattern[:, :, self.start :]
-        self.p_log_p_BHP = _xlogx(p).sum(-1)
+        self.out_BHND = torch.einsum("bhnd,hdD->bhnD", self.z, self.W_O_HdD)
+        out_norm_BHN = self.out_BHND.norm(dim=-1)
+        self.out_norm_BH = out_norm_BHN[:, :, self.start :].sum(-1).clamp_min(1e-30)
+        self.prefix_norm_BH = out_norm_BHN[:, :, : self.start].sum(-1).clamp_min(1e-30)
+        self.out_dir_BHND = self.out_BHND[:, :, self.start :] / out_norm_BHN[:, :, self.start :, None].clamp_min(1e-30)
+        self.p_log_p_BHN = _xlogx(self.pattern).sum(-1)
         self.clean_patches = self._patches(self.pattern)
         self.neighbour_PP = geometry.neighbour_mask_PP().to(resid_BND)
         self.window_OW = _window_matrix(geometry).to(resid_BND)
@@ -122,24 +142,32 @@ class _Receiver:
         sums.index_add_(2, self.offset_index, norm.reshape(B, H, -1))
         return (sums / self.count_O.clamp_min(1)) @ self.window_OW
 
+    def _js_BHN(self, pattern_BHQK: torch.Tensor) -> torch.Tensor:
+        """Jensen–Shannon divergence of every query row from the clean one (nats)."""
+        mix = _xlogx(0.5 * (self.pattern + pattern_BHQK)).sum(-1)
+        return (0.5 * self.p_log_p_BHN + 0.5 * _xlogx(pattern_BHQK).sum(-1) - mix).clamp_min(0)
+
     def effects(self, pattern_BHQK: torch.Tensor, z_BHNd: torch.Tensor) -> torch.Tensor:
-        """``[B, H, 6]``: js, d_neighbour, d_kernel, rel_out, d_out_norm, d_out_proj (patch queries). A pattern
-        that *is* the clean one (the V path) has zero attention effects without computing them."""
+        """``[B, H, 8]``: the :data:`METRICS`. A pattern that *is* the clean one (the V path) has zero
+        attention effects without computing them."""
         s = self.start
         B, H = z_BHNd.shape[:2]
+        zeros = torch.zeros(B, H, dtype=z_BHNd.dtype, device=z_BHNd.device)
         if pattern_BHQK is self.pattern:
-            js = d_neighbour = d_kernel = torch.zeros(B, H, dtype=z_BHNd.dtype, device=z_BHNd.device)
+            js = d_neighbour = d_kernel = js_prefix = zeros
         else:
-            p, q = self.pattern[:, :, s:], pattern_BHQK[:, :, s:]
-            js = (0.5 * self.p_log_p_BHP + 0.5 * _xlogx(q).sum(-1) - _xlogx(0.5 * (p + q)).sum(-1)).clamp_min(0).mean(-1)
+            js_BHN = self._js_BHN(pattern_BHQK)
+            js, js_prefix = js_BHN[:, :, s:].mean(-1), js_BHN[:, :, :s].mean(-1) if s else zeros
             d_neighbour = ((self._patches(pattern_BHQK) - self.clean_patches) * self.neighbour_PP).sum(-1).mean(-1)
             d_kernel = 0.5 * (self._kernel(pattern_BHQK) - self.clean_kernel).abs().sum(-1)
-        out_BHND = torch.einsum("bhnd,hdD->bhnD", z_BHNd[:, :, s:], self.W_O_HdD)
+        out_BHND = torch.einsum("bhnd,hdD->bhnD", z_BHNd, self.W_O_HdD)
         d_out_BHND = out_BHND - self.out_BHND
-        rel_out = d_out_BHND.norm(dim=-1).sum(-1) / self.out_norm_BH
-        d_out_norm = out_BHND.norm(dim=-1).sum(-1) / self.out_norm_BH - 1
-        d_out_proj = (d_out_BHND * self.out_dir_BHND).sum((-1, -2)) / self.out_norm_BH
-        return torch.stack([js, d_neighbour, d_kernel, rel_out, d_out_norm, d_out_proj], dim=-1)
+        d_norm_BHN = d_out_BHND.norm(dim=-1)
+        rel_out = d_norm_BHN[:, :, s:].sum(-1) / self.out_norm_BH
+        rel_out_prefix = d_norm_BHN[:, :, :s].sum(-1) / self.prefix_norm_BH if s else zeros
+        d_out_norm = out_BHND[:, :, s:].norm(dim=-1).sum(-1) / self.out_norm_BH - 1
+        d_out_proj = (d_out_BHND[:, :, s:] * self.out_dir_BHND).sum((-1, -2)) / self.out_norm_BH
+        return torch.stack([js, d_neighbour, d_kernel, rel_out, d_out_norm, d_out_proj, js_prefix, rel_out_prefix], dim=-1)
 
     def patched(self, delta_BND: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(pattern, z) with ``delta`` added to the Q, K or V input only."""
@@ -161,7 +189,8 @@ def _window_matrix(geometry: OffsetGeometry) -> torch.Tensor:
 @torch.no_grad()
 def path_patch_batch(model: HookedViT, images_BCHW: torch.Tensor, senders: list[tuple[int, int]], effects: PatchEffects,
                      stats: ZStats | None, config: PatchingConfig) -> None:
-    """Add one batch's path-patching effects of every sender on every later head to ``effects``."""
+    """Add one batch's path-patching effects of every sender (and of the random-direction controls
+    of ``effects``) on every later head to ``effects``."""
     if not senders:
         raise ValueError("path patching needs at least one sender head")
     L = model.cfg.n_layers
@@ -171,11 +200,24 @@ def path_patch_batch(model: HookedViT, images_BCHW: torch.Tensor, senders: list[
     W_O = model.W_O
     receivers = {layer: _Receiver(model, layer, cache[f"blocks.{layer}.hook_resid_pre"], geometry, W_O[layer]) for layer in range(first + 1, L)}
     generator = torch.Generator().manual_seed(config.seed)
-    for i, (sl, sh) in enumerate(senders):
+    B = images_BCHW.shape[0]
+    per_image = torch.zeros(B, len(senders) + len(effects.randoms), len(PATHS), L, model.cfg.n_heads, len(QUERY_SETS))
+    verdict_columns = [[METRICS.index(VERDICT_METRIC[path] + suffix) for suffix in ("", "_prefix")] for path in PATHS]
+    deltas = {}
+    for sl, sh in senders:
         z = cache[f"blocks.{sl}.attn.hook_z"][:, :, sh]
-        delta_BND = (ablated_z(config.ablation, z, sl, sh, stats, generator) - z) @ W_O[sl, sh]
+        deltas[(sl, sh)] = (ablated_z(config.ablation, z, sl, sh, stats, generator) - z) @ W_O[sl, sh]
+    jobs = [(sl, deltas[(sl, sh)]) for sl, sh in senders]
+    for sl, sh, draw in effects.randoms:
+        delta_BND = deltas[(sl, sh)]
+        direction = random_directions(delta_BND.shape, draw, config.seed * 7919 + effects.n_images).to(delta_BND)
+        jobs.append((sl, direction * delta_BND.norm(dim=-1, keepdim=True)))
+    for i, (sl, delta_BND) in enumerate(jobs):
         for rl in range(sl + 1, L):
             receiver = receivers[rl]
             for p, (pattern, z_patched) in enumerate(receiver.patched(delta_BND)):
-                effects.sum_SPLHM[i, p, rl] += receiver.effects(pattern, z_patched).double().sum(0).cpu()
-    effects.n_images += images_BCHW.shape[0]
+                values_BHM = receiver.effects(pattern, z_patched).double()
+                effects.sum_SPLHM[i, p, rl] += values_BHM.sum(0).cpu()
+                per_image[:, i, p, rl] = values_BHM[:, :, verdict_columns[p]].float().cpu()
+    effects.per_image_IRPLHQ.append(per_image)
+    effects.n_images += B

@@ -17,13 +17,15 @@ fresh images, as the organism's ground truth.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from vitcircuits.composition.ablation import ZStats
+from vitcircuits.composition.ablation import ZStats, random_directions
 from vitcircuits.composition.patching import PATHS
+from vitcircuits.composition.task_metric import TaskMetric, margin
 from vitcircuits.models.hooked_vit import HookedViT
 
 EdgeKey = tuple[int, int, int, int, str]
@@ -41,8 +43,12 @@ def _ln1(block, x_BND: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def edge_logits(model: HookedViT, images_BCHW: torch.Tensor, edge: EdgeKey, stats: ZStats) -> torch.Tensor:
-    """Logits ``[B, C]`` with the one path ``edge`` mean-ablated (see the module docstring)."""
+def edge_logits(model: HookedViT, images_BCHW: torch.Tensor, edge: EdgeKey, stats: ZStats,
+                direction_BND: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's output (logits ``[B, C]`` for a classifier) with the one path ``edge``
+    mean-ablated (see the module docstring). With ``direction_BND`` (unit vectors per token), the
+    receiver instead reads a change of the same per-token norm as the sender's, in that direction:
+    a random-direction control."""
     sl, sh, rl, rh, kind = edge
     if not sl < rl:
         raise ValueError(f"edge {edge}: the sender must be in an earlier layer than the receiver")
@@ -52,7 +58,10 @@ def edge_logits(model: HookedViT, images_BCHW: torch.Tensor, edge: EdgeKey, stat
     saved: dict[str, torch.Tensor] = {}
 
     def sender_delta(z_BNHd, hook):
-        saved["delta"] = _head_output(model, sl, sh, mean_d.expand_as(z_BNHd[:, :, sh]) - z_BNHd[:, :, sh])
+        delta_BND = _head_output(model, sl, sh, mean_d.expand_as(z_BNHd[:, :, sh]) - z_BNHd[:, :, sh])
+        if direction_BND is not None:
+            delta_BND = direction_BND.to(delta_BND) * delta_BND.norm(dim=-1, keepdim=True)
+        saved["delta"] = delta_BND
         return z_BNHd
 
     def resid(x_BND, hook):
@@ -81,13 +90,6 @@ def all_edges(model: HookedViT, sender_layers: Sequence[int] | None = None) -> l
             for rh in range(cfg.n_heads) for kind in PATHS]
 
 
-def margin(logits_BC: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
-    """``[B]``: the true class's logit minus the mean of the other classes' logits. Unlike the
-    log-probability it does not saturate on confident predictions."""
-    true_B = logits_BC.gather(1, labels_B[:, None])[:, 0]
-    return true_B - (logits_BC.sum(-1) - true_B) / (logits_BC.shape[-1] - 1)
-
-
 @torch.no_grad()
 def task_edge_effects(model: HookedViT, images_BCHW: torch.Tensor, labels_B: torch.Tensor, edges: Sequence[EdgeKey], stats: ZStats,
                       batch_size: int = 500) -> dict[EdgeKey, dict[str, float]]:
@@ -110,4 +112,51 @@ def task_edge_effects(model: HookedViT, images_BCHW: torch.Tensor, labels_B: tor
     for edge in edges:
         drop = (clean - score(lambda images: edge_logits(model, images, edge, stats))).tolist()
         out[edge] = dict(zip(("margin_drop", "logprob_drop", "accuracy_drop"), drop))
+    return out
+
+
+@dataclass
+class EdgeDrops:
+    """Per-image drops of a :class:`~vitcircuits.composition.task_metric.TaskMetric` with single
+    edges path-ablated, and of their random-direction controls."""
+
+    clean_I: torch.Tensor
+    """The metric on the clean run, per image (float64, CPU)."""
+    drops: dict[EdgeKey, torch.Tensor] = field(default_factory=dict)
+    """Edge -> ``[I]`` drop per image."""
+    random: dict[EdgeKey, list[float]] = field(default_factory=dict)
+    """Edge -> the mean drop of each random-direction draw (same per-token norm as the edge's change)."""
+
+    def mean(self, edge: EdgeKey) -> float:
+        return float(self.drops[edge].mean())
+
+
+@torch.no_grad()
+def edge_drops(model: HookedViT, images_BCHW: torch.Tensor, targets: torch.Tensor, edges: Sequence[EdgeKey], stats: ZStats,
+               metric: TaskMetric, n_random: Mapping[EdgeKey, int] | None = None, seed: int = 0, batch_size: int = 256,
+               into: EdgeDrops | None = None) -> EdgeDrops:
+    """The drop of ``metric`` per image for each edge of ``edges`` (skipping those already in
+    ``into``), and ``n_random[edge]`` random-direction controls of it. ``targets`` come from
+    :meth:`TaskMetric.targets` on the clean outputs."""
+    images_BCHW = images_BCHW.to(model.device, model.dtype)
+    n = len(images_BCHW)
+    spans = [(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
+
+    def values(output_of) -> torch.Tensor:
+        return torch.cat([metric.value(output_of(s, e).double(), targets[s:e].to(model.device)).cpu() for s, e in spans])
+
+    out = into if into is not None else EdgeDrops(values(lambda s, e: model(images_BCHW[s:e])))
+    for edge in edges:
+        if edge not in out.drops:
+            out.drops[edge] = out.clean_I - values(lambda s, e: edge_logits(model, images_BCHW[s:e], edge, stats))
+    wanted = {edge: k - len(out.random.get(edge, [])) for edge, k in (n_random or {}).items()}
+    for draw in range(max(wanted.values(), default=0)):
+        directions = None
+        for edge, missing in wanted.items():
+            if missing <= draw:
+                continue
+            if directions is None:
+                directions = random_directions((n, model.layout.n_tokens, model.cfg.d_model), draw, seed)
+            drop = out.clean_I - values(lambda s, e: edge_logits(model, images_BCHW[s:e], edge, stats, directions[s:e]))
+            out.random.setdefault(edge, []).append(float(drop.mean()))
     return out

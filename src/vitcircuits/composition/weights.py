@@ -79,7 +79,7 @@ KIND_FACTORS = {
 """Kind → ``(U_A, V_A, U_B, V_B)``: the score is ``comp(U_A V_A^T, U_B V_B^T)``, sender then receiver."""
 COMPOSITION_COLUMNS = (
     "sender_layer", "sender_head", "receiver_layer", "receiver_head", "kind",
-    "weight_score", "baseline_mean", "baseline_std", "weight_z",
+    "weight_score", "baseline_mean", "baseline_std", "weight_z", "silent",
 )
 GRAM_STRIP_ROWS = 96
 """Rows per strip a ``D x D`` Gram is formed in: memory is about ``2 * S * GRAM_STRIP_ROWS * D``
@@ -120,7 +120,8 @@ class HeadWeights(NamedTuple):
 @dataclass(frozen=True)
 class CompositionScores:
     """Scores ``[sender_layer, sender_head, receiver_layer, receiver_head]`` of every kind (NaN
-    where ``receiver_layer <= sender_layer`` or a head's circuit is zero), with baselines."""
+    where ``receiver_layer <= sender_layer``, never written out; 0 where a head's circuit is zero,
+    flagged in :attr:`silent`), with baselines."""
 
     q_LHLH: np.ndarray
     k_LHLH: np.ndarray
@@ -133,6 +134,9 @@ class CompositionScores:
     baseline_std: dict[str, float]
     """Kind → standard deviation of the score of random heads."""
     config: CompositionConfig
+    silent: dict[str, np.ndarray]
+    """Kind → ``[L, H, L, H]``: the sender writes nothing (zero ``W_OV``, or zero over its Gram's
+    directions) or the receiver's circuit of that kind is zero, so the score is 0 by definition."""
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -172,7 +176,7 @@ class CompositionScores:
             "sender_layer": ls, "sender_head": hs, "receiver_layer": lr, "receiver_head": hr,
             "kind": kind, "weight_score": float(scores[ls, hs, lr, hr]),
             "baseline_mean": self.baseline_mean[kind], "baseline_std": self.baseline_std[kind],
-            "weight_z": float(z[ls, hs, lr, hr]),
+            "weight_z": float(z[ls, hs, lr, hr]), "silent": bool(self.silent[kind][ls, hs, lr, hr]),
         }
 
 
@@ -184,7 +188,7 @@ def composition_scores(model: HookedViT, config: CompositionConfig = Composition
     heads = head_weights(model, config)
     positions_ND = positional_inputs(model) if config.include_positional else None
     kinds = WEIGHT_KINDS + (POSITIONAL_KINDS if config.include_positional else ())
-    scores = _all_pairs(heads, positions_ND, kinds, cfg.n_layers, cfg.n_heads)
+    scores, silent = _all_pairs(heads, positions_ND, kinds, cfg.n_layers, cfg.n_heads)
     baseline = random_baseline(cfg.d_model, cfg.d_head, config, positions_ND)
     arrays = {kind: scores[kind].double().cpu().numpy() for kind in kinds}
     return CompositionScores(
@@ -192,7 +196,7 @@ def composition_scores(model: HookedViT, config: CompositionConfig = Composition
         pos_q_LHLH=arrays.get("pos_q"), pos_k_LHLH=arrays.get("pos_k"),
         baseline_mean={kind: mean for kind, (mean, _) in baseline.items()},
         baseline_std={kind: std for kind, (_, std) in baseline.items()},
-        config=config,
+        config=config, silent={kind: silent[kind].cpu().numpy() for kind in kinds},
     )
 
 
@@ -325,8 +329,9 @@ def _factor(name: str, heads: HeadWeights, positions_ND: torch.Tensor | None) ->
 
 def _all_pairs(
     heads: HeadWeights, positions_ND: torch.Tensor | None, kinds: tuple[str, ...], n_layers: int, n_heads: int
-) -> dict[str, torch.Tensor]:
-    """Kind → ``[L, H, L, H]`` scores, NaN unless the receiver's layer is later.
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Kind → ``[L, H, L, H]`` scores, NaN unless the receiver's layer is later; 0 where the
+    sender's or the receiver's circuit is zero (:attr:`CompositionScores.silent`).
 
     Senders are the heads of layers ``0..L-2``, receivers those of ``1..L-1``; all such pairs
     except (later half of the senders, earlier half of the receivers) are scored, two matrix
@@ -335,7 +340,7 @@ def _all_pairs(
     L, H = n_layers, n_heads
     n, half = (L - 1) * H, (L - 1) // 2 * H
     later_LHLH = torch.arange(L)[:, None, None, None] < torch.arange(L)[None, None, :, None]
-    out = {}
+    out, silent = {}, {}
     for sender_factors in sorted({KIND_FACTORS[kind][:2] for kind in kinds}):
         group = [kind for kind in kinds if KIND_FACTORS[kind][:2] == sender_factors]
         U_A, V_A = (_factor(name, heads, positions_ND)[:n] for name in sender_factors)
@@ -358,11 +363,14 @@ def _all_pairs(
         for kind in group:
             left, outer = receivers[kind]
             denominator = send_norm_S[:, None] * (left * outer).sum((-2, -1))[None]
-            squared_SR = torch.where(denominator > 0, dots_SR[kind] / denominator, math.nan)
+            squared_SR = torch.where(denominator > 0, dots_SR[kind] / denominator.clamp_min(1e-30), 0.0)
             score_LHLH = torch.full((L, H, L, H), math.nan, device=squared_SR.device)
             score_LHLH[:-1, :, 1:] = squared_SR.clamp_min(0).sqrt().view(L - 1, H, L - 1, H)
             out[kind] = torch.where(later_LHLH.to(squared_SR.device), score_LHLH, math.nan)
-    return out
+            silent_LHLH = torch.zeros(L, H, L, H, dtype=torch.bool)
+            silent_LHLH[:-1, :, 1:] = (denominator <= 0).view(L - 1, H, L - 1, H).cpu()
+            silent[kind] = silent_LHLH & later_LHLH
+    return out, silent
 
 
 def _strip_bounds(d_model: int) -> list[tuple[int, int]]:

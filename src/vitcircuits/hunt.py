@@ -1,7 +1,7 @@
 """``vitcircuits hunt``: every stage, resumable, then ``report.html``.
 
 Stages: overview (model card, predictions/accuracy, attention maps) → heads (the head atlas)
-→ composition (weight scores, attribution and path patching, shuffle control, verdicts)
+→ composition (weight scores, path patching, edge attribution, task-level checks, shuffle control, verdicts)
 → necessity (accuracy per class group with the supported circuits' heads ablated, against random
 heads of the same layers; classifiers with labelled images only) → sae
 (an SAE after the strongest composition receiver, with held-out metrics and downstream fidelity)
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from vitcircuits.composition.circuits import VERDICTS
 from vitcircuits.composition.necessity import LabelledBatches, NecessityConfig, circuit_heads, necessity_report
 from vitcircuits.composition.outputs import write_composition
 from vitcircuits.composition.scan import ComposeConfig, run_composition
@@ -115,13 +116,14 @@ def run_heads(run: Run, loaded: LoadedModel, images: ImageOptions, config: Atlas
 
 def run_compose(run: Run, loaded: LoadedModel, images: ImageOptions, config: ComposeConfig, atlas_dir: str = "heads",
                 out_dir: str = "composition") -> None:
-    """Weight scores, path patching, shuffle control and verdicts for the atlas's senders."""
+    """Weight scores, path patching, edge attribution and task-level checks, shuffle control and a
+    verdict for every edge."""
     atlas = HeadAtlas.load(run.file(atlas_dir))
     result = run_composition(loaded.model, lambda: (b.images_BCHW for b in images.batches(loaded)), atlas, config)
     cfg = loaded.model.cfg
     figures = write_composition(run.file(out_dir), result, cfg.n_layers, cfg.n_heads)
     write_json(run.file(out_dir) / "figures.json", [(str(p.relative_to(run.path)), c) for p, c in figures])
-    counts = {v: sum(c["verdict"] == v for c in result.circuits) for v in ("supported", "weak", "none")}
+    counts = {v: sum(row["verdict"] == v for row in result.candidates) for v in VERDICTS}
     run.write_manifest(composition={"verdicts": counts, "ablation": config.patching.ablation})
 
 

@@ -14,7 +14,7 @@ every token of the clean run,
 
 where ``x_{r,p}`` is the residual stream as receiver ``r`` reads it through input ``p`` alone (its
 query, key or value: the head-space gradient of ``p`` pulled back through ``W_p^r`` and ``ln1``,
-:class:`~vitcircuits.composition.attribution.LNPullBack`), and the gradients are taken on runs where
+:class:`LNPullBack`), and the gradients are taken on runs where
 *every* head's output is moved a fraction ``α_k = (k − ½)/K`` of the way to its mean
 (``z ← z + α (z̄ − z)``, ``k = 1..K``, the midpoint rule). For the direct path ``x`` is the final
 residual stream. ``K = 1`` is plain EAP at ``α = ½``; the gradient at the clean run (``α = 0``) is
@@ -30,10 +30,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from vitcircuits.composition.ablation import ZStats
-from vitcircuits.composition.attribution import LNPullBack
 from vitcircuits.composition.task_metric import TaskMetric
 from vitcircuits.models.hooked_vit import HookedViT
 
@@ -49,6 +49,39 @@ class EdgeAttributionConfig:
     steps: int = 3
     """Integration steps ``K`` along the ablation path (midpoints ``(k − ½)/K``); each costs one
     forward and one backward."""
+
+
+class LNPullBack:
+    """Gradients with respect to one layer's q, k, v (head space) pulled back to the residual
+    stream that layer reads, through its ``ln1`` and each head's projection separately.
+
+    LayerNorm's backward is ``P_t (γ ⊙ ·) / σ_t`` with ``P_t = I − 11ᵀ/D − x̂_t x̂_tᵀ/D``, so the
+    pull-back is one matmul per role plus two per-token scalars computed in head space.
+    """
+
+    def __init__(self, block, resid_BND: torch.Tensor) -> None:
+        H, Dh = block.attn.n_heads, block.attn.d_head
+        B, N, D = resid_BND.shape
+        ln1 = block.ln1
+        self.sigma_BN1 = (resid_BND.var(-1, unbiased=False, keepdim=True) + ln1.eps).sqrt()
+        self.x_hat_BND = (resid_BND - resid_BND.mean(-1, keepdim=True)) / self.sigma_BN1
+        gamma_D, W_3HdD = ln1.weight.detach(), block.attn.qkv.weight.detach().view(3, H, Dh, D)
+        self.Wg_3HdD = W_3HdD * gamma_D
+        self.qkv_lin_3BHNd = (self.x_hat_BND @ self.Wg_3HdD.reshape(3 * H * Dh, D).T).reshape(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4)
+        bias = block.attn.qkv.bias
+        self.offset_3Hd = (W_3HdD @ ln1.bias.detach()) + (bias.detach().view(3, H, Dh) if bias is not None else 0)
+
+    def __call__(self, g_3BHNd: torch.Tensor) -> torch.Tensor:
+        """``[3 * H, B, N, D]`` from ``[3, B, H, N, Dh]``."""
+        _, B, H, N, _ = g_3BHNd.shape
+        D = self.x_hat_BND.shape[-1]
+        g_3BHNd = g_3BHNd / self.sigma_BN1.view(1, B, 1, N, 1)
+        sum_3BHN = torch.einsum("rbhnd,rhd->rbhn", g_3BHNd, self.Wg_3HdD.sum(-1)) / D
+        xhat_3BHN = (g_3BHNd * self.qkv_lin_3BHNd).sum(-1) / D
+        grad_3HBND = torch.einsum("rbhnd,rhdD->rhbnD", g_3BHNd, self.Wg_3HdD)
+        grad_3HBND.sub_(sum_3BHN.permute(0, 2, 1, 3).unsqueeze(-1))
+        grad_3HBND.sub_(xhat_3BHN.permute(0, 2, 1, 3).unsqueeze(-1) * self.x_hat_BND)
+        return grad_3HBND.reshape(3 * H, B, N, D)
 
 
 class EdgeAttribution:
@@ -95,7 +128,7 @@ def _path_gradients(model: HookedViT, images_BCHW: torch.Tensor, targets: torch.
             hooks += [(f"blocks.{layer}.hook_resid_pre", keep(f"resid{layer}"))]
             hooks += [(f"blocks.{layer}.attn.hook_{p}", keep(f"{p}{layer}")) for p in "qkv"]
     with torch.enable_grad(), model.hooks(hooks):
-        value = metric.value(model(images_BCHW), targets).sum()
+        value = metric.value(metric.output(model, images_BCHW), targets).sum()
         wanted = [saved[f"{p}{layer}"] for layer in range(1, L) for p in "qkv"] + [saved["final"]]
         grads = torch.autograd.grad(value, wanted, allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wanted, grads)]
@@ -136,3 +169,17 @@ def edge_attribution_batch(model: HookedViT, images_BCHW: torch.Tensor, targets:
         sums.sum_LHPLH += est.cpu()
         sums.sum_direct_LH += (direct_S / config.steps).view(L, H).cpu()
         sums.n_images += len(x)
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation of two 1-D arrays (tied values share their average rank)."""
+
+    def ranks(x) -> np.ndarray:
+        _, inverse, counts = np.unique(np.asarray(x, dtype=float), return_inverse=True, return_counts=True)
+        first = np.cumsum(counts) - counts
+        return (first + (counts - 1) / 2)[inverse]
+
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = np.sqrt((ra**2).sum() * (rb**2).sum())
+    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")

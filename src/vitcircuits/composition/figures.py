@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitcircuits.composition.patching import PATHS
+from vitcircuits.composition.patching import METRICS, PATHS, VERDICT_METRIC
 from vitcircuits.composition.scan import CompositionResult
 from vitcircuits.report.figures import plt, save_figure
 
@@ -32,13 +32,13 @@ def plot_weight_heatmaps(result: CompositionResult, path: str | Path) -> Path:
 
 
 def plot_patch_heatmaps(result: CompositionResult, path: str | Path) -> Path:
-    """Path-patching effect of each patched sender on each receiver, per input (JS for q/k,
-    relative output change for v)."""
+    """Path-patching effect of each sender on each receiver at patch queries, per input (JS for
+    q/k, relative output change for v)."""
     effects = result.effects["clean"]
     _, _, L, H, _ = effects.shape
-    fig, axes = plt.subplots(1, 3, figsize=(13, 0.35 * len(result.patched) + 1.6))
+    fig, axes = plt.subplots(1, 3, figsize=(13, min(0.35 * len(result.patched) + 1.6, 24)))
     for p, (ax, kind) in enumerate(zip(axes, PATHS)):
-        metric = 3 if kind == "v" else 0
+        metric = METRICS.index(VERDICT_METRIC[kind])
         values = effects[:, p, :, :, metric].reshape(len(result.patched), L * H)
         image = ax.imshow(values, cmap="cividis", aspect="auto", interpolation="nearest")
         ax.set_yticks(range(len(result.patched)), [f"L{layer}H{head}" for layer, head in result.patched], fontsize=6)
@@ -50,20 +50,20 @@ def plot_patch_heatmaps(result: CompositionResult, path: str | Path) -> Path:
 
 
 def plot_circuit_graph(result: CompositionResult, path: str | Path, n_layers: int, n_heads: int) -> Path:
-    """Heads by layer (x) and index (y); an arrow for every supported (solid) or weak-but-causal
-    (dashed) circuit, coloured by kind, width by path-patching z."""
+    """Heads by layer (x) and index (y); an arrow for every supported (solid) or weak (dashed)
+    edge, coloured by kind, width by the drop of the task metric (relative to the largest)."""
     fig, ax = plt.subplots(figsize=(1.0 * n_layers + 2, 0.45 * n_heads + 1.5))
     xs, ys = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
     ax.scatter(xs.ravel(), ys.ravel(), s=40, color="#bbbbbb", zorder=2)
-    for c in result.circuits:
-        if c["verdict"] == "none":
-            continue
+    shown = [c for c in result.circuits if c["verdict"] != "none"]
+    drop = lambda c: max(c["evidence"]["matters"]["effect"], 0.0) if c["evidence"]["matters"] else 0.0  # noqa: E731
+    largest = max([drop(c) for c in shown], default=0.0) or 1.0
+    for c in shown:
         (sl, sh), (rl, rh) = c["senders"][0], c["receivers"][0]
-        z = c["evidence"]["patch_effect"]["z"]
         style = "-" if c["verdict"] == "supported" else "--"
         ax.annotate("", xy=(rl, rh), xytext=(sl, sh), arrowprops={
             "arrowstyle": "-|>", "color": KIND_COLOURS[c["kind"]], "linestyle": style,
-            "linewidth": 0.8 + min(max(z, 0), 20) / 5, "alpha": 0.9, "shrinkA": 4, "shrinkB": 4}, zorder=3)
+            "linewidth": 0.8 + 4 * drop(c) / largest, "alpha": 0.9, "shrinkA": 4, "shrinkB": 4}, zorder=3)
     for kind, colour in KIND_COLOURS.items():
         ax.plot([], [], color=colour, label=f"{kind.upper()}-composition")
     ax.plot([], [], color="black", linestyle="--", label="weak (one line of evidence)")
@@ -73,5 +73,5 @@ def plot_circuit_graph(result: CompositionResult, path: str | Path, n_layers: in
     ax.set_ylabel("head")
     ax.invert_yaxis()
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
-    ax.set_title("Candidate circuits (solid: supported)", fontsize=9)
+    ax.set_title("Edges that compose or matter (solid: both, supported)", fontsize=9)
     return save_figure(fig, path)

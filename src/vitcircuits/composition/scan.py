@@ -1,6 +1,18 @@
-"""The ``compose`` stage: weight scores for all pairs; path patching of every head in the layers
-that hold the atlas's modular and directional heads (each head's layer-mates are its controls);
-the patch-shuffle control; verdicts."""
+"""The ``compose`` stage: every edge ``sender → later receiver → q/k/v`` of the model gets a
+verdict (:mod:`~vitcircuits.composition.circuits`).
+
+1. Weight scores of all pairs (corroboration).
+2. Path patching of every head of every layer but the last into every later head, on a seeded
+   uniform sample of the images, plus random-direction controls where the earlier heads alone are
+   too few for a null: does the receiver read the sender (**composes**)?
+3. On a second sample, task-grounded edge attribution (EAP-IG) over every edge, then exact
+   task-level path patching of the edges it ranks highest (of every edge on a small model), each
+   against other earlier senders into the same receiver input and random-direction controls:
+   does the output use the edge (**matters**)?
+4. The patch-shuffle control and the neighbour → centre transfer probes.
+
+The head atlas only labels the senders; it chooses nothing.
+"""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
@@ -10,11 +22,14 @@ import numpy as np
 import torch
 
 from vitcircuits.composition.ablation import ZStats
-from vitcircuits.composition.attribution import AttributionSums, agreement, attribution_batch
-from vitcircuits.composition.circuits import EFFECT_OF_KIND, VerdictCriteria, build_circuits, control_stats
-from vitcircuits.composition.patching import METRICS, PATHS, PatchEffects, PatchingConfig, path_patch_batch
+from vitcircuits.composition.circuits import VerdictCriteria, build_circuits
+from vitcircuits.composition.edge_attribution import EdgeAttributionConfig
+from vitcircuits.composition.edges import edge_rows, task_evidence
+from vitcircuits.composition.evidence import N_BOOT, fill_count
+from vitcircuits.composition.patching import PatchEffects, PatchingConfig, path_patch_batch
 from vitcircuits.composition.shuffle import shuffle_patches
-from vitcircuits.composition.task_patching import EdgeKey, all_edges, task_edge_effects
+from vitcircuits.composition.task_metric import TaskMetric
+from vitcircuits.composition.task_patching import EdgeKey
 from vitcircuits.composition.transfer import TransferConfig, TransferResult, transfer_curves
 from vitcircuits.composition.weights import CompositionConfig, CompositionScores, composition_scores
 from vitcircuits.heads.atlas import HeadAtlas
@@ -32,31 +47,29 @@ class ComposeConfig:
     patching: PatchingConfig = field(default_factory=PatchingConfig)
     """Ablation kind (default: mean over images and positions) and radius."""
     criteria: VerdictCriteria = field(default_factory=VerdictCriteria)
-    """Verdict thresholds."""
+    """Practical floors of the composes line and the shuffle reading's threshold."""
+    attribution: EdgeAttributionConfig = field(default_factory=EdgeAttributionConfig)
+    """Integration steps of the all-edge attribution."""
     max_patch_images: int | None = 64
     """Images used for path patching and the shuffle control, a seeded uniform sample of all
     (image folders are often sorted by class); None: all."""
-    n_fallback_senders: int = 4
-    """When the atlas finds no modular or directional head, the layers of this many heads with the
-    highest modular_score become the sender layers."""
-    top_receivers: int = 3
-    """Candidate receivers kept per sender and input kind (by the larger of the two z-scores)."""
     transfer: TransferConfig = field(default_factory=TransferConfig)
     """Neighbour → centre probes (radius is capped to what the grid allows)."""
     max_transfer_images: int | None = 512
     """Images for the transfer probes (None: all)."""
-    attribution_top: int = 40
-    """The rank agreement of attribution with exact patching is also reported over this many
-    patched triples with the largest estimates."""
     task_images: int = 64
-    """Classifiers only: images (a seeded uniform sample of all) for task-level path patching, the
-    drop of the margin of the model's clean prediction with one edge ablated
-    (:mod:`~vitcircuits.composition.task_patching`); 0: off."""
+    """Images (a seeded uniform sample of all) for edge attribution and the exact task-level
+    checks; 0: off, and then no edge can be shown to matter."""
     max_task_edges: int = 300
-    """Task-level patching covers every edge when the model has at most this many (a small
-    organism), else the ``task_candidates`` candidate rows with the largest weight or patch z."""
+    """Every edge is checked exactly when the model has at most this many (a small organism)."""
     task_candidates: int = 24
-    """Candidate rows patched at task level on a larger model: each costs ``task_images`` forward passes."""
+    """Else the edges with the largest attributed drops that are checked exactly, each with up to
+    :data:`~vitcircuits.composition.evidence.MIN_NULL` other senders into its receiver input."""
+    agreement_top: int = 40
+    """The rank agreement of attribution with the exact checks is also reported over this many
+    checked edges with the largest exact drops."""
+    n_boot: int = N_BOOT
+    """Bootstrap resamples of the images for every effect's interval."""
 
 
 @dataclass
@@ -65,95 +78,83 @@ class CompositionResult:
 
     scores: CompositionScores
     senders: list[tuple[int, int, str]]
-    """Patched heads with their atlas kind: all heads of the layers that hold a modular or directional head."""
+    """Every head but those of the last layer, with its atlas kind."""
     candidates: list[dict]
+    """One row per edge with all its evidence and its verdict."""
     circuits: list[dict]
     effects: dict[str, np.ndarray]
-    """``clean``/``shuffled``: path-patching effects ``[S, 3 paths, L, H, metrics]`` of the patched senders."""
+    """``clean``/``shuffled``: path-patching effects ``[S, 3 paths, L, H, metrics]`` of the senders."""
     patched: list[tuple[int, int]]
     """Heads patched, in ``effects`` order."""
     transfer: dict[str, TransferResult] = field(default_factory=dict)
     """Receptive-field probes: ``clean`` and with the sender heads / supported receivers ablated."""
     attribution: np.ndarray | None = None
-    """Attribution-patching estimates ``[sender L, sender H, 3 paths, receiver L, receiver H]`` of every triple."""
+    """Attributed drops of the task metric ``[sender L, sender H, 3 paths, receiver L, receiver H]``."""
+    attribution_direct: np.ndarray | None = None
+    """Attributed drops of the direct paths sender → output ``[L, H]``."""
     attribution_agreement: dict = field(default_factory=dict)
-    """Rank agreement of attribution with exact path patching (:func:`~vitcircuits.composition.attribution.agreement`)."""
-    task_effects: dict = field(default_factory=dict)
-    """Task-level path patching: ``(sender L, H, receiver L, H, input)`` -> margin, log-prob and accuracy drops."""
+    """Rank agreement of attribution with the exact task-level checks."""
+    task_effects: dict[EdgeKey, float] = field(default_factory=dict)
+    """Exact task-level path patching: edge → mean drop of the task metric."""
+    task_metric: dict = field(default_factory=dict)
+    """What the task metric was: kind, target, clean mean, floor, images."""
 
 
-def choose_sender_layers(atlas: HeadAtlas, n_fallback: int) -> list[int]:
-    """Layers holding a modular or directional head (not the last layer, which has no receivers);
-    if there are none, the layers of the ``n_fallback`` heads with the highest modular_score."""
-    rows = [r for r in atlas.rows if r["layer"] < atlas.n_layers - 1]
-    layers = {r["layer"] for r in rows if r["kind"] in SENDER_KINDS}
-    if not layers:
-        layers = {r["layer"] for r in sorted(rows, key=lambda r: -r["modular_score"])[:n_fallback]}
-    return sorted(layers)
-
-
-def _patch(model: HookedViT, batches: Iterable[torch.Tensor], heads: list[tuple[int, int]], stats: ZStats, config: PatchingConfig) -> PatchEffects:
-    effects = PatchEffects(heads, model.cfg.n_layers, model.cfg.n_heads)
+def _patch(model: HookedViT, batches: Iterable[torch.Tensor], heads: list[tuple[int, int]], stats: ZStats, config: PatchingConfig,
+           random_draws: dict[tuple[int, int], int] | None = None) -> PatchEffects:
+    effects = PatchEffects(heads, model.cfg.n_layers, model.cfg.n_heads, random_draws)
     for images_BCHW in batches:
         path_patch_batch(model, images_BCHW, heads, effects, stats, config)
     return effects
 
 
-def run_composition(model: HookedViT, image_batches: Callable[[], Iterable[torch.Tensor]], atlas: HeadAtlas, config: ComposeConfig) -> CompositionResult:
-    """Everything but writing files. ``image_batches()`` yields fresh image batches each call."""
+def default_metric(model: HookedViT) -> TaskMetric:
+    """The margin of the model's own prediction for a classifier, the embedding's move otherwise."""
+    return TaskMetric("margin" if model.cfg.n_classes else "embedding")
+
+
+def run_composition(model: HookedViT, image_batches: Callable[[], Iterable[torch.Tensor]], atlas: HeadAtlas, config: ComposeConfig,
+                    metric: TaskMetric | None = None) -> CompositionResult:
+    """Everything but writing files. ``image_batches()`` yields fresh image batches each call;
+    ``metric`` defaults to :func:`default_metric`."""
     scores = composition_scores(model, config.weights)
-    sender_layers = choose_sender_layers(atlas, config.n_fallback_senders)
-    if not sender_layers:
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    if L < 2:
         return CompositionResult(scores, [], [], [], {}, [])
-    senders = [(layer, head, atlas.row(layer, head)["kind"]) for layer in sender_layers for head in range(model.cfg.n_heads)]
+    metric = metric or default_metric(model)
+    senders = [(layer, head, atlas.row(layer, head)["kind"]) for layer in range(L - 1) for head in range(H)]
     heads = [(layer, head) for layer, head, _ in senders]
     stats = ZStats.empty(model)
     generator = torch.Generator().manual_seed(config.patching.seed)
-    patch_batches, task_images_BCHW = _samples(image_batches, config, want_task=bool(model.cfg.n_classes and config.task_images))
+    patch_batches, task_images_BCHW = _samples(image_batches, config, want_task=config.task_images > 0)
     pairs = [(x, shuffle_patches(x, model.cfg.patch_size, generator)) for x in patch_batches]
     for images_BCHW, _ in pairs:
         stats.update(model, images_BCHW)
-    clean = _patch(model, [x for x, _ in pairs], heads, stats, config.patching)
-    attribution = AttributionSums(model.cfg.n_layers, model.cfg.n_heads)
-    for images_BCHW, _ in pairs:
-        attribution_batch(model, images_BCHW, attribution, stats, config.patching.ablation, config.patching.radius, config.patching.seed)
-    estimates = attribution.mean().numpy()
+    draws = {(layer, head): fill_count(H * (layer + 1) - 1) for layer, head in heads}
+    clean = _patch(model, [x for x, _ in pairs], heads, stats, config.patching, draws)
     shuffled = _patch(model, [xs for _, xs in pairs], heads, stats, config.patching)
     kept_LH = attention_kept(model, pairs)
-    candidates = _candidates(scores, senders, clean, shuffled, kept_LH, config)
-    task = _task_effects(model, task_images_BCHW, candidates, stats, config) if task_images_BCHW is not None else {}
-    for row in candidates:
-        row["task_effect"] = task.get(_key(row), {}).get("margin_drop")
-    circuits = build_circuits(candidates, config.criteria)
+    task = task_evidence(model, task_images_BCHW, stats, metric, config) if task_images_BCHW is not None else None
+    rows = edge_rows(scores, senders, clean, shuffled, kept_LH, task, model.layout.patch_start > 0, config)
+    circuits = build_circuits(rows, config.criteria)
     ablations = {"modular/directional senders ablated": [(layer, head) for layer, head, kind in senders if kind in SENDER_KINDS]}
     supported = sorted({tuple(c["receivers"][0]) for c in circuits if c["verdict"] == "supported"})
     if supported:
         ablations["supported receivers ablated"] = supported
-    rows, cols = model.layout.rows, model.layout.cols
-    transfer_config = replace(config.transfer, radius=min(config.transfer.radius, (min(rows, cols) - 1) // 2))
+    rows_, cols = model.layout.rows, model.layout.cols
+    transfer_config = replace(config.transfer, radius=min(config.transfer.radius, (min(rows_, cols) - 1) // 2))
     transfer = {}
-    if transfer_config.radius >= 1:
+    if transfer_config.radius >= 1 and any(ablations.values()):
         batches = _Reiterable(_limited(image_batches, config.max_transfer_images))
         transfer = transfer_curves(model, batches, transfer_config, {k: v for k, v in ablations.items() if v}, stats, config.patching.ablation)
-    return CompositionResult(scores, senders, candidates, circuits, {"clean": clean.mean().numpy(), "shuffled": shuffled.mean().numpy()},
-                             heads, transfer, estimates, agreement(estimates, clean.mean().numpy(), heads, config.attribution_top), task)
-
-
-def _key(row: dict) -> EdgeKey:
-    return row["sender_layer"], row["sender_head"], row["receiver_layer"], row["receiver_head"], row["kind"]
-
-
-@torch.no_grad()
-def _task_effects(model: HookedViT, images_BCHW: torch.Tensor, candidates: list[dict], stats: ZStats,
-                  config: ComposeConfig) -> dict[EdgeKey, dict[str, float]]:
-    """Task-level path patching of every edge (or the candidates, on a large model) on these
-    images, against the model's clean predictions."""
-    targets_B = torch.cat([model(images_BCHW[s : s + 64]).argmax(-1) for s in range(0, len(images_BCHW), 64)])
-    edges = all_edges(model)
-    if len(edges) > config.max_task_edges:
-        strongest = sorted(candidates, key=lambda r: -max(r["weight_z"], r["patch_z"]))[: config.task_candidates]
-        edges = [_key(r) for r in strongest]
-    return task_edge_effects(model, images_BCHW, targets_B, edges, stats)
+    result = CompositionResult(scores, senders, rows, circuits, {"clean": clean.mean()[: len(heads)].numpy(), "shuffled": shuffled.mean().numpy()},
+                               heads, transfer)
+    if task is not None:
+        result.attribution, result.attribution_direct = task.attribution_LHPLH, task.direct_LH
+        result.task_effects = {edge: task.drops.mean(edge) for edge in task.checked}
+        result.attribution_agreement = task.agreement(config.agreement_top)
+        result.task_metric = task.description
+    return result
 
 
 PATCH_BATCH = 32
@@ -214,42 +215,6 @@ def _limited(image_batches: Callable[[], Iterable[torch.Tensor]], max_images: in
             seen += take.shape[0]
             yield take
     return gen
-
-
-def _candidates(scores: CompositionScores, senders, clean: PatchEffects, shuffled: PatchEffects, kept_LH: np.ndarray,
-                config: ComposeConfig) -> list[dict]:
-    """Every patched head is a sender; its layer-mates are its controls."""
-    patched = [(layer, head) for layer, head, _ in senders]
-    clean_mean, shuffled_mean = clean.mean().numpy(), shuffled.mean().numpy()
-    index = {head: i for i, head in enumerate(patched)}
-    L, H = clean_mean.shape[2:4]
-    rows = []
-    for s_idx, (sl, sh, sender_kind) in enumerate(senders):
-        controls = [(sl, h) for h in range(H) if h != sh]
-        for p, kind in enumerate(PATHS):
-            metric = METRICS.index(EFFECT_OF_KIND[kind].removeprefix("patch_"))
-            weight_z, weight = scores.z(kind), scores.scores(kind)
-            per_receiver = []
-            for rl in range(sl + 1, L):
-                for rh in range(H):
-                    effect_of = {head: clean_mean[index[head], p, rl, rh, metric] for head in patched if head[0] == sl}
-                    control_mean, control_std = control_stats(effect_of, (sl, sh), controls)
-                    effect = float(effect_of[(sl, sh)])
-                    mates = np.array([weight[sl, h, rl, rh] for h in range(H) if h != sh])
-                    weight_within = (weight[sl, sh, rl, rh] - mates.mean()) / max(mates.std(ddof=1) if mates.size > 1 else 0.0, 1e-6)
-                    per_receiver.append({
-                        "sender_layer": sl, "sender_head": sh, "sender_kind": sender_kind, "receiver_layer": rl, "receiver_head": rh,
-                        "kind": kind, "weight_score": float(weight[sl, sh, rl, rh]), "baseline_mean": scores.baseline_mean[kind],
-                        "baseline_std": scores.baseline_std[kind], "weight_z": float(weight_z[sl, sh, rl, rh]),
-                        "weight_z_within": float(weight_within),
-                        "patch_effect": effect, "control_mean": control_mean, "control_std": control_std,
-                        "patch_z": (effect - control_mean) / control_std, "ablation": config.patching.ablation,
-                        "shuffle_effect": float(shuffled_mean[s_idx, p, rl, rh, metric]),
-                        "attention_kept": float(kept_LH[rl, rh]),
-                    })
-            per_receiver.sort(key=lambda r: -max(r["weight_z"], r["patch_z"]))
-            rows.extend(per_receiver[: config.top_receivers])
-    return rows
 
 
 def _reservoir(batches: Iterable[torch.Tensor], sizes: Sequence[int], seed: int) -> list[torch.Tensor]:

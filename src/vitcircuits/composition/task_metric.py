@@ -5,10 +5,11 @@ path ablation can lower.
   mean of the other logits (:func:`margin`). The target is the image's label when there is one,
   else the model's clean prediction. Unlike the log-probability it does not saturate on confident
   predictions.
-- ``embedding`` (backbones without labels): minus the relative change of the model's output (the
-  pooled embedding, or every final token when the model does not pool), ``−‖out − out_clean‖ /
-  ‖out_clean‖``; 0 on the clean run, so its drop is the relative distance the ablation moves the
-  embedding.
+- ``embedding`` (backbones without labels): minus the relative change of the final token stream
+  (every token after the final norm), ``−‖out − out_clean‖ / ‖out_clean‖`` per image; 0 on the
+  clean run, so its drop is the relative distance the ablation moves the embedding. All tokens,
+  not only the pooled vector, because a backbone hands its whole token stream on: dense heads
+  read the patches, classifiers the class token or the mean.
 
 The **drop** of an edge is ``value(clean) − value(ablated)``, averaged over images. Its practical
 floor (:meth:`TaskMetric.floor`) is 1 % of the mean clean margin, or a 1 % relative move of the
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+from vitcircuits.models.hooked_vit import HookedViT
 
 MetricKind = Literal["margin", "embedding"]
 FLOOR_FRACTION = 0.01
@@ -40,8 +43,8 @@ class TaskMetric:
     kind: MetricKind = "margin"
     """``margin`` or ``embedding``."""
     probe_CD: torch.Tensor | None = None
-    """A linear probe ``[C, D]`` on the model's pooled output (with ``probe_C``): the margin is
-    then taken on ``out @ probe_CD.T + probe_C``. None: the model's own logits."""
+    """A linear probe ``[C, D]`` on the model's pooled output (with ``probe_C``), for ``margin`` on a
+    backbone: the margin is then taken on ``out @ probe_CD.T + probe_C``. None: the model's logits."""
     probe_C: torch.Tensor | None = None
     """The probe's bias ``[C]``."""
 
@@ -50,26 +53,34 @@ class TaskMetric:
             raise ValueError(f"unknown task metric {self.kind!r}; choose margin or embedding")
         if (self.probe_CD is None) != (self.probe_C is None):
             raise ValueError("a linear probe needs both its weight and its bias")
+        if self.kind == "embedding" and self.probe_CD is not None:
+            raise ValueError("a linear probe is read by the margin metric, not the embedding metric")
 
-    def readout(self, output: torch.Tensor) -> torch.Tensor:
-        """The model's output as this metric reads it: logits for ``margin``, the output for ``embedding``."""
+    def output(self, model: HookedViT, images_BCHW: torch.Tensor) -> torch.Tensor:
+        """Run the model (with whatever hooks are active) to what this metric reads: logits ``[B, C]``
+        (the model's, or the probe's on its pooled output) for ``margin``, the final token stream
+        ``[B, N, D]`` for ``embedding``."""
+        if self.kind == "embedding":
+            x_BND = model(images_BCHW, stop_at_layer=model.cfg.n_layers)
+            return model.ln_final(x_BND) if model.cfg.final_norm == "tokens" else x_BND
+        out = model(images_BCHW)
         if self.probe_CD is None:
-            return output
-        return output @ self.probe_CD.to(output).T + self.probe_C.to(output)
+            return out
+        return out @ self.probe_CD.to(out).T + self.probe_C.to(out)
 
     def targets(self, clean_output: torch.Tensor, labels_B: torch.Tensor | None = None) -> torch.Tensor:
-        """Per image, what :meth:`value` compares with: the label (or the clean prediction) for
-        ``margin``, the clean output for ``embedding``."""
+        """Per image, what :meth:`value` compares :meth:`output` with: the label (or the clean
+        prediction) for ``margin``, the clean output for ``embedding``."""
         if self.kind == "embedding":
             return clean_output.detach()
         if labels_B is not None:
             return labels_B.to(clean_output.device)
-        return self.readout(clean_output).argmax(-1)
+        return clean_output.argmax(-1)
 
     def value(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """``[B]``: the metric of each image's output (higher: more of what the clean model does)."""
         if self.kind == "margin":
-            return margin(self.readout(output), targets)
+            return margin(output, targets)
         diff = (output - targets.to(output)).flatten(1)
         return -diff.norm(dim=1) / targets.flatten(1).norm(dim=1).clamp_min(1e-12).to(output)
 

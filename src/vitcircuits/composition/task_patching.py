@@ -44,11 +44,11 @@ def _ln1(block, x_BND: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def edge_logits(model: HookedViT, images_BCHW: torch.Tensor, edge: EdgeKey, stats: ZStats,
-                direction_BND: torch.Tensor | None = None) -> torch.Tensor:
-    """The model's output (logits ``[B, C]`` for a classifier) with the one path ``edge``
-    mean-ablated (see the module docstring). With ``direction_BND`` (unit vectors per token), the
-    receiver instead reads a change of the same per-token norm as the sender's, in that direction:
-    a random-direction control."""
+                direction_BND: torch.Tensor | None = None, metric: TaskMetric | None = None) -> torch.Tensor:
+    """The model's output (logits ``[B, C]`` for a classifier; what ``metric`` reads, when given)
+    with the one path ``edge`` mean-ablated (see the module docstring). With ``direction_BND``
+    (unit vectors per token), the receiver instead reads a change of the same per-token norm as
+    the sender's, in that direction: a random-direction control."""
     sl, sh, rl, rh, kind = edge
     if not sl < rl:
         raise ValueError(f"edge {edge}: the sender must be in an earlier layer than the receiver")
@@ -79,7 +79,7 @@ def edge_logits(model: HookedViT, images_BCHW: torch.Tensor, edge: EdgeKey, stat
 
     hooks = [(f"blocks.{sl}.attn.hook_z", sender_delta), (f"blocks.{rl}.hook_resid_pre", resid), (f"blocks.{rl}.attn.hook_{kind}", receiver_input)]
     with model.hooks(hooks):
-        return model(images_BCHW)
+        return metric.output(model, images_BCHW) if metric is not None else model(images_BCHW)
 
 
 def all_edges(model: HookedViT, sender_layers: Sequence[int] | None = None) -> list[EdgeKey]:
@@ -145,10 +145,10 @@ def edge_drops(model: HookedViT, images_BCHW: torch.Tensor, targets: torch.Tenso
     def values(output_of) -> torch.Tensor:
         return torch.cat([metric.value(output_of(s, e).double(), targets[s:e].to(model.device)).cpu() for s, e in spans])
 
-    out = into if into is not None else EdgeDrops(values(lambda s, e: model(images_BCHW[s:e])))
+    out = into if into is not None else EdgeDrops(values(lambda s, e: metric.output(model, images_BCHW[s:e])))
     for edge in edges:
         if edge not in out.drops:
-            out.drops[edge] = out.clean_I - values(lambda s, e: edge_logits(model, images_BCHW[s:e], edge, stats))
+            out.drops[edge] = out.clean_I - values(lambda s, e: edge_logits(model, images_BCHW[s:e], edge, stats, metric=metric))
     wanted = {edge: k - len(out.random.get(edge, [])) for edge, k in (n_random or {}).items()}
     for draw in range(max(wanted.values(), default=0)):
         directions = None
@@ -157,6 +157,6 @@ def edge_drops(model: HookedViT, images_BCHW: torch.Tensor, targets: torch.Tenso
                 continue
             if directions is None:
                 directions = random_directions((n, model.layout.n_tokens, model.cfg.d_model), draw, seed)
-            drop = out.clean_I - values(lambda s, e: edge_logits(model, images_BCHW[s:e], edge, stats, directions[s:e]))
+            drop = out.clean_I - values(lambda s, e: edge_logits(model, images_BCHW[s:e], edge, stats, directions[s:e], metric))
             out.random.setdefault(edge, []).append(float(drop.mean()))
     return out

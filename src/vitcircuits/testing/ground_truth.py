@@ -11,15 +11,12 @@ Populations (what each detector is scored on, per member):
   fillers and uniform decoys are ``other``; content-matching receivers are left out). A head is
   predicted of a kind when the atlas labels it so; the continuous score of each kind is
   :data:`KIND_SCORES`.
-- edges: every ``(sender, receiver, input)`` triple with the sender in a layer the finder patched
-  (``result.patched``), a later receiver and input ``q``, ``k`` or ``v``. Positives are the planted
-  causal edges; everything else, decoys included, is negative. On it: ``weight_z`` (the weight
-  score's z against random heads), ``attribution`` (``|estimate|`` of attribution patching),
-  ``patch_z`` (exact path patching against the layer-mate controls, computed for every triple as
-  the finder does for its candidates) and ``verdict`` (1 for a ``supported`` circuit, 0 otherwise,
-  including triples that never became candidates). ``*@candidates`` score the finder's candidate
-  rows only (top receivers per sender and input); a true edge that is not a candidate counts as
-  the lowest score there.
+- edges: every ``(sender, later receiver, input q/k/v)`` edge of the model. Positives are the planted
+  causal edges; everything else, decoys included, is negative. On it: ``verdict`` (1 for
+  ``supported``), ``composes`` (the composes line's effect over its bar, the larger of the null's
+  95th percentile and the floor; ≥ 1 passes), ``weight_z`` (the weight score's z against random
+  heads), ``attribution`` (the EAP-IG estimate of the drop of the task metric) and ``task_effect``
+  (the exact drop, on the edges the stage checked).
 """
 from __future__ import annotations
 
@@ -30,8 +27,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 import numpy as np
 import torch
 
-from vitcircuits.composition.circuits import EFFECT_OF_KIND, control_stats
-from vitcircuits.composition.patching import METRICS, PATHS
+from vitcircuits.composition.circuits import edge_key
 from vitcircuits.composition.scan import ComposeConfig, CompositionResult, run_composition
 from vitcircuits.composition.task_patching import EdgeKey
 from vitcircuits.heads.atlas import AtlasConfig, HeadAtlas, accumulate, build_atlas, new_accumulator
@@ -46,7 +42,7 @@ KIND_SCORES: dict[str, Callable[[dict], float]] = {
 """Kind -> continuous atlas score ranked for its ROC-AUC: ``modular_score``; the kernel's peak
 mass when the peak is at a non-zero offset (else 0); ``self_mass``; the prefix-token mass."""
 SCORED_KINDS = tuple(KIND_SCORES)
-EDGE_DETECTORS = ("verdict", "weight_z", "attribution", "patch_z", "weight_z@candidates", "patch_z@candidates")
+EDGE_DETECTORS = ("verdict", "composes", "weight_z", "attribution", "task_effect")
 
 
 def roc_auc(labels: Iterable[bool], scores: Iterable[float]) -> float:
@@ -114,31 +110,25 @@ def score_kinds(truth: Mapping[tuple[int, int], str | None], rows: Iterable[dict
     return out
 
 
+def _composes_score(row: dict) -> float:
+    """The composes line as a number: the largest effect over its bar (the null's 95th percentile
+    or the floor, whichever is higher) across the query sets; ≥ 1 when it passes."""
+    lines = [line for line in (row["composes_patch"], row["composes_prefix"]) if line is not None]
+    return max(line["effect"] / max(line["null_q95"], line["floor"]) for line in lines)
+
+
 def edge_scores(result: CompositionResult) -> dict[str, dict[EdgeKey, float]]:
-    """Detector name -> ``{edge: value}`` on the populations of the module docstring."""
-    clean = result.effects["clean"] if result.patched else None
-    index = {head: i for i, head in enumerate(result.patched)}
-    n_layers, n_heads = result.scores.q_LHLH.shape[:2]
-    supported = {(*c["senders"][0], *c["receivers"][0], c["kind"]) for c in result.circuits if c["verdict"] == "supported"}
+    """Detector name -> ``{edge: value}`` over every edge of the model (module docstring)."""
     out: dict[str, dict[EdgeKey, float]] = {name: {} for name in EDGE_DETECTORS}
-    for sl, sh in result.patched:
-        mates = [head for head in result.patched if head[0] == sl]
-        for p, kind in enumerate(PATHS):
-            metric = METRICS.index(EFFECT_OF_KIND[kind].removeprefix("patch_"))
-            weight_z = result.scores.z(kind)
-            for rl in range(sl + 1, n_layers):
-                for rh in range(n_heads):
-                    key = (sl, sh, rl, rh, kind)
-                    effect_of = {head: clean[index[head], p, rl, rh, metric] for head in mates}
-                    mean, std = control_stats(effect_of, (sl, sh), [head for head in mates if head != (sl, sh)])
-                    out["patch_z"][key] = (float(effect_of[(sl, sh)]) - mean) / std
-                    out["weight_z"][key] = float(weight_z[sl, sh, rl, rh])
-                    out["attribution"][key] = abs(float(result.attribution[sl, sh, p, rl, rh]))
-                    out["verdict"][key] = float(key in supported)
     for row in result.candidates:
-        key = (row["sender_layer"], row["sender_head"], row["receiver_layer"], row["receiver_head"], row["kind"])
-        out["weight_z@candidates"][key] = row["weight_z"]
-        out["patch_z@candidates"][key] = row["patch_z"]
+        key = edge_key(row)
+        out["verdict"][key] = float(row["verdict"] == "supported")
+        out["composes"][key] = _composes_score(row)
+        out["weight_z"][key] = row["weight_z"]
+        if row["attribution"] is not None:
+            out["attribution"][key] = row["attribution"]
+        if row["matters"] is not None:
+            out["task_effect"][key] = row["matters"]["effect"]
     return out
 
 
@@ -162,12 +152,9 @@ def run_member(member: FamilyMember, n_images: int = 16, batch_size: int = 8, n_
     t2 = time.perf_counter()
     truth = {(layer, head): member.kind_truth(layer, head) for layer in range(member.model.cfg.n_layers) for head in range(member.model.cfg.n_heads)}
     detectors = edge_scores(result)
-    population = detectors["patch_z"].keys()
+    population = detectors["verdict"].keys()
     positives = {(*edge, kind) for edge, kind in member.edges.items()}
-    edges = {}
-    for name, values in detectors.items():
-        negatives = values.keys() if name.endswith("@candidates") else population
-        edges[name] = score_edges(positives, negatives, values, threshold=0.5 if name == "verdict" else None)
+    edges = {name: score_edges(positives, population, values, threshold=0.5 if name == "verdict" else None) for name, values in detectors.items()}
     verdicts = {(*c["senders"][0], *c["receivers"][0], c["kind"]): c["verdict"] for c in result.circuits}
     cfg = member.config
     return {
@@ -175,7 +162,6 @@ def run_member(member: FamilyMember, n_images: int = 16, batch_size: int = 8, n_
         "class_token": cfg.class_token, "registers": cfg.registers, "n_images": n_images,
         "edges": [[*edge, kind] for edge, kind in member.edges.items()],
         "decoy_verdicts": [[*edge, kind, verdicts.get((*edge, kind), "not a candidate")] for edge, kind in member.decoy_edges.items()],
-        "sender_layers": sorted({layer for layer, _ in result.patched}),
         "kinds": score_kinds(truth, atlas.rows), "edge_detectors": edges,
         "seconds": {"atlas": t1 - t0, "compose": t2 - t1},
     }
@@ -254,19 +240,19 @@ def format_report(summary: dict) -> str:
     lines += ["", "Edges (positives: planted causal edges; decoys are negatives)",
               f"{'detector':<22}{'population':<22}{'pos':>5}{'neg':>6}{'prec':>7}{'recall':>7}{'AUCmin':>8}{'AUCmean':>8}"]
     for name, e in summary["edges"].items():
-        population = "candidate rows" if name.endswith("@candidates") else "patched triples"
+        population = "all edges"
         lines.append(f"{name:<22}{population:<22}{e['n_pos']:>5}{e['n_neg']:>6}{f(e.get('precision')):>7}{f(e.get('recall')):>7}"
                      f"{f(e['auc_min']):>8}{f(e['auc_mean']):>8}")
-    lines += ["", "Members (kinds P/R pooled over the 4 kinds; decoys: supported / planted; AUC of weight_z / attribution / patch_z)",
+    lines += ["", "Members (kinds P/R pooled over the 4 kinds; decoys: supported / planted; AUC of weight_z / attribution / composes)",
               f"{'seed':>4} {'grid':<6}{'L':>2}{'H':>3}{'snd':>4}{'cls':>4}{'reg':>4}  {'kinds P/R':<12}{'verdict TP/FP/FN':<18}"
-              f"{'decoys':<8}{'AUC w/att/pz':<16}{'sec':>6}"]
+              f"{'decoys':<8}{'AUC w/att/cmp':<16}{'sec':>6}"]
     for m in summary["members"]:
         kp = _pool(list(m["kinds"].values()))
         v = m["edge_detectors"]["verdict"]
         kinds = f"{f(kp['precision'])}/{f(kp['recall'])}"
         verdict = f"{v['tp']}/{v['fp']}/{v['fn']}"
         decoys = f"{sum(d[-1] == 'supported' for d in m['decoy_verdicts'])}/{len(m['decoy_verdicts'])}"
-        aucs = "/".join(f"{m['edge_detectors'][n]['roc_auc']:.2f}" for n in ("weight_z", "attribution", "patch_z"))
+        aucs = "/".join(f"{m['edge_detectors'][n]['roc_auc']:.2f}" for n in ("weight_z", "attribution", "composes"))
         grid = "x".join(map(str, m["grid"]))
         lines.append(f"{m['seed']:>4} {grid:<6}{m['n_layers']:>2}{m['n_heads']:>3}{m['sender_layer']:>4}{int(m['class_token']):>4}{m['registers']:>4}  "
                      f"{kinds:<12}{verdict:<18}{decoys:<8}{aucs:<16}{m['seconds']['total']:>6.1f}")

@@ -1,4 +1,4 @@
-"""The detector benchmark on the trained shapes organism, whose causal edges are measured, not planted.
+"""The detector benchmark on the trained shapes organisms, whose causal edges are measured, not planted.
 
 Truth (:mod:`vitcircuits.composition.task_patching`): every ``sender → receiver → q/k/v`` edge of the
 organism is path-ablated alone on ``truth_images`` freshly generated images of the compositional
@@ -7,15 +7,14 @@ true class's logit margin (its logit minus the mean other logit) drops by at lea
 on average.
 
 Detectors: the head atlas and the composition stage run on the bundled ``bundled:shapes`` images,
-exactly as ``vitcircuits hunt`` runs them, and are scored on the organism's edges
-(:func:`detector_scores`): ``weight_z`` and ``attribution`` over every edge, ``patch_z`` and
-``verdict`` over the edges of the senders the finder patched (true edges from other senders are
-counted in ``n_true_unpatched``), and ``task_effect``, the composition stage's task-level path
-patching on 64 of the bundled images (a seeded uniform sample) against the model's own predictions
-(no labels), over the edges it covered. ``task_effect`` measures what the truth measures, on other images and without
-labels, so it tests whether the stage's estimate from a few images holds on fresh ones; the other
-detectors test whether composition in the weights or in the receivers' attention points to the
-edges the task uses.
+exactly as ``vitcircuits hunt`` runs them, and are scored on every edge of the organism
+(:func:`~vitcircuits.testing.ground_truth.edge_scores`): the ``supported`` verdict, the composes
+line, ``weight_z``, ``attribution`` (the stage's EAP-IG estimate of the drop of the margin of the
+model's own prediction, on 64 bundled images) and ``task_effect`` (the stage's exact task-level
+path patching on those images). ``attribution`` and ``task_effect`` measure what the truth
+measures, on other images, with all six classes and without labels, so they test whether the
+stage's estimates from a few images hold on fresh ones; the verdict tests whether composition
+*and* use, each beyond its null, pick out the edges the task uses.
 """
 from __future__ import annotations
 
@@ -25,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from vitcircuits.composition.ablation import ZStats
-from vitcircuits.composition.patching import PATHS
+from vitcircuits.composition.circuits import edge_key
 from vitcircuits.composition.scan import ComposeConfig, run_composition
 from vitcircuits.composition.task_patching import EdgeKey, all_edges, task_edge_effects
 from vitcircuits.heads.atlas import AtlasConfig
@@ -95,27 +94,27 @@ def run_organism(config: OrganismBenchConfig = OrganismBenchConfig()) -> dict:
     atlas, result = run_detectors(loaded, config)
     t2 = time.perf_counter()
     true_edges = {edge for edge, e in effects.items() if e["margin_drop"] >= config.threshold}
-    detectors = detector_scores(result)
+    detectors = edge_scores(result)
     scores = {name: score_edges(true_edges & population.keys(), population.keys(), population, threshold=0.5 if name == "verdict" else None)
               for name, population in detectors.items()}
     sensitivity = {str(threshold): {name: score_edges({e for e, v in effects.items() if v["margin_drop"] >= threshold} & population.keys(),
                                                       population.keys(), population)["roc_auc"]
                                     for name, population in detectors.items()}
                    for threshold in SENSITIVITY_THRESHOLDS}
-    patched = set(result.patched)
     ranked = sorted(effects.items(), key=lambda item: -item[1]["margin_drop"])
-    verdicts = {(*c["senders"][0], *c["receivers"][0], c["kind"]): c["verdict"] for c in result.circuits}
+    verdicts = {edge_key(row): row["verdict"] for row in result.candidates}
+    cfg = loaded.model.cfg
     return {
         "config": asdict(config),
+        "shape": {"n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "d_model": cfg.d_model},
         "n_edges": len(effects),
-        "true_edges": [[*edge, round(effects[edge]["margin_drop"], 4)] for edge, _ in ranked if edge in true_edges],
-        "n_true_unpatched": sum((edge[0], edge[1]) not in patched for edge in true_edges),
-        "top_edges": [{"edge": list(edge), **{k: round(v, 4) for k, v in e.items()}, "verdict": verdicts.get(edge, "not a candidate")}
-                      for edge, e in ranked[:15]],
+        "true_edges": [[*edge, round(effects[edge]["margin_drop"], 4), verdicts[edge]] for edge, _ in ranked if edge in true_edges],
+        "top_edges": [{"edge": list(edge), **{k: round(v, 4) for k, v in e.items()}, "verdict": verdicts[edge]} for edge, e in ranked[:15]],
         "atlas_kinds": {f"L{r['layer']}H{r['head']}": r["kind"] for r in atlas.rows},
-        "sender_layers": sorted({layer for layer, _ in result.patched}),
-        "circuits": [{"edge": [*c["senders"][0], *c["receivers"][0], c["kind"]], "verdict": c["verdict"]} for c in result.circuits],
+        "supported": [list(edge_key(row)) for row in result.candidates if row["verdict"] == "supported"],
         "detectors": scores,
+        "attribution_agreement": result.attribution_agreement,
+        "task_metric": result.task_metric,
         "auc_by_threshold": sensitivity,
         "seconds": {"truth": t1 - t0, "detectors": t2 - t1},
         "truth": truth_document(effects, config.threshold, f"{config.model}, measured by bench/ground_truth.py --organism",
@@ -123,34 +122,20 @@ def run_organism(config: OrganismBenchConfig = OrganismBenchConfig()) -> dict:
     }
 
 
-def detector_scores(result) -> dict[str, dict[EdgeKey, float]]:
-    """Detector -> ``{edge: score}``: ``weight_z`` and ``attribution`` (``|estimate|``) on every
-    edge, ``patch_z`` and ``verdict`` on the patched senders' edges (as for the planted family), and
-    ``task_effect`` (task-level path patching on the detector images) on the edges it covered."""
-    n_layers, n_heads = result.scores.q_LHLH.shape[:2]
-    planted_style = edge_scores(result)
-    out = {"weight_z": {}, "attribution": {}, "patch_z": planted_style["patch_z"], "verdict": planted_style["verdict"],
-           "task_effect": {edge: e["margin_drop"] for edge, e in result.task_effects.items()}}
-    for p, kind in enumerate(PATHS):
-        weight_z = result.scores.z(kind)
-        for sl in range(n_layers):
-            for sh in range(n_heads):
-                for rl in range(sl + 1, n_layers):
-                    for rh in range(n_heads):
-                        out["weight_z"][(sl, sh, rl, rh, kind)] = float(weight_z[sl, sh, rl, rh])
-                        out["attribution"][(sl, sh, rl, rh, kind)] = abs(float(result.attribution[sl, sh, p, rl, rh]))
-    return out
-
-
 def format_organism(summary: dict) -> str:
     """Plain-text tables of a :func:`run_organism` summary."""
-    lines = [f"Organism {summary['config']['model']}: {summary['n_edges']} edges, {len(summary['true_edges'])} causal "
-             f"(margin drop ≥ {summary['config']['threshold']}), {summary['n_true_unpatched']} of them from senders the finder did not patch",
-             f"{'detector':<14}{'population':<20}{'pos':>5}{'neg':>6}{'prec':>7}{'recall':>7}{'AUC':>7}"]
+    shape = summary["shape"]
+    lines = [f"Organism {summary['config']['model']} ({shape['n_layers']} layers x {shape['n_heads']} heads): {summary['n_edges']} edges, "
+             f"{len(summary['true_edges'])} causal (margin drop ≥ {summary['config']['threshold']})",
+             f"{'detector':<14}{'population':<12}{'pos':>5}{'neg':>6}{'prec':>7}{'recall':>7}{'AUC':>7}"]
     for name, d in summary["detectors"].items():
-        population = {"weight_z": "all edges", "attribution": "all edges", "task_effect": f"{d['n_pos'] + d['n_neg']} edges"}.get(name, "patched senders")
+        population = "all edges" if name != "task_effect" else f"{d['n_pos'] + d['n_neg']} checked"
         prec, rec = (f"{d[k]:7.3f}" if k in d else f"{'':>7}" for k in ("precision", "recall"))
-        lines.append(f"{name:<14}{population:<20}{d['n_pos']:>5}{d['n_neg']:>6}{prec}{rec}{d['roc_auc']:7.3f}")
+        lines.append(f"{name:<14}{population:<12}{d['n_pos']:>5}{d['n_neg']:>6}{prec}{rec}{d['roc_auc']:7.3f}")
+    agreement = summary["attribution_agreement"]
+    rho = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    lines += [f"attribution against the stage's exact checks: Spearman {rho(agreement.get('spearman_checked'))} over "
+              f"{agreement.get('n_checked')} edges, {rho(agreement.get('spearman_top'))} over the top {agreement.get('n_top')}"]
     lines += ["", "ROC-AUC by causal threshold (margin drop): " + "; ".join(
         f"≥{threshold}: " + ", ".join(f"{name} {auc:.3f}" for name, auc in aucs.items()) for threshold, aucs in summary["auc_by_threshold"].items())]
     lines += ["", f"{'strongest edges':<24}{'margin drop':>12}{'log-prob drop':>14}{'acc drop':>10}  verdict"]

@@ -1,0 +1,160 @@
+"""The evidence of every edge: the task-level part (edge attribution, exact checks and their
+nulls) and one row per edge with its three lines of evidence and its verdict
+(:mod:`~vitcircuits.composition.circuits` defines them)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from vitcircuits.composition.ablation import ZStats
+from vitcircuits.composition.circuits import verdict
+from vitcircuits.composition.edge_attribution import EdgeAttribution, edge_attribution_batch, spearman
+from vitcircuits.composition.evidence import MIN_NULL, Line, below_floor, bootstrap_intervals, fill_count, judge
+from vitcircuits.composition.patching import METRICS, PATHS, QUERY_SETS, VERDICT_METRIC, PatchEffects
+from vitcircuits.composition.task_metric import TaskMetric
+from vitcircuits.composition.task_patching import EdgeDrops, EdgeKey, all_edges, edge_drops
+from vitcircuits.composition.weights import CompositionScores
+from vitcircuits.models.hooked_vit import HookedViT
+
+if TYPE_CHECKING:
+    from vitcircuits.composition.scan import ComposeConfig
+
+ATTRIBUTION_BATCH = 32
+"""Images per edge-attribution pass (each holds a forward and a backward graph)."""
+
+
+@dataclass
+class TaskEvidence:
+    """What the task-level part of the stage measured."""
+
+    attribution_LHPLH: np.ndarray
+    """Attributed drops ``[sender L, sender H, 3 paths, receiver L, receiver H]``."""
+    direct_LH: np.ndarray
+    """Attributed drops of the direct paths sender → output."""
+    drops: EdgeDrops
+    """Exact per-image drops of the checked edges, their null senders and random controls."""
+    checked: list[EdgeKey]
+    """Edges checked exactly: all, or the top of the attribution."""
+    null_senders: dict[EdgeKey, list[EdgeKey]]
+    """Per checked edge at or above the floor: the other-sender edges of its null."""
+    floor: float
+    description: dict
+
+    def estimate(self, edge: EdgeKey) -> float:
+        sl, sh, rl, rh, kind = edge
+        return float(self.attribution_LHPLH[sl, sh, PATHS.index(kind), rl, rh])
+
+    def agreement(self, n_top: int) -> dict:
+        """Spearman correlation of the attributed and the exact drops over the checked edges, and
+        over the ``n_top`` of them with the largest exact drops."""
+        exact = np.array([self.drops.mean(e) for e in self.checked])
+        est = np.array([self.estimate(e) for e in self.checked])
+        top = np.argsort(-exact)[:n_top]
+        rho = lambda a, b: spearman(a, b) if len(a) > 1 and np.ptp(a) > 0 and np.ptp(b) > 0 else None  # noqa: E731
+        return {"n_checked": len(self.checked), "spearman_checked": rho(est, exact), "n_top": int(top.size),
+                "spearman_top": rho(est[top], exact[top])}
+
+
+@torch.no_grad()
+def task_evidence(model: HookedViT, images_BCHW: torch.Tensor, stats: ZStats, metric: TaskMetric, config: ComposeConfig) -> TaskEvidence:
+    """Edge attribution over every edge, exact checks of all edges (small model) or of the top
+    ``task_candidates``, and the nulls of the checked edges that reach the floor."""
+    H = model.cfg.n_heads
+    images_BCHW = images_BCHW.to(model.device, model.dtype)
+    chunks = list(zip(images_BCHW.split(ATTRIBUTION_BATCH), range(0, len(images_BCHW), ATTRIBUTION_BATCH)))
+    targets = torch.cat([metric.targets(metric.output(model, x)) for x, _ in chunks])
+    sums = EdgeAttribution(model.cfg.n_layers, H)
+    for x, start in chunks:
+        edge_attribution_batch(model, x, targets[start : start + len(x)], metric, stats, sums, config.attribution)
+    est_LHPLH, direct_LH = (t.numpy() for t in sums.mean())
+    edges = all_edges(model)
+    everything = len(edges) <= config.max_task_edges
+    estimate = lambda e: est_LHPLH[e[0], e[1], PATHS.index(e[4]), e[2], e[3]]  # noqa: E731
+    checked = edges if everything else sorted(edges, key=lambda e: -estimate(e))[: config.task_candidates]
+    seed = config.patching.seed
+    drops = edge_drops(model, images_BCHW, targets, checked, stats, metric, seed=seed)
+    floor = metric.floor(drops.clean_I)
+    null_senders, n_random = {}, {}
+    for edge in checked:
+        if drops.mean(edge) < floor:
+            continue
+        sl, sh, rl, rh, kind = edge
+        earlier = [(layer, head) for layer in range(rl) for head in range(H)]
+        if not everything and len(earlier) > MIN_NULL + 1:
+            rng = np.random.default_rng([seed, rl, rh, PATHS.index(kind)])
+            earlier = [earlier[i] for i in sorted(rng.choice(len(earlier), MIN_NULL + 1, replace=False))]
+        others = [(layer, head, rl, rh, kind) for layer, head in earlier if (layer, head) != (sl, sh)][: len(earlier) if everything else MIN_NULL]
+        null_senders[edge] = others
+        n_random[edge] = fill_count(len(others))
+    needed = sorted({other for others in null_senders.values() for other in others})
+    edge_drops(model, images_BCHW, targets, needed, stats, metric, n_random, seed=seed, into=drops)
+    description = {"kind": metric.kind, "probe": metric.probe_CD is not None, "n_images": len(images_BCHW),
+                   "target": "clean embedding" if metric.kind == "embedding" else "label or clean prediction",
+                   "clean_mean": float(drops.clean_I.mean()), "floor": floor, "attribution_steps": config.attribution.steps,
+                   "n_edges": len(edges), "n_checked": len(checked), "n_null_edges": len(needed)}
+    return TaskEvidence(est_LHPLH, direct_LH, drops, checked, null_senders, floor, description)
+
+
+def _matters_lines(task: TaskEvidence, n_boot: int, seed: int) -> dict[EdgeKey, Line]:
+    values_IE = np.stack([task.drops.drops[e].numpy() for e in task.checked], axis=1)
+    lo_E, hi_E = bootstrap_intervals(values_IE, n_boot, seed)
+    lines = {}
+    for j, edge in enumerate(task.checked):
+        effect = task.drops.mean(edge)
+        if edge not in task.null_senders:
+            lines[edge] = below_floor(effect, lo_E[j], hi_E[j], task.floor)
+            continue
+        others = task.null_senders[edge]
+        null = [task.drops.mean(o) for o in others] + task.drops.random.get(edge, [])[: fill_count(len(others))]
+        lines[edge] = judge(effect, lo_E[j], hi_E[j], null, task.floor)
+    return lines
+
+
+def edge_rows(scores: CompositionScores, senders: list[tuple[int, int, str]], clean: PatchEffects, shuffled: PatchEffects,
+              kept_LH: np.ndarray, task: TaskEvidence | None, has_prefix: bool, config: ComposeConfig) -> list[dict]:
+    """One row per edge whose sender is in ``senders`` (module docstring of
+    :mod:`~vitcircuits.composition.circuits`)."""
+    S = len(senders)
+    index = {(layer, head): i for i, (layer, head, _) in enumerate(senders)}
+    fills_of: dict[tuple[int, int], list[int]] = {}
+    for j, (layer, head, _) in enumerate(clean.randoms):
+        fills_of.setdefault((layer, head), []).append(S + j)
+    per_image = clean.per_image().double().numpy()
+    I, _, P, L, H, Q = per_image.shape
+    mean = per_image.mean(0)
+    lo, hi = (a.reshape(S, P, L, H, Q) for a in bootstrap_intervals(per_image[:, :S].reshape(I, -1), config.n_boot, config.patching.seed))
+    shuffled_mean = shuffled.mean().numpy()
+    matters = _matters_lines(task, config.n_boot, config.patching.seed) if task is not None else {}
+    query_sets = QUERY_SETS if has_prefix else QUERY_SETS[:1]
+    rows = []
+    for i, (sl, sh, sender_kind) in enumerate(senders):
+        for p, kind in enumerate(PATHS):
+            weight, weight_z, silent = scores.scores(kind), scores.z(kind), scores.silent[kind]
+            floor = config.criteria.composes_floor(kind)
+            for rl in range(sl + 1, L):
+                others = [index[(layer, head)] for layer in range(rl) for head in range(H) if (layer, head) != (sl, sh)]
+                null_rows = others + fills_of.get((sl, sh), [])[: fill_count(len(others))]
+                for rh in range(H):
+                    lines = {qs: judge(mean[i, p, rl, rh, q], lo[i, p, rl, rh, q], hi[i, p, rl, rh, q], mean[null_rows, p, rl, rh, q], floor)
+                             for q, qs in enumerate(query_sets)}
+                    read_at = [qs for qs, line in lines.items() if line.beyond]
+                    edge = (sl, sh, rl, rh, kind)
+                    line = matters.get(edge)
+                    earlier = np.delete(weight[:rl, :, rl, rh].ravel(), sl * H + sh)
+                    rows.append({
+                        "sender_layer": sl, "sender_head": sh, "sender_kind": sender_kind, "receiver_layer": rl, "receiver_head": rh,
+                        "kind": kind, "verdict": verdict(bool(read_at), line.beyond if line else None),
+                        "silent": bool(silent[sl, sh, rl, rh]), "read_at": read_at,
+                        "composes_patch": lines["patch"].as_dict(), "composes_prefix": lines["prefix"].as_dict() if "prefix" in lines else None,
+                        "ablation": config.patching.ablation, "matters": line.as_dict() if line else None,
+                        "attribution": task.estimate(edge) if task is not None else None,
+                        "weight_score": float(weight[sl, sh, rl, rh]), "baseline_mean": scores.baseline_mean[kind],
+                        "baseline_std": scores.baseline_std[kind], "weight_z": float(weight_z[sl, sh, rl, rh]),
+                        "weight_percentile": float((earlier < weight[sl, sh, rl, rh]).mean()) if earlier.size else None,
+                        "shuffle_effect": float(shuffled_mean[i, p, rl, rh, METRICS.index(VERDICT_METRIC[kind])]),
+                        "attention_kept": float(kept_LH[rl, rh]),
+                    })
+    return rows

@@ -1,30 +1,35 @@
-"""Task-grounded attribution of every edge: EAP-IG along the mean-ablation path.
+"""Task-grounded attribution of every edge: EAP-IG along the path-ablation path, one input role
+at a time.
 
 An **edge** is ``sender head → receiver head → q/k/v`` (the receiver reads the sender's output
 through that one input), or ``sender head → output`` (the direct path into the final residual
 stream). Its exact effect is what :mod:`~vitcircuits.composition.task_patching` measures: the drop
-of a :class:`~vitcircuits.composition.task_metric.TaskMetric` with that one path mean-ablated.
+of a :class:`~vitcircuits.composition.task_metric.TaskMetric` with that one path mean-ablated,
+everything else clean.
 
-The estimate (edge attribution patching with integrated gradients, as in Hanna et al. 2024,
-"Have Faith in Faithfulness", in its activation-interpolation form): with
-``delta_s = (z̄_s − z_s) W_O^s`` the change of sender ``s``'s output when it is mean-ablated, at
-every token of the clean run,
+The estimate (edge attribution patching with integrated gradients, Hanna et al. 2024, "Have
+Faith in Faithfulness"): with ``delta_s = (z̄_s − z_s) W_O^s`` the change of sender ``s``'s output
+when it is mean-ablated, at every token of the clean run,
 
     drop(s → r, p) ≈ − Σ_tokens  delta_s · (1/K) Σ_k  ∂metric/∂x_{r,p} |_{α_k}
 
-where ``x_{r,p}`` is the residual stream as receiver ``r`` reads it through input ``p`` alone (its
-query, key or value: the head-space gradient of ``p`` pulled back through ``W_p^r`` and ``ln1``,
-:class:`LNPullBack`), and the gradients are taken on runs where
-*every* head's output is moved a fraction ``α_k = (k − ½)/K`` of the way to its mean
-(``z ← z + α (z̄ − z)``, ``k = 1..K``, the midpoint rule). For the direct path ``x`` is the final
-residual stream. ``K = 1`` is plain EAP at ``α = ½``; the gradient at the clean run (``α = 0``) is
-blind to a metric that is flat there (the embedding metric's distance), which the path average is
-not.
+where ``x_{r,p}`` is the residual stream as receiver ``r`` reads it through input ``p`` alone (the
+head-space gradient of ``p`` pulled back through ``W_p^r`` and ``ln1``, :class:`LNPullBack`).
+The gradients are taken on runs where every receiver's input ``p`` reads ``x + α_k Σ_{s earlier}
+delta_s``, every *edge* into role ``p`` moved a fraction ``α_k = (k − ½)/K`` of the way to its
+ablation (midpoint rule), while the other two inputs, the MLPs and the residual stream stay
+clean, as path patching leaves them. One run per role: a receiver's query and key interact
+bilinearly, so interpolating both at once would take each edge's gradient where its partner is
+ablated too, which single-edge ablation never does (on the shapes organisms the joint path
+ranked the causal edges at ROC-AUC 0.83 on one of them; see docs/composition.md). The direct
+paths ride on the V run (like V inputs, the output reads the senders' outputs without
+attention): there the final residual stream reads ``x + α_k Σ_s delta_s`` too. The gradient at
+the clean run alone (``α = 0``) is blind to a saturated metric, which the path average is not.
 
-Cost per batch: one clean forward for the senders' changes, then per step one forward and one
-backward with gradients kept at every q, k and v, plus one matmul per receiver layer between the
-senders' changes ``[S, B·N·D]`` and the receivers' gradients ``[3H, B·N·D]`` (chunked over
-images so that these fit in :data:`CHUNK_FLOATS`).
+Cost per batch: one clean forward for the senders' changes, then ``3 K`` forward and backward
+passes (``K = 1``: about ten forward-equivalents), plus per receiver layer one matmul between the
+senders' changes ``[S, B·N·D]`` and the receivers' gradients ``[H, B·N·D]`` (chunked over images
+so that both fit in :data:`CHUNK_FLOATS`).
 """
 from __future__ import annotations
 
@@ -32,8 +37,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from vitcircuits.composition.ablation import ZStats
+from vitcircuits.composition.patching import PATHS
 from vitcircuits.composition.task_metric import TaskMetric
 from vitcircuits.models.hooked_vit import HookedViT
 
@@ -46,9 +53,10 @@ many floats each (128 MiB in fp32)."""
 class EdgeAttributionConfig:
     """Settings of :func:`edge_attribution_batch`."""
 
-    steps: int = 3
-    """Integration steps ``K`` along the ablation path (midpoints ``(k − ½)/K``); each costs one
-    forward and one backward."""
+    steps: int = 1
+    """Integration steps ``K`` per input role along the ablation path (midpoints ``(k − ½)/K``);
+    each costs one forward and one backward per role. 1 keeps the whole estimate within about ten
+    forward-equivalents per batch."""
 
 
 class LNPullBack:
@@ -99,44 +107,50 @@ class EdgeAttribution:
         return self.sum_LHPLH / n, self.sum_direct_LH / n
 
 
-def _path_gradients(model: HookedViT, images_BCHW: torch.Tensor, targets: torch.Tensor, metric: TaskMetric, mean_LHd: torch.Tensor,
-                    alpha: float) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """On the run with every head moved ``alpha`` of the way to its mean: per layer ``l ≥ 1`` the
-    metric's gradient with respect to the residual as each head reads it through q, k and v
-    ``[3H, B, N, D]``, and its gradient with respect to the final residual stream ``[B, N, D]``."""
-    L = model.cfg.n_layers
+def _role_gradients(model: HookedViT, images_BCHW: torch.Tensor, targets: torch.Tensor, metric: TaskMetric, shift_LBND: torch.Tensor,
+                    alpha: float, role: int) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+    """On the run where every receiver's input ``role`` (0 q, 1 k, 2 v) reads ``x + alpha *
+    shift_LBND[l]``: per layer ``l ≥ 1`` the metric's gradient with respect to the residual as each
+    head reads it through that role ``[H, B, N, D]``; for the V run also the gradient with
+    respect to the final residual stream, read as ``x + alpha * shift_LBND[L]`` (else None)."""
+    L, H, Dh = model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head
+    name = PATHS[role]
     saved: dict[str, torch.Tensor] = {}
 
     def start(x_BND, hook):
         return x_BND.detach().requires_grad_(True)
 
-    def interpolate(layer):
-        def fn(z_BNHd, hook):
-            return z_BNHd + alpha * (mean_LHd[layer].to(z_BNHd) - z_BNHd)
+    def read(layer):
+        def fn(x_BND, hook):
+            block = model.blocks[layer]
+            saved[f"resid{layer}"] = read_BND = x_BND + alpha * shift_LBND[layer]
+            normed = F.layer_norm(read_BND, block.ln1.weight.shape, block.ln1.weight, block.ln1.bias, block.ln1.eps)
+            saved[f"input{layer}"] = block.attn.qkv(normed).view(*x_BND.shape[:2], 3, H, Dh)[:, :, role]
+            return x_BND
         return fn
 
-    def keep(name):
-        def fn(t, hook):
-            saved[name] = t
-            return t
+    def replace(layer):
+        def fn(t_BNHd, hook):
+            return saved[f"input{layer}"]
         return fn
 
-    hooks = [("blocks.0.hook_resid_pre", start), (f"blocks.{L - 1}.hook_resid_post", keep("final"))]
-    for layer in range(L):
-        hooks.append((f"blocks.{layer}.attn.hook_z", interpolate(layer)))
-        if layer >= 1:
-            hooks += [(f"blocks.{layer}.hook_resid_pre", keep(f"resid{layer}"))]
-            hooks += [(f"blocks.{layer}.attn.hook_{p}", keep(f"{p}{layer}")) for p in "qkv"]
+    def final(x_BND, hook):
+        saved["final"] = x_BND + alpha * shift_LBND[L]
+        return saved["final"]
+
+    hooks = [("blocks.0.hook_resid_pre", start)] + ([(f"blocks.{L - 1}.hook_resid_post", final)] if name == "v" else [])
+    for layer in range(1, L):
+        hooks += [(f"blocks.{layer}.hook_resid_pre", read(layer)), (f"blocks.{layer}.attn.hook_{name}", replace(layer))]
     with torch.enable_grad(), model.hooks(hooks):
         value = metric.value(metric.output(model, images_BCHW), targets).sum()
-        wanted = [saved[f"{p}{layer}"] for layer in range(1, L) for p in "qkv"] + [saved["final"]]
-        grads = torch.autograd.grad(value, wanted, allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wanted, grads)]
+        wanted = [saved[f"input{layer}"] for layer in range(1, L)] + ([saved["final"]] if name == "v" else [])
+        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wanted, torch.autograd.grad(value, wanted, allow_unused=True))]
     out = {}
     for i, layer in enumerate(range(1, L)):
-        g_3BHNd = torch.stack([g.transpose(1, 2) for g in grads[3 * i : 3 * i + 3]])
-        out[layer] = LNPullBack(model.blocks[layer], saved[f"resid{layer}"].detach())(g_3BHNd.detach())
-    return out, grads[-1].detach()
+        g_3BHNd = torch.zeros(3, *grads[i].transpose(1, 2).shape, device=grads[i].device, dtype=grads[i].dtype)
+        g_3BHNd[role] = grads[i].transpose(1, 2)
+        out[layer] = LNPullBack(model.blocks[layer], saved[f"resid{layer}"].detach())(g_3BHNd)[role * H : (role + 1) * H]
+    return out, grads[-1] if name == "v" else None
 
 
 @torch.no_grad()
@@ -150,23 +164,26 @@ def edge_attribution_batch(model: HookedViT, images_BCHW: torch.Tensor, targets:
     images_BCHW = images_BCHW.to(model.device, model.dtype)
     mean_LHd = stats.mean_LHd().to(model.device, model.dtype)
     W_O = model.W_O
-    chunk = max(1, CHUNK_FLOATS // (N * D * max(L * H, 3 * H)))
+    chunk = max(1, CHUNK_FLOATS // (N * D * (L + 1) * H))
     for b0 in range(0, len(images_BCHW), chunk):
         x = images_BCHW[b0 : b0 + chunk]
         t = targets[b0 : b0 + chunk].to(model.device)
         _, cache = model.run_with_cache(x, names_filter=lambda n: n.endswith("attn.hook_z"))
         z_LBNHd = cache.stack("blocks.{}.attn.hook_z", L)
-        delta_SX = torch.einsum("lbnhd,lhdD->lhbnD", mean_LHd[:, None, None] - z_LBNHd, W_O).reshape(L * H, -1)
-        est_SRX = torch.zeros(L * H, L, 3 * H, dtype=torch.float64, device=model.device)
+        delta_LHBND = torch.einsum("lbnhd,lhdD->lhbnD", mean_LHd[:, None, None] - z_LBNHd, W_O)
+        per_layer_LBND = delta_LHBND.sum(1)
+        shift_LBND = torch.cat([torch.zeros_like(per_layer_LBND[:1]), per_layer_LBND.cumsum(0)])  # [L + 1]: all senders before l
+        delta_SX = delta_LHBND.reshape(L * H, -1)
+        est_SLPH = torch.zeros(L * H, L, 3, H, dtype=torch.float64, device=model.device)
         direct_S = torch.zeros(L * H, dtype=torch.float64, device=model.device)
-        for k in range(config.steps):
-            receivers, final_BND = _path_gradients(model, x, t, metric, mean_LHd, (k + 0.5) / config.steps)
-            for rl, grads_3HBND in receivers.items():
-                est_SRX[: rl * H, rl] -= (delta_SX[: rl * H] @ grads_3HBND.reshape(3 * H, -1).T).double()
-            direct_S -= (delta_SX @ final_BND.reshape(-1)).double()
-        # [S, receiver L, 3H] (role-major within the layer) -> [L, H, 3, L, H]
-        est = est_SRX.view(L, H, L, 3, H).permute(0, 1, 3, 2, 4) / config.steps
-        sums.sum_LHPLH += est.cpu()
+        for role in range(3):
+            for k in range(config.steps):
+                receivers, final_BND = _role_gradients(model, x, t, metric, shift_LBND, (k + 0.5) / config.steps, role)
+                for rl, grads_HBND in receivers.items():
+                    est_SLPH[: rl * H, rl, role] -= (delta_SX[: rl * H] @ grads_HBND.reshape(H, -1).T).double()
+                if final_BND is not None:
+                    direct_S -= (delta_SX @ final_BND.reshape(-1)).double()
+        sums.sum_LHPLH += (est_SLPH.view(L, H, L, 3, H).permute(0, 1, 3, 2, 4) / config.steps).cpu()
         sums.sum_direct_LH += (direct_S / config.steps).view(L, H).cpu()
         sums.n_images += len(x)
 

@@ -36,6 +36,9 @@ from vitcircuits.models.organisms.cifar import normalize_images
 from vitcircuits.testing.ground_truth import edge_scores, score_edges
 
 SENSITIVITY_THRESHOLDS = (0.05, 0.1, 0.2, 0.5)
+SHAPES_ORGANISMS = ("bundled:shapes-vit", "bundled:shapes-vit-3x2", "bundled:shapes-vit-2x8")
+"""The organisms trained on the shapes task (:mod:`vitcircuits.models.organisms.shapes`): 4 layers
+x 4 heads (seed 0), 3 x 2 (seed 1), 2 x 8 (seed 2)."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,20 @@ def format_organism(summary: dict) -> str:
         sl, sh, rl, rh, kind = row["edge"]
         edge = f"L{sl}H{sh} -> L{rl}H{rh} {kind}"
         lines.append(f"{edge:<24}{row['margin_drop']:>12.4f}{row['logprob_drop']:>14.4f}{row['accuracy_drop']:>10.3f}  {row['verdict']}")
+    return "\n".join(lines)
+
+
+def format_organisms(summaries: list[dict]) -> str:
+    """One table of the goals over several :func:`run_organism` summaries."""
+    f = lambda v: "  n/a" if v is None else f"{v:5.3f}"  # noqa: E731
+    lines = ["All organisms (goals: supported AUC ≥ 0.95, precision ≥ 0.9, recall ≥ 0.8; attribution AUC ≥ 0.95)",
+             f"{'organism':<26}{'LxH':>6}{'causal':>7}{'supp':>6}{'prec':>7}{'recall':>7}{'AUC':>7}{'attrAUC':>8}{'taskAUC':>8}{'rho40':>7}"]
+    for s in summaries:
+        v, d = s["detectors"]["verdict"], s["detectors"]
+        shape = f"{s['shape']['n_layers']}x{s['shape']['n_heads']}"
+        lines.append(f"{s['config']['model']:<26}{shape:>6}{len(s['true_edges']):>7}{len(s['supported']):>6}{f(v.get('precision')):>7}"
+                     f"{f(v.get('recall')):>7}{f(v['roc_auc']):>7}{f(d['attribution']['roc_auc']):>8}{f(d['task_effect']['roc_auc']):>8}"
+                     f"{f(s['attribution_agreement'].get('spearman_top')):>7}")
     return "\n".join(lines)
 
 

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these tiny models)")
     parser.add_argument("--json", type=Path, default=None, help="also write the full JSON summary (per-member details) here")
     parser.add_argument("--organism", action="store_true", help="benchmark on the trained shapes organisms instead")
-    parser.add_argument("--model", action="append", default=None, help=f"with --organism: this organism only (repeatable; default: {', '.join(SHAPES_ORGANISMS)})")
+    parser.add_argument("--model", action="append", default=None, help="with --organism: only this organism (repeatable; default: all shapes organisms)")
     parser.add_argument("--truth-images", type=int, default=None,
                         help=f"generated images for the organism's truth (default {OrganismBenchConfig.truth_images}, or 240 with --small)")
     parser.add_argument("--truth-out", type=Path, default=None, help="write the organism's measured edges here (truth.json layout)")

@@ -15,21 +15,32 @@ def _truth(edges):
             "edges": [{"edge": list(edge), "margin_drop": drop, "causal": drop >= 0.1} for edge, drop in edges]}
 
 
+def _line(effect, floor=0.05):
+    """A ``matters`` line of ``circuits.json``; below the floor no null is drawn."""
+    drawn = effect >= floor
+    return {"effect": effect, "lo": effect - 0.1, "hi": effect + 0.1, "null_mean": 0.0 if drawn else None, "null_std": 0.02 if drawn else None,
+            "null_q95": 0.04 if drawn else None, "n_null": 20 if drawn else 0, "z": effect / 0.02 if drawn else None, "null_degenerate": False,
+            "floor": floor, "beyond": drawn and effect > 0.04}
+
+
 def _circuit(edge, verdict, run_effect=None):
     sl, sh, rl, rh, kind = edge
-    return {"senders": [[sl, sh]], "receivers": [[rl, rh]], "kind": kind, "verdict": verdict, "evidence": {"task_margin_drop": run_effect}}
+    matters = None if run_effect is None else _line(run_effect)
+    return {"senders": [[sl, sh]], "receivers": [[rl, rh]], "kind": kind, "verdict": verdict, "evidence": {"matters": matters}}
 
 
 def test_compare_counts_supported_verdicts_against_causal_edges():
-    a, b, c, d = (0, 1, 2, 0, "k"), (0, 2, 1, 0, "q"), (1, 0, 3, 3, "v"), (0, 0, 3, 1, "k")
+    a, b, c, d, e = (0, 1, 2, 0, "k"), (0, 2, 1, 0, "q"), (1, 0, 3, 3, "v"), (0, 0, 3, 1, "k"), (1, 1, 2, 2, "q")
     truth = _truth([(a, 1.5), (b, 0.3), (c, 0.02), (d, 0.0)])
-    circuits = [_circuit(a, "supported", 1.2), _circuit(c, "supported", 0.01), _circuit(d, "none")]
+    circuits = [_circuit(a, "supported", 1.2), _circuit(c, "supported", 0.01), _circuit(d, "none", 0.0), _circuit(e, "weak")]
     result = compare(truth, circuits)
     assert (result["tp"], result["fp"], result["fn"], result["n_causal"]) == (1, 1, 1, 2)
     rows = {tuple(r["edge"]): r for r in result["rows"]}
-    assert set(rows) == {a, b, c}, "causal edges and supported/weak candidates only"
-    assert rows[b]["verdict"] == "not a candidate" and rows[b]["causal"] and rows[b]["run_effect"] is None
-    assert rows[a]["run_effect"] == 1.2 and [tuple(r["edge"]) for r in result["rows"]] == [a, b, c], "sorted by the true effect"
+    assert set(rows) == {a, b, c, e}, "causal edges and supported/weak edges only"
+    assert rows[b]["verdict"] == "none (not checked)" and rows[b]["causal"] and rows[b]["run_effect"] is None
+    assert rows[e]["verdict"] == "weak" and rows[e]["run_effect"] is None, "an edge not checked exactly has no task effect"
+    assert rows[a]["run_effect"] == 1.2 and rows[c]["run_effect"] == 0.01
+    assert [tuple(r["edge"]) for r in result["rows"]][:3] == [a, b, c], "sorted by the true effect"
 
 
 def test_copy_truth_validates_and_records(tmp_path):

@@ -130,6 +130,9 @@ def test_hovering_an_atlas_cell_shows_its_kernel_and_kind(page, server_url):
     assert all(kind in legend for kind in ("modular", "directional", "self", "cls/sink", "global", "mixed"))
     circuits = page.locator("#circuits-table tr").count()
     assert circuits == len(run["circuits"]) + 1
+    info = page.locator("#circuits-info").text_content()
+    assert f"{run['edges']['n']} edges: {run['edges']['verdicts']['supported']} supported" in info and "composes and matters" in info
+    assert "null q95" in page.locator("#circuits-table").text_content() and "NaN" not in page.locator("#circuits-table").text_content()
     if run["features"]:
         assert page.locator("#features-table tr").count() == len(run["features"]["top"]) + 1
         page.wait_for_function("Array.from(document.querySelectorAll('#features-figures img')).every(i => i.complete && i.naturalWidth > 0)")

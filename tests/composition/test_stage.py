@@ -5,7 +5,6 @@ import io
 import json
 import math
 
-import numpy as np
 import torch
 
 from vitcircuits.composition.circuits import edge_key
@@ -14,7 +13,6 @@ from vitcircuits.composition.outputs import write_composition
 from vitcircuits.composition.scan import ComposeConfig, run_composition
 from vitcircuits.composition.shuffle import shuffle_patches
 from vitcircuits.heads.atlas import AtlasConfig, accumulate, build_atlas, new_accumulator
-from vitcircuits.testing.planted import PlantedConfig, random_like
 from vitcircuits.testing.planted_circuits import CIRCUIT_CONFIG, build_planted_circuits
 
 

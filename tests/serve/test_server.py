@@ -120,13 +120,20 @@ def test_api_run_matches_run_files(server, run_dir):
     assert kernels.shape == (4, 4, 2 * run["kernel_radius"] + 1, 2 * run["kernel_radius"] + 1)
     np.testing.assert_allclose(kernels, atlas.window(run["kernel_radius"]), rtol=1e-6, equal_nan=True)
 
-    circuits = json.loads((run_dir / "composition" / "circuits.json").read_text())["circuits"]
+    composition = json.loads((run_dir / "composition" / "circuits.json").read_text())
+    circuits = composition["circuits"]
     assert len(run["circuits"]) == min(len(circuits), 200) and run["circuits"]
+    assert run["edges"] == {"n": composition["n_edges"], "verdicts": composition["verdicts"], "rule": composition["rule"], "n_listed": len(circuits)}
     first, expected = run["circuits"][0], circuits[0]
-    assert (first["senders"], first["receivers"], first["kind"], first["verdict"], first["shuffle_reading"]) == (
-        expected["senders"], expected["receivers"], expected["kind"], expected["verdict"], expected["shuffle_reading"])
-    assert first["weight_z"] == pytest.approx(expected["evidence"]["weight_score"]["z"])
-    assert first["patch_z"] == pytest.approx(expected["evidence"]["patch_effect"]["z"])
+    assert (first["senders"], first["receivers"], first["kind"], first["verdict"], first["read_at"], first["shuffle_reading"]) == (
+        expected["senders"], expected["receivers"], expected["kind"], expected["verdict"], expected["read_at"], expected["shuffle_reading"])
+    evidence = expected["evidence"]
+    where = "patch" if "patch" in expected["read_at"] or not expected["read_at"] else "prefix"
+    assert first["composes_at"] == where and first["composes_effect"] == pytest.approx(evidence["composes"][where]["effect"])
+    assert first["weight_z"] == pytest.approx(evidence["weights"]["z"])
+    assert first["matters_checked"] == (evidence["matters"] is not None)
+    if evidence["matters"] is not None:
+        assert first["matters_effect"] == pytest.approx(evidence["matters"]["effect"])
 
     features = json.loads((run_dir / "sae" / "features" / "features.json").read_text())
     assert run["features"]["hook"] == features["hook"]
@@ -253,6 +260,26 @@ def test_without_a_model_the_run_is_still_served(run_dir, tmp_path_factory):
         assert get(srv, "/files/manifest.json")[0] == 200
     finally:
         stop(srv, thread)
+
+
+def test_circuits_from_a_hand_written_run_keep_null_fields_null(tmp_path):
+    from tests.test_report import circuits_document
+
+    document = circuits_document()
+    document["circuits"][0]["evidence"]["attribution"] = float("nan")  # json writes NaN; the page gets null
+    (tmp_path / "composition").mkdir()
+    (tmp_path / "composition" / "circuits.json").write_text(json.dumps(document))
+    state = RunState(tmp_path, device="cpu")
+    assert not state.live
+    supported, weak, none = state.summary["circuits"]
+    edges = state.summary["edges"]
+    assert edges["verdicts"] == {"supported": 1, "weak": 40, "none": 247} and (edges["n"], edges["n_listed"]) == (288, 3)
+    assert (supported["composes_at"], supported["composes_effect"], supported["composes_null_q95"]) == ("prefix", 0.0312, 0.0121)
+    assert supported["matters_checked"] and supported["matters_effect"] == 0.25 and supported["attribution"] is None
+    assert weak["composes_at"] == "patch" and weak["silent"] and not weak["matters_checked"] and weak["matters_effect"] is None
+    assert weak["weight_z"] is None and weak["attribution"] is None
+    assert none["composes_at"] == "patch" and none["matters_checked"] and none["matters_null_q95"] is None
+    assert "NaN" not in json.dumps(state.summary)
 
 
 def test_cli_registers_serve(tmp_path):

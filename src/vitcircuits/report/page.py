@@ -6,7 +6,7 @@ import json
 from vitcircuits.models.loading import LoadedModel
 from vitcircuits.report import html
 from vitcircuits.report.sae_section import sae_section
-from vitcircuits.report.summary import caveats_section, verdict_section
+from vitcircuits.report.summary import caveats_section, line_text, number, task_metric_text, verdict_section
 from vitcircuits.report.truth_section import truth_section
 from vitcircuits.runs import Run, write_text
 
@@ -62,49 +62,65 @@ def heads_section(run: Run) -> str:
                         + "<h3>Most modular heads</h3>" + table + "<h3>Baselines</h3>" + base + _figures(run, figures), "heads")
 
 
-def composition_section(run: Run) -> str:
+def _circuit_row(c: dict) -> tuple:
+    e = c["evidence"]
+    weights, shuffle = e["weights"], e["shuffle"]
+    percentile = "" if weights["percentile_earlier"] is None else f" (percentile {number(100 * weights['percentile_earlier'], 0)} among earlier heads)"
+    return (
+        ", ".join(f"L{layer}H{head}" for layer, head in c["senders"]) + f" ({', '.join(c['sender_kinds'])})",
+        ", ".join(f"L{layer}H{head}" for layer, head in c["receivers"]), c["kind"].upper(), c["verdict"] + (" (silent)" if c["silent"] else ""),
+        "+".join(c["read_at"]) or "—", f"{e['composes']['metric']} {line_text(e['composes']['patch'])}",
+        "—" if e["composes"]["prefix"] is None else line_text(e["composes"]["prefix"]), line_text(e["matters"], floor=True),
+        number(e["attribution"], 4), number(weights["z"], 1) + percentile,
+        f"{c['shuffle_reading']} (kept {number(shuffle['attention_kept'], 2)}; effect {number(shuffle['effect'], 4)})",
+    )
+
+
+def composition_section(run: Run, n_rows: int = 15) -> str:
     data = json.loads(run.file("composition/circuits.json").read_text())
-    circuits = data["circuits"]
-    counts = {v: sum(c["verdict"] == v for c in circuits) for v in ("supported", "weak", "none")}
-    supported = [c for c in circuits if c["verdict"] == "supported"]
-    summary = (f"{counts['supported']} supported, {counts['weak']} weak and {counts['none']} unsupported candidate circuits "
-               f"({data['ablation']} ablation of the sender). Supported = the weight score beats random heads (z ≥ 3) and the "
-               "sender's layer-mates (z ≥ 2), and the path-patching effect beats the layer-mates' effects (z ≥ 3).")
-    rows = []
-    for c in circuits[:15]:
-        e = c["evidence"]
-        rows.append((
-            ", ".join(f"L{layer}H{head}" for layer, head in c["senders"]) + f" ({', '.join(c['sender_kinds'])})",
-            ", ".join(f"L{layer}H{head}" for layer, head in c["receivers"]), c["kind"].upper(), c["verdict"],
-            f"{e['weight_score']['value']:.3f} (z {e['weight_score']['z']:.1f}; random {e['weight_score']['baseline_mean']:.3f})",
-            f"{e['patch_effect']['value']:.4f} (z {e['patch_effect']['z']:.1f}; controls {e['patch_effect']['control_mean']:.4f})",
-            f"{e['shuffle']['effect']:.4f}", f"{e['shuffle']['attention_kept']:.2f}", c["shuffle_reading"],
-        ))
-    table = html.table(rows, ("senders", "receiver", "kind", "verdict", "weight score", "path-patch effect", "effect on shuffled",
-                              "attention kept under shuffle", "shuffle reading"))
+    circuits, counts, task = data["circuits"], data["verdicts"], data.get("task_metric") or {}
+    ablation = f" ({data['ablation']} ablation of the sender)" if data["ablation"] else ""
+    summary = (f"Every edge sender → later receiver → Q/K/V gets a verdict{ablation}: of {data['n_edges']} edges, {counts['supported']} are "
+               f"supported, {counts['weak']} weak and {counts['none']} none. Supported = the edge composes and matters. Composes: path "
+               "patching the sender into the receiver's one input changes the receiver (Q/K: Jensen–Shannon divergence of its attention, "
+               "patch_js; V: relative change of its output, patch_rel_out) beyond a null built from the other earlier heads into the same "
+               "receiver input and random-direction controls, at patch queries or at prefix queries (class token, registers). Matters: "
+               f"ablating that one edge lowers the task metric ({task_metric_text(task)}) beyond a null built the same way and above its floor. "
+               "Weak = exactly one of the two; weight scores only corroborate. Each line: effect [95% bootstrap interval over images] "
+               "against the null's 95th percentile.")
+    if task:
+        summary += (f" Task metric on {task['n_images']} images (target: {task['target']}): clean mean {number(task['clean_mean'])}, "
+                    f"floor {number(task['floor'])}; {task['n_checked']} of {task['n_edges']} edges checked exactly, their nulls drawn from "
+                    f"{task['n_null_edges']} other-sender edges.")
+    else:
+        summary += " No task images: no edge was checked for mattering, so none can be supported."
+    table = html.table([_circuit_row(c) for c in circuits[:n_rows]],
+                       ("senders", "receiver", "kind", "verdict", "read at", "composes at patch queries", "composes at prefix queries",
+                        "matters: task-metric drop", "attribution (EAP-IG)", "weight z (corroboration)", "shuffle reading"))
+    listed = (f"The table shows {min(n_rows, len(circuits))} of the {len(circuits)} edges that are supported, weak or were checked "
+              "exactly, supported first, by drop.")
     reading = ("Shuffle reading: 'positional' = the receiver attends the same way when the patches are shuffled (attention "
                "follows position, so on shuffled images it moves unrelated content); 'content-matching' = its attention changes.")
     figures = json.loads(run.file("composition/figures.json").read_text())
     named = [f"L{c['senders'][0][0]}H{c['senders'][0][1]} → L{c['receivers'][0][0]}H{c['receivers'][0][1]} "
-             f"({c['kind'].upper()}, {c['shuffle_reading']})" for c in supported[:8]]
-    verdict_line = "Supported: " + "; ".join(named) if named else "No circuit is supported."
-    return html.section("Composition", html.paragraph(summary) + html.paragraph(verdict_line) + table + html.paragraph(reading)
-                        + _attribution_paragraph(data.get("attribution") or {}) + _figures(run, figures), "composition")
+             f"({c['kind'].upper()}, {c['shuffle_reading']})" for c in circuits if c["verdict"] == "supported"][:8]
+    verdict_line = "Supported: " + "; ".join(named) if named else "No edge is supported."
+    return html.section("Composition", html.paragraph(summary) + html.paragraph(verdict_line) + html.paragraph(listed) + table
+                        + html.paragraph(reading) + _attribution_paragraph(data) + _figures(run, figures), "composition")
 
 
-def _attribution_paragraph(agreement: dict) -> str:
-    if not agreement.get("n_patched_triples"):
+def _attribution_paragraph(data: dict) -> str:
+    agreement, task = data.get("attribution") or {}, data.get("task_metric") or {}
+    if not agreement.get("n_checked"):
         return ""
-    rho = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-    text = (f"Attribution patching (one forward and one backward per batch) estimated every sender → receiver → input triple. "
-            f"Over the {agreement['n_patched_triples']} triples also path-patched exactly, its Spearman rank correlation with "
-            f"exact patching is {rho(agreement['spearman_patched'])}; over the {agreement['n_top']} with the largest estimates, "
-            f"{rho(agreement['spearman_top'])} (metrics: neighbour-mass change for Q/K, output change along the clean output for V).")
-    strongest = agreement.get("strongest_unpatched", [])[:5]
-    if strongest:
-        text += " Strongest estimates from heads outside the patched layers: " + "; ".join(
-            f"L{t['sender'][0]}H{t['sender'][1]} → L{t['receiver'][0]}H{t['receiver'][1]} {t['kind'].upper()} ({t['estimate']:+.3f})"
-            for t in strongest) + "."
+    text = (f"Task-grounded edge attribution (EAP-IG, {task.get('attribution_steps', 'n/a')} integration steps) estimated the drop of the "
+            f"task metric for every edge ({task.get('n_edges', data['n_edges'])}); the edges checked exactly were picked by it. Its Spearman "
+            f"rank correlation with exact task-level path patching is {number(agreement['spearman_checked'], 2)} over the {agreement['n_checked']} "
+            f"checked edges and {number(agreement['spearman_top'], 2)} over the {agreement['n_top']} with the largest exact drops.")
+    direct = data.get("direct") or []
+    if direct:
+        text += " Largest attributed drops of direct paths sender → output: " + "; ".join(
+            f"L{d['sender'][0]}H{d['sender'][1]} ({number(d['attributed_drop'])})" for d in direct[:5]) + "."
     return html.paragraph(text)
 
 

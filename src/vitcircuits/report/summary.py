@@ -3,6 +3,7 @@ baseline and interval, and the caveats that bound what the run shows."""
 from __future__ import annotations
 
 import json
+import math
 
 from vitcircuits.models.loading import LoadedModel
 from vitcircuits.report import html
@@ -26,26 +27,59 @@ def _heads_claim(atlas: dict) -> tuple:
     return ("1. Early heads attend to the patches around the query, in several directions (modular heads)", answer, evidence)
 
 
+def number(value: float | None, digits: int = 3) -> str:
+    """``value`` to ``digits`` decimals; "n/a" for None and non-finite values."""
+    return f"{value:.{digits}f}" if value is not None and math.isfinite(value) else "n/a"
+
+
+def line_text(line: dict | None, digits: int = 4, floor: bool = False) -> str:
+    """One line of evidence: effect [95% interval] against its null's 95th percentile (and its
+    floor); "not checked" for None."""
+    if line is None:
+        return "not checked"
+    text = f"{number(line['effect'], digits)} [{number(line['lo'], digits)}, {number(line['hi'], digits)}]"
+    if line["null_q95"] is None:
+        text += f", below its floor {number(line['floor'], digits)} (no null drawn)"
+    else:
+        text += f" vs null q95 {number(line['null_q95'], digits)} ({line['n_null']} members"
+        text += ", no spread: the interval must clear it)" if line["null_degenerate"] else f", z {number(line['z'], 1)})"
+        if floor:
+            text += f", floor {number(line['floor'], digits)}"
+    return text + ("; beyond" if line["beyond"] else "; not beyond")
+
+
+def task_metric_text(task: dict) -> str:
+    """What the task metric is, in words."""
+    if task.get("kind") == "embedding":
+        return "the move of the embedding"
+    return "a linear probe's margin" if task.get("probe") else "the logit margin of the model's prediction"
+
+
 def _composition_claim(data: dict) -> tuple:
-    circuits = data["circuits"]
-    supported = [c for c in circuits if c["verdict"] == "supported"]
+    claim = "2. Later heads read what those heads wrote (composition)"
+    counts, n_edges = data["verdicts"], data["n_edges"]
+    supported = [c for c in data["circuits"] if c["verdict"] == "supported"]
     if not supported:
-        return ("2. Later heads read what those heads wrote (composition)", "no",
-                f"None of {len(circuits)} candidate circuits has weight and causal evidence beyond both baselines.")
+        checked = " (no task images: no edge was checked for mattering)" if not data.get("task_metric") else ""
+        return (claim, "no", f"None of {n_edges} edges both composes and matters{checked}; {counts['weak']} are weak (exactly one of the two).")
     local = [c for c in supported if set(c["sender_kinds"]) & {"modular", "directional"}]
     c = (local or supported)[0]
     e = c["evidence"]
     (sl, sh), (rl, rh) = c["senders"][0], c["receivers"][0]
-    evidence = (f"{len(supported)} of {len(circuits)} candidates supported, {len(local)} from modular or directional senders. "
-                f"Strongest: L{sl}H{sh} → L{rl}H{rh} through {c['kind'].upper()}: "
-                f"weight score {e['weight_score']['value']:.3f} (random heads {e['weight_score']['baseline_mean']:.3f}, z {e['weight_score']['z']:.1f}); "
-                f"path-patching {e['patch_effect']['metric']} {e['patch_effect']['value']:.4f} against {e['patch_effect']['control_mean']:.4f} "
-                f"for the sender's layer-mates (z {e['patch_effect']['z']:.1f}); shuffle reading: {c['shuffle_reading']}.")
-    rho = (data.get("attribution") or {}).get("spearman_top")
+    composes = "; ".join(f"at {where} queries {e['composes']['metric']} {line_text(e['composes'][where])}" for where in c["read_at"])
+    weights = e["weights"]
+    percentile = weights["percentile_earlier"]
+    rank = "" if percentile is None else f", percentile {number(100 * percentile, 0)} among the earlier heads into the receiver"
+    evidence = (f"{counts['supported']} of {n_edges} edges supported ({len(local)} from modular or directional senders), {counts['weak']} weak. "
+                f"Strongest: L{sl}H{sh} → L{rl}H{rh} through {c['kind'].upper()}: composes {composes}; "
+                f"matters: drop of {task_metric_text(data.get('task_metric') or {})} {line_text(e['matters'], floor=True)}; "
+                f"weight score z {number(weights['z'], 1)} against random heads{rank} (corroboration only); "
+                f"shuffle reading: {c['shuffle_reading']}.")
+    rho = (data.get("attribution") or {}).get("spearman_checked")
     if rho is not None:
-        evidence += f" Attribution patching agrees with exact patching at Spearman {rho:.2f} over its top triples."
+        evidence += f" EAP-IG attribution agrees with exact task-level patching at Spearman {number(rho, 2)} over the checked edges."
     answer = "yes" if local else "only from non-local senders (no modular or directional head to read)"
-    return ("2. Later heads read what those heads wrote (composition)", answer, evidence)
+    return (claim, answer, evidence)
 
 
 def _transfer_claim(transfer: dict) -> tuple | None:
@@ -128,9 +162,12 @@ def caveats_section(run: Run, loaded: LoadedModel) -> str:
         items += [
             f"Ablation is '{circuits.get('ablation')}'. Mean ablation over images and positions removes position-specific output too; "
             "other ablations (position_mean, zero, resample) can give other effect sizes.",
-            "Trained weights beat the random-matrix baseline almost everywhere, so weight evidence also requires beating the sender's layer-mates.",
+            "Trained weights beat the random-matrix baseline almost everywhere, so weight scores only corroborate: a supported edge must "
+            "compose (the receiver reads the sender beyond a null of other earlier heads and random-direction controls) and matter "
+            "(ablating the edge alone lowers the task metric beyond a null of the same kind).",
             "Path patching measures direct sender → receiver paths only; effects through intermediate layers are not counted.",
-            "Attribution patching is first-order; it ranks triples for exact patching and is not itself a verdict.",
+            "EAP-IG edge attribution is an estimate; it picks the edges checked exactly and is not itself a verdict. "
+            "An edge it leaves unchecked can be weak at most.",
         ]
     necessity = _read(run, "necessity/necessity.json")
     if necessity and "skipped" not in necessity:

@@ -159,7 +159,7 @@ class RunState:
         return {
             "run": self.root.name, "model_id": model_id, "rows": grid[0], "cols": grid[1], "n_layers": n_layers, "n_heads": n_heads,
             "live": self.live, "reason": self.reason, "images": self._images(), **(atlas or {"atlas": [], "kernels": None}),
-            "circuits": self._circuits(), "features": self._features(), "files": self._files(),
+            **self._composition(), "features": self._features(), "files": self._files(),
         }
 
     def _images(self) -> list[dict]:
@@ -204,19 +204,26 @@ class RunState:
         return {"atlas": rows, "kernels": kernels, "kernel_radius": radius,
                 "layout": {"rows": atlas.layout.rows, "cols": atlas.layout.cols}}
 
-    def _circuits(self) -> list[dict]:
+    def _composition(self) -> dict:
+        """The listed edges (supported, weak or checked exactly) with each part of their verdict,
+        and the verdict counts over all edges."""
         path = _first_existing(self.root, "composition/circuits.json", "circuits.json")
-        data = _read_json(path) if path else None
-        out = []
-        for c in (data or {}).get("circuits", [])[:CIRCUIT_LIMIT]:
+        data = (_read_json(path) if path else None) or {}
+        circuits, out = data.get("circuits", []), []
+        for c in circuits[:CIRCUIT_LIMIT]:
             e = c.get("evidence", {})
-            weight, patch, shuffle = e.get("weight_score", {}), e.get("patch_effect", {}), e.get("shuffle", {})
+            read_at, composes = c.get("read_at") or [], e.get("composes") or {}
+            where = next((w for w in ("patch", "prefix") if w in read_at), "patch")
+            line, matters = composes.get(where) or {}, e.get("matters") or {}
             out.append({"senders": c.get("senders", []), "sender_kinds": c.get("sender_kinds", []), "receivers": c.get("receivers", []),
-                        "kind": c.get("kind"), "verdict": c.get("verdict"), "shuffle_reading": c.get("shuffle_reading"),
-                        "weight_score": _finite(weight.get("value")), "weight_z": _finite(weight.get("z")),
-                        "patch_effect": _finite(patch.get("value")), "patch_z": _finite(patch.get("z")),
-                        "attention_kept": _finite(shuffle.get("attention_kept"))})
-        return out
+                        "kind": c.get("kind"), "verdict": c.get("verdict"), "silent": c.get("silent"), "read_at": read_at,
+                        "shuffle_reading": c.get("shuffle_reading"), "composes_at": where, "composes_metric": composes.get("metric"),
+                        **{f"composes_{k}": line.get(k) for k in ("effect", "lo", "hi", "null_q95")},
+                        "matters_checked": bool(matters), **{f"matters_{k}": matters.get(k) for k in ("effect", "lo", "hi", "null_q95", "floor")},
+                        "attribution": e.get("attribution"), "weight_z": (e.get("weights") or {}).get("z"),
+                        "attention_kept": (e.get("shuffle") or {}).get("attention_kept")})
+        edges = {"n": data.get("n_edges"), "verdicts": data.get("verdicts") or {}, "rule": data.get("rule"), "n_listed": len(circuits)}
+        return {"circuits": out, "edges": edges}
 
     def _features(self) -> dict | None:
         path = _first_existing(self.root, "sae/features/features.json", "features/features.json")

@@ -60,36 +60,31 @@ class EdgeAttributionConfig:
 
 
 class LNPullBack:
-    """Gradients with respect to one layer's q, k, v (head space) pulled back to the residual
-    stream that layer reads, through its ``ln1`` and each head's projection separately.
+    """Gradients with respect to one input role (0 q, 1 k, 2 v) of a layer's heads, in head space,
+    pulled back to the residual stream the layer reads, through its ``ln1`` and each head's
+    projection separately.
 
     LayerNorm's backward is ``P_t (γ ⊙ ·) / σ_t`` with ``P_t = I − 11ᵀ/D − x̂_t x̂_tᵀ/D``, so the
-    pull-back is one matmul per role plus two per-token scalars computed in head space.
+    pull-back is one matmul plus two per-token scalars.
     """
 
-    def __init__(self, block, resid_BND: torch.Tensor) -> None:
+    def __init__(self, block, resid_BND: torch.Tensor, role: int) -> None:
         H, Dh = block.attn.n_heads, block.attn.d_head
-        B, N, D = resid_BND.shape
+        D = resid_BND.shape[-1]
         ln1 = block.ln1
         self.sigma_BN1 = (resid_BND.var(-1, unbiased=False, keepdim=True) + ln1.eps).sqrt()
         self.x_hat_BND = (resid_BND - resid_BND.mean(-1, keepdim=True)) / self.sigma_BN1
-        gamma_D, W_3HdD = ln1.weight.detach(), block.attn.qkv.weight.detach().view(3, H, Dh, D)
-        self.Wg_3HdD = W_3HdD * gamma_D
-        self.qkv_lin_3BHNd = (self.x_hat_BND @ self.Wg_3HdD.reshape(3 * H * Dh, D).T).reshape(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4)
-        bias = block.attn.qkv.bias
-        self.offset_3Hd = (W_3HdD @ ln1.bias.detach()) + (bias.detach().view(3, H, Dh) if bias is not None else 0)
+        self.Wg_HdD = block.attn.qkv.weight.detach().view(3, H, Dh, D)[role] * ln1.weight.detach()
 
-    def __call__(self, g_3BHNd: torch.Tensor) -> torch.Tensor:
-        """``[3 * H, B, N, D]`` from ``[3, B, H, N, Dh]``."""
-        _, B, H, N, _ = g_3BHNd.shape
+    def __call__(self, g_BHNd: torch.Tensor) -> torch.Tensor:
+        """``[H, B, N, D]`` from ``[B, H, N, Dh]``."""
+        B, H, N, _ = g_BHNd.shape
         D = self.x_hat_BND.shape[-1]
-        g_3BHNd = g_3BHNd / self.sigma_BN1.view(1, B, 1, N, 1)
-        sum_3BHN = torch.einsum("rbhnd,rhd->rbhn", g_3BHNd, self.Wg_3HdD.sum(-1)) / D
-        xhat_3BHN = (g_3BHNd * self.qkv_lin_3BHNd).sum(-1) / D
-        grad_3HBND = torch.einsum("rbhnd,rhdD->rhbnD", g_3BHNd, self.Wg_3HdD)
-        grad_3HBND.sub_(sum_3BHN.permute(0, 2, 1, 3).unsqueeze(-1))
-        grad_3HBND.sub_(xhat_3BHN.permute(0, 2, 1, 3).unsqueeze(-1) * self.x_hat_BND)
-        return grad_3HBND.reshape(3 * H, B, N, D)
+        g_BHNd = g_BHNd / self.sigma_BN1.view(B, 1, N, 1)
+        grad_HBND = torch.einsum("bhnd,hdD->hbnD", g_BHNd, self.Wg_HdD)
+        mean_HBN1 = grad_HBND.mean(-1, keepdim=True)
+        along_HBN1 = (grad_HBND * self.x_hat_BND).sum(-1, keepdim=True) / D
+        return grad_HBND.sub_(mean_HBN1).sub_(along_HBN1 * self.x_hat_BND)
 
 
 class EdgeAttribution:
@@ -125,7 +120,9 @@ def _role_gradients(model: HookedViT, images_BCHW: torch.Tensor, targets: torch.
             block = model.blocks[layer]
             saved[f"resid{layer}"] = read_BND = x_BND + alpha * shift_LBND[layer]
             normed = F.layer_norm(read_BND, block.ln1.weight.shape, block.ln1.weight, block.ln1.bias, block.ln1.eps)
-            saved[f"input{layer}"] = block.attn.qkv(normed).view(*x_BND.shape[:2], 3, H, Dh)[:, :, role]
+            rows = slice(role * H * Dh, (role + 1) * H * Dh)
+            bias = block.attn.qkv.bias[rows] if block.attn.qkv.bias is not None else None
+            saved[f"input{layer}"] = F.linear(normed, block.attn.qkv.weight[rows], bias).view(*x_BND.shape[:2], H, Dh)
             return x_BND
         return fn
 
@@ -145,11 +142,8 @@ def _role_gradients(model: HookedViT, images_BCHW: torch.Tensor, targets: torch.
         value = metric.value(metric.output(model, images_BCHW), targets).sum()
         wanted = [saved[f"input{layer}"] for layer in range(1, L)] + ([saved["final"]] if name == "v" else [])
         grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wanted, torch.autograd.grad(value, wanted, allow_unused=True))]
-    out = {}
-    for i, layer in enumerate(range(1, L)):
-        g_3BHNd = torch.zeros(3, *grads[i].transpose(1, 2).shape, device=grads[i].device, dtype=grads[i].dtype)
-        g_3BHNd[role] = grads[i].transpose(1, 2)
-        out[layer] = LNPullBack(model.blocks[layer], saved[f"resid{layer}"].detach())(g_3BHNd)[role * H : (role + 1) * H]
+    out = {layer: LNPullBack(model.blocks[layer], saved[f"resid{layer}"].detach(), role)(grads[i].transpose(1, 2))
+           for i, layer in enumerate(range(1, L))}
     return out, grads[-1] if name == "v" else None
 
 

@@ -89,3 +89,18 @@ class TaskMetric:
         if self.kind == "embedding":
             return FLOOR_FRACTION
         return FLOOR_FRACTION * float(clean_values_B.double().abs().mean())
+
+
+def fit_probe(features_BD: torch.Tensor, labels_B: torch.Tensor, n_classes: int, ridge: float = 1.0) -> TaskMetric:
+    """A ``margin`` metric on a linear probe of a backbone's pooled output: ridge regression of
+    one-hot labels on the centred features (closed form, ``ridge`` times the mean feature variance
+    on the diagonal), so it is deterministic and needs no training loop."""
+    x_BD = features_BD.double()
+    mean_D = x_BD.mean(0)
+    centred = x_BD - mean_D
+    targets_BC = torch.nn.functional.one_hot(labels_B.long(), n_classes).double()
+    gram_DD = centred.T @ centred
+    scale = gram_DD.diagonal().mean()
+    W_DC = torch.linalg.solve(gram_DD + ridge * scale * torch.eye(gram_DD.shape[0], dtype=torch.float64), centred.T @ targets_BC)
+    probe_CD = W_DC.T.float()
+    return TaskMetric("margin", probe_CD, (-(mean_D @ W_DC)).float())

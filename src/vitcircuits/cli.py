@@ -167,7 +167,7 @@ def compose(
     model: ModelArg,
     images: ImagesArg,
     out: OutArg,
-    heads_from: Annotated[Optional[Path], typer.Option("--heads-from", help="a heads or hunt run whose atlas names the senders")] = None,
+    heads_from: Annotated[Optional[Path], typer.Option("--heads-from", help="a heads or hunt run whose atlas labels the senders")] = None,
     ablation: Annotated[str, typer.Option("--ablation", help="mean (over images and positions), position_mean, zero, resample")] = "mean",
     max_patch_images: Annotated[int, typer.Option("--max-patch-images", min=1, help="images for path patching")] = 64,
     arch: ArchOpt = None,
@@ -181,7 +181,7 @@ def compose(
     random_weights: RandomOpt = False,
     force: ForceOpt = False,
 ) -> None:
-    """Composition: weight scores, path patching into Q/K/V, the patch-shuffle control, circuits."""
+    """Composition: a verdict for every edge (composes and matters, each against its null), weights, shuffle control."""
     from vitcircuits.composition.patching import PatchingConfig
     from vitcircuits.composition.scan import ComposeConfig
     from vitcircuits.heads.atlas import AtlasConfig

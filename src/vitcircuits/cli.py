@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -28,6 +28,7 @@ from vitcircuits.cli_options import (
     RandomOpt,
     ResumeOpt,
     SeedOpt,
+    TaskMetricOpt,
     WorkersOpt,
     fail,
 )
@@ -170,6 +171,7 @@ def compose(
     heads_from: Annotated[Optional[Path], typer.Option("--heads-from", help="a heads or hunt run whose atlas labels the senders")] = None,
     ablation: Annotated[str, typer.Option("--ablation", help="mean (over images and positions), position_mean, zero, resample")] = "mean",
     max_patch_images: Annotated[int, typer.Option("--max-patch-images", min=1, help="images for path patching")] = 64,
+    task_metric: TaskMetricOpt = "auto",
     arch: ArchOpt = None,
     img_size: ImgSizeOpt = None,
     device: DeviceOpt = "auto",
@@ -189,7 +191,7 @@ def compose(
 
     model_opts = ModelOptions(model, arch, img_size, random_weights, device, dtype, seed)
     image_opts = ImageOptions(images, batch_size, max_images, num_workers)
-    config = ComposeConfig(patching=PatchingConfig(ablation=ablation, seed=seed), max_patch_images=max_patch_images)
+    config = ComposeConfig(patching=PatchingConfig(ablation=ablation, seed=seed), max_patch_images=max_patch_images, task_metric=task_metric)
     try:
         run = Run.create(out, "compose", {"model": model_opts.to_dict(), "images": image_opts.to_dict(), "compose": asdict(config),
                                           "heads_from": str(heads_from) if heads_from else None}, force=force)
@@ -232,16 +234,18 @@ def hunt_cmd(
     resume: ResumeOpt = False,
     quick: Annotated[bool, typer.Option("--quick", help=f"small, fast pass: at most {QUICK_IMAGES} images unless --max-images, lighter settings")] = False,
     truth: Annotated[Optional[Path], typer.Option("--truth", help="known causal edges (truth.json) to set the verdicts against")] = None,
+    task_metric: TaskMetricOpt = "auto",
 ) -> None:
     """Run every stage on a model and images and write report.html."""
     from vitcircuits.hunt import HuntConfig, hunt
 
     if quick and max_images is None:
         max_images = QUICK_IMAGES
+    config = HuntConfig.quick() if quick else HuntConfig()
+    config = replace(config, compose=replace(config.compose, task_metric=task_metric))
     try:
         report = hunt(str(out), ModelOptions(model, arch, img_size, random_weights, device, dtype, seed),
-                      ImageOptions(images, batch_size, max_images, num_workers), HuntConfig.quick() if quick else HuntConfig(),
-                      force=force, resume=resume, truth=truth)
+                      ImageOptions(images, batch_size, max_images, num_workers), config, force=force, resume=resume, truth=truth)
     except (RunFolderError, FileNotFoundError, ValueError, RuntimeError) as err:
         fail(err)
     Console().print(f"report: {report}")

@@ -23,6 +23,8 @@ WorkersOpt = Annotated[int, typer.Option("--num-workers", min=0, help="image-dec
 RandomOpt = Annotated[bool, typer.Option("--random-weights", help="use seeded random weights (stated in the manifest)")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="write into a non-empty --out folder")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue a run in a non-empty --out folder")]
+TaskMetricOpt = Annotated[str, typer.Option("--task-metric", help="what an edge must move to matter: auto (a classifier's margin, a "
+                                            "backbone's final tokens), margin, embedding, or probe (a linear probe on labelled images)")]
 
 
 def fail(err: Exception) -> None:

@@ -22,6 +22,7 @@ from vitcircuits.composition.circuits import VERDICTS
 from vitcircuits.composition.necessity import LabelledBatches, NecessityConfig, circuit_heads, necessity_report
 from vitcircuits.composition.outputs import write_composition
 from vitcircuits.composition.scan import ComposeConfig, run_composition
+from vitcircuits.composition.task_metric import TaskMetric, fit_probe
 from vitcircuits.heads.atlas import AtlasConfig, HeadAtlas
 from vitcircuits.heads.scan import scan_heads, summarize, write_heads_outputs
 from vitcircuits.inputs import ImageOptions, ModelOptions, images_manifest, preprocess_config
@@ -119,12 +120,26 @@ def run_compose(run: Run, loaded: LoadedModel, images: ImageOptions, config: Com
     """Weight scores, path patching, edge attribution and task-level checks, shuffle control and a
     verdict for every edge."""
     atlas = HeadAtlas.load(run.file(atlas_dir))
-    result = run_composition(loaded.model, lambda: (b.images_BCHW for b in images.batches(loaded)), atlas, config)
+    probe = fit_image_probe(loaded, images) if config.task_metric == "probe" else None
+    result = run_composition(loaded.model, lambda: (b.images_BCHW for b in images.batches(loaded)), atlas, config, probe)
     cfg = loaded.model.cfg
     figures = write_composition(run.file(out_dir), result, cfg.n_layers, cfg.n_heads)
     write_json(run.file(out_dir) / "figures.json", [(str(p.relative_to(run.path)), c) for p, c in figures])
     counts = {v: sum(row["verdict"] == v for row in result.candidates) for v in VERDICTS}
     run.write_manifest(composition={"verdicts": counts, "ablation": config.patching.ablation})
+
+
+@torch.no_grad()
+def fit_image_probe(loaded: LoadedModel, images: ImageOptions) -> TaskMetric:
+    """A linear probe on the model's pooled output over the labelled images (one pass)."""
+    features, labels = [], []
+    for images_BCHW, labels_B in LabelledBatches(images.batches(loaded)):
+        features.append(loaded.model(images_BCHW).float().cpu())
+        labels.append(labels_B.cpu())
+    if not labels:
+        raise ValueError(f"--task-metric probe needs labelled images; {images.images} has none")
+    labels_B = torch.cat(labels)
+    return fit_probe(torch.cat(features), labels_B, int(labels_B.max()) + 1)
 
 
 def _circuits(run: Run) -> list[dict]:

@@ -70,6 +70,10 @@ class ComposeConfig:
     checked edges with the largest exact drops."""
     n_boot: int = N_BOOT
     """Bootstrap resamples of the images for every effect's interval."""
+    task_metric: str = "auto"
+    """``auto`` (the margin of a classifier's own prediction, the move of a backbone's final token
+    stream), ``margin``, ``embedding``, or ``probe`` (the margin of a linear probe on the pooled
+    output, fitted by the caller on labelled images and passed to :func:`run_composition`)."""
 
 
 @dataclass
@@ -108,20 +112,29 @@ def _patch(model: HookedViT, batches: Iterable[torch.Tensor], heads: list[tuple[
     return effects
 
 
-def default_metric(model: HookedViT) -> TaskMetric:
-    """The margin of the model's own prediction for a classifier, the embedding's move otherwise."""
-    return TaskMetric("margin" if model.cfg.n_classes else "embedding")
+def resolve_metric(model: HookedViT, choice: str, probe: TaskMetric | None = None) -> TaskMetric:
+    """The task metric ``choice`` names (:attr:`ComposeConfig.task_metric`); ``probe`` is the fitted
+    probe metric that ``probe`` needs."""
+    if choice == "probe":
+        if probe is None or probe.probe_CD is None:
+            raise ValueError("task metric 'probe' needs a linear probe fitted on labelled images")
+        return probe
+    if choice == "margin" and not model.cfg.n_classes:
+        raise ValueError("task metric 'margin' needs a classifier; this model has no head (use embedding or probe)")
+    if choice not in ("auto", "margin", "embedding"):
+        raise ValueError(f"unknown task metric {choice!r}; choose auto, margin, embedding or probe")
+    return TaskMetric("margin" if choice == "margin" or (choice == "auto" and model.cfg.n_classes) else "embedding")
 
 
 def run_composition(model: HookedViT, image_batches: Callable[[], Iterable[torch.Tensor]], atlas: HeadAtlas, config: ComposeConfig,
-                    metric: TaskMetric | None = None) -> CompositionResult:
+                    probe: TaskMetric | None = None) -> CompositionResult:
     """Everything but writing files. ``image_batches()`` yields fresh image batches each call;
-    ``metric`` defaults to :func:`default_metric`."""
+    ``probe`` is the fitted probe metric when ``config.task_metric`` is ``probe``."""
     scores = composition_scores(model, config.weights)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     if L < 2:
         return CompositionResult(scores, [], [], [], {}, [])
-    metric = metric or default_metric(model)
+    metric = resolve_metric(model, config.task_metric, probe)
     senders = [(layer, head, atlas.row(layer, head)["kind"]) for layer in range(L - 1) for head in range(H)]
     heads = [(layer, head) for layer, head, _ in senders]
     stats = ZStats.empty(model)

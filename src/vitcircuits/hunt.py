@@ -121,7 +121,7 @@ def run_compose(run: Run, loaded: LoadedModel, images: ImageOptions, config: Com
     verdict for every edge."""
     atlas = HeadAtlas.load(run.file(atlas_dir))
     probe = fit_image_probe(loaded, images) if config.task_metric == "probe" else None
-    result = run_composition(loaded.model, lambda: (b.images_BCHW for b in images.batches(loaded)), atlas, config, probe)
+    result = run_composition(loaded.model, lambda: (b.images_BCHW for b in images.batches(loaded)), atlas, config, probe, progress=True)
     cfg = loaded.model.cfg
     figures = write_composition(run.file(out_dir), result, cfg.n_layers, cfg.n_heads)
     write_json(run.file(out_dir) / "figures.json", [(str(p.relative_to(run.path)), c) for p, c in figures])

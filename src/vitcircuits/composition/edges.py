@@ -3,6 +3,7 @@ nulls) and one row per edge with its three lines of evidence and its verdict
 (:mod:`~vitcircuits.composition.circuits` defines them)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,12 @@ if TYPE_CHECKING:
 
 ATTRIBUTION_BATCH = 32
 """Images per edge-attribution pass (each holds a forward and a backward graph)."""
+Steps = Callable[[str, int], Callable[[], None]]
+"""``steps(description, total)`` starts a progress bar and returns its ``advance()``."""
+
+
+def no_steps(description: str, total: int) -> Callable[[], None]:
+    return lambda: None
 
 
 @dataclass
@@ -59,23 +66,27 @@ class TaskEvidence:
 
 
 @torch.no_grad()
-def task_evidence(model: HookedViT, images_BCHW: torch.Tensor, stats: ZStats, metric: TaskMetric, config: ComposeConfig) -> TaskEvidence:
+def task_evidence(model: HookedViT, images_BCHW: torch.Tensor, stats: ZStats, metric: TaskMetric, config: ComposeConfig,
+                  steps: Steps = no_steps) -> TaskEvidence:
     """Edge attribution over every edge, exact checks of all edges (small model) or of the top
-    ``task_candidates``, and the nulls of the checked edges that reach the floor."""
+    ``task_candidates``, and the nulls of the checked edges that reach the floor. ``steps``
+    reports progress."""
     H = model.cfg.n_heads
     images_BCHW = images_BCHW.to(model.device, model.dtype)
     chunks = list(zip(images_BCHW.split(ATTRIBUTION_BATCH), range(0, len(images_BCHW), ATTRIBUTION_BATCH)))
     targets = torch.cat([metric.targets(metric.output(model, x)) for x, _ in chunks])
     sums = EdgeAttribution(model.cfg.n_layers, H)
+    advance = steps("composition: edge attribution", len(chunks))
     for x, start in chunks:
         edge_attribution_batch(model, x, targets[start : start + len(x)], metric, stats, sums, config.attribution)
+        advance()
     est_LHPLH, direct_LH = (t.numpy() for t in sums.mean())
     edges = all_edges(model)
     everything = len(edges) <= config.max_task_edges
     estimate = lambda e: est_LHPLH[e[0], e[1], PATHS.index(e[4]), e[2], e[3]]  # noqa: E731
     checked = edges if everything else sorted(edges, key=lambda e: -estimate(e))[: config.task_candidates]
     seed = config.patching.seed
-    drops = edge_drops(model, images_BCHW, targets, checked, stats, metric, seed=seed)
+    drops = edge_drops(model, images_BCHW, targets, checked, stats, metric, seed=seed, advance=steps("composition: exact checks", len(checked)))
     floor = metric.floor(drops.clean_I)
     null_senders, n_random = {}, {}
     for edge in checked:
@@ -90,7 +101,8 @@ def task_evidence(model: HookedViT, images_BCHW: torch.Tensor, stats: ZStats, me
         null_senders[edge] = others
         n_random[edge] = fill_count(len(others))
     needed = sorted({other for others in null_senders.values() for other in others})
-    edge_drops(model, images_BCHW, targets, needed, stats, metric, n_random, seed=seed, into=drops)
+    advance = steps("composition: nulls of the checks", len(set(needed) - set(drops.drops)) + sum(n_random.values()))
+    edge_drops(model, images_BCHW, targets, needed, stats, metric, n_random, seed=seed, into=drops, advance=advance)
     description = {"kind": metric.kind, "probe": metric.probe_CD is not None, "n_images": len(images_BCHW),
                    "target": "clean embedding" if metric.kind == "embedding" else "label or clean prediction",
                    "clean_mean": float(drops.clean_I.mean()), "floor": floor, "attribution_steps": config.attribution.steps,

@@ -15,16 +15,18 @@ The head atlas only labels the senders; it chooses nothing.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from vitcircuits.composition.ablation import ZStats
 from vitcircuits.composition.circuits import VerdictCriteria, build_circuits
 from vitcircuits.composition.edge_attribution import EdgeAttributionConfig
-from vitcircuits.composition.edges import edge_rows, task_evidence
+from vitcircuits.composition.edges import Steps, edge_rows, task_evidence
 from vitcircuits.composition.evidence import N_BOOT, fill_count
 from vitcircuits.composition.patching import PatchEffects, PatchingConfig, path_patch_batch
 from vitcircuits.composition.shuffle import shuffle_patches
@@ -104,12 +106,23 @@ class CompositionResult:
     """What the task metric was: kind, target, clean mean, floor, images."""
 
 
-def _patch(model: HookedViT, batches: Iterable[torch.Tensor], heads: list[tuple[int, int]], stats: ZStats, config: PatchingConfig,
-           random_draws: dict[tuple[int, int], int] | None = None) -> PatchEffects:
+def _patch(model: HookedViT, batches: list[torch.Tensor], heads: list[tuple[int, int]], stats: ZStats, config: PatchingConfig,
+           advance: Callable[[], None], random_draws: dict[tuple[int, int], int] | None = None) -> PatchEffects:
     effects = PatchEffects(heads, model.cfg.n_layers, model.cfg.n_heads, random_draws)
     for images_BCHW in batches:
         path_patch_batch(model, images_BCHW, heads, effects, stats, config)
+        advance()
     return effects
+
+
+@contextmanager
+def progress_steps(enabled: bool) -> Iterator[Steps]:
+    """A rich progress display whose ``steps(description, total)`` adds a bar and returns its advance."""
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), disable=not enabled) as bar:
+        def steps(description: str, total: int) -> Callable[[], None]:
+            task = bar.add_task(description, total=total)
+            return lambda: bar.advance(task)
+        yield steps
 
 
 def resolve_metric(model: HookedViT, choice: str, probe: TaskMetric | None = None) -> TaskMetric:
@@ -127,9 +140,16 @@ def resolve_metric(model: HookedViT, choice: str, probe: TaskMetric | None = Non
 
 
 def run_composition(model: HookedViT, image_batches: Callable[[], Iterable[torch.Tensor]], atlas: HeadAtlas, config: ComposeConfig,
-                    probe: TaskMetric | None = None) -> CompositionResult:
+                    probe: TaskMetric | None = None, progress: bool = False) -> CompositionResult:
     """Everything but writing files. ``image_batches()`` yields fresh image batches each call;
-    ``probe`` is the fitted probe metric when ``config.task_metric`` is ``probe``."""
+    ``probe`` is the fitted probe metric when ``config.task_metric`` is ``probe``; ``progress``
+    shows progress bars."""
+    with progress_steps(progress) as steps:
+        return _run(model, image_batches, atlas, config, probe, steps)
+
+
+def _run(model: HookedViT, image_batches: Callable[[], Iterable[torch.Tensor]], atlas: HeadAtlas, config: ComposeConfig,
+         probe: TaskMetric | None, steps: Steps) -> CompositionResult:
     scores = composition_scores(model, config.weights)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     if L < 2:
@@ -144,10 +164,10 @@ def run_composition(model: HookedViT, image_batches: Callable[[], Iterable[torch
     for images_BCHW, _ in pairs:
         stats.update(model, images_BCHW)
     draws = {(layer, head): fill_count(H * (layer + 1) - 1) for layer, head in heads}
-    clean = _patch(model, [x for x, _ in pairs], heads, stats, config.patching, draws)
-    shuffled = _patch(model, [xs for _, xs in pairs], heads, stats, config.patching)
+    clean = _patch(model, [x for x, _ in pairs], heads, stats, config.patching, steps("composition: path patching", len(pairs)), draws)
+    shuffled = _patch(model, [xs for _, xs in pairs], heads, stats, config.patching, steps("composition: shuffled images", len(pairs)))
     kept_LH = attention_kept(model, pairs)
-    task = task_evidence(model, task_images_BCHW, stats, metric, config) if task_images_BCHW is not None else None
+    task = task_evidence(model, task_images_BCHW, stats, metric, config, steps) if task_images_BCHW is not None else None
     rows = edge_rows(scores, senders, clean, shuffled, kept_LH, task, model.layout.patch_start > 0, config)
     circuits = build_circuits(rows, config.criteria)
     ablations = {"modular/directional senders ablated": [(layer, head) for layer, head, kind in senders if kind in SENDER_KINDS]}

@@ -17,7 +17,7 @@ fresh images, as the organism's ground truth.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -134,10 +134,10 @@ class EdgeDrops:
 @torch.no_grad()
 def edge_drops(model: HookedViT, images_BCHW: torch.Tensor, targets: torch.Tensor, edges: Sequence[EdgeKey], stats: ZStats,
                metric: TaskMetric, n_random: Mapping[EdgeKey, int] | None = None, seed: int = 0, batch_size: int = 256,
-               into: EdgeDrops | None = None) -> EdgeDrops:
+               into: EdgeDrops | None = None, advance: Callable[[], None] = lambda: None) -> EdgeDrops:
     """The drop of ``metric`` per image for each edge of ``edges`` (skipping those already in
     ``into``), and ``n_random[edge]`` random-direction controls of it. ``targets`` come from
-    :meth:`TaskMetric.targets` on the clean outputs."""
+    :meth:`TaskMetric.targets` on the clean outputs; ``advance`` is called after every ablated run."""
     images_BCHW = images_BCHW.to(model.device, model.dtype)
     n = len(images_BCHW)
     spans = [(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
@@ -149,6 +149,7 @@ def edge_drops(model: HookedViT, images_BCHW: torch.Tensor, targets: torch.Tenso
     for edge in edges:
         if edge not in out.drops:
             out.drops[edge] = out.clean_I - values(lambda s, e: edge_logits(model, images_BCHW[s:e], edge, stats, metric=metric))
+            advance()
     wanted = {edge: k - len(out.random.get(edge, [])) for edge, k in (n_random or {}).items()}
     for draw in range(max(wanted.values(), default=0)):
         directions = None
@@ -159,4 +160,5 @@ def edge_drops(model: HookedViT, images_BCHW: torch.Tensor, targets: torch.Tenso
                 directions = random_directions((n, model.layout.n_tokens, model.cfg.d_model), draw, seed)
             drop = out.clean_I - values(lambda s, e: edge_logits(model, images_BCHW[s:e], edge, stats, directions[s:e], metric))
             out.random.setdefault(edge, []).append(float(drop.mean()))
+            advance()
     return out

@@ -4,6 +4,7 @@ import importlib.util
 import itertools
 import json
 import math
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 
@@ -13,10 +14,12 @@ import torch
 
 from vitcircuits.models.loading import bundled_model_folder
 from vitcircuits.testing.ground_truth import SCORED_KINDS, noise_images, roc_auc, score_edges, score_kinds
+from vitcircuits.testing.organism_benchmark import SHAPES_ORGANISMS
 from vitcircuits.testing.planted import PlantedConfig
 from vitcircuits.testing.planted_circuits import build_planted_circuits
 from vitcircuits.testing.planted_family import (
     FILLER,
+    OTHER,
     FamilyConfig,
     FamilyMember,
     _rearrange,
@@ -88,21 +91,31 @@ def test_score_kinds_hand_case():
     assert out["self"]["recall"] == 1.0 and math.isnan(out["cls/sink"]["recall"])
 
 
-DEEP = FamilyConfig(grid=(5, 6), n_layers=4, n_heads=8, sender_layer=1, class_token=False, registers=2,
-                    inert_decoys=("k", "q", "v"), local_decoys=2, seed=3)
+MEMBERS = {
+    "deep": FamilyConfig(grid=(5, 6), n_layers=4, n_heads=8, sender_layer=1, class_token=False, registers=2,
+                         inert_decoys=("k", "q", "v"), local_decoys=2, seed=3),
+    "narrow": FamilyConfig(grid=(5, 6), n_layers=4, n_heads=8, sender_layer=1, class_token=False, registers=2, edges=("k", "v"),
+                           inert_decoys=("k", "q", "v"), local_decoys=2, heads_kept=2, seed=3),
+    "cls-silent": FamilyConfig(grid=(4, 5), n_layers=3, n_heads=8, sender_layer=1, cls_edges=("k",), silent_fillers=True, seed=5),
+}
+"""Members whose construction is checked: deep with every decoy, two heads per layer (the decoys do
+not fit), and a class-token edge beside silent sender-layer fillers."""
+EXPECTED_EDGES = {"deep": (["k", "q", "v"], ["k", "q", "v"]), "narrow": (["k", "v"], []), "cls-silent": (["k", "k", "q", "v"], ["k"])}
+"""Member -> sorted kinds of its causal edges and of its decoy edges."""
 
 
 @cache
-def deep_member() -> FamilyMember:
-    return build_family_member(DEEP)
+def member_of(name: str) -> FamilyMember:
+    return build_family_member(MEMBERS[name])
 
 
-def test_family_positional_heads_hit_their_targets_at_depth():
-    member = deep_member()
+@pytest.mark.parametrize("name", MEMBERS)
+def test_family_positional_heads_hit_their_targets_at_depth(name):
+    member = member_of(name)
     images = torch.cat([noise_images(member, 8), 3 * noise_images(member, 8, seed=1)])
     _, cache_ = member.model.run_with_cache(images, names_filter=lambda n: n.endswith("hook_pattern"))
     patches = slice(member.layout.patch_start, None)
-    assert {layer for layer, _ in member.target_masks} == {1, 2}
+    assert {layer for layer, _ in member.target_masks} == {member.sender_layer, member.receiver_layer}
     assert set(member.truth_heads) <= set(member.target_masks)
     for (layer, head), mask_NN in member.target_masks.items():
         mass = (cache_[f"blocks.{layer}.attn.hook_pattern"][:, head, patches] * mask_NN[patches]).sum(-1).min()
@@ -112,11 +125,12 @@ def test_family_positional_heads_hit_their_targets_at_depth():
             assert cache_[f"blocks.{layer}.attn.hook_pattern"][:, head].amax() < 0.2, (layer, head)
 
 
-def test_family_receivers_read_exactly_their_edges_and_fillers_read_no_head():
-    member = deep_member()
-    model, H = member.model, DEEP.n_heads
+@pytest.mark.parametrize("name", MEMBERS)
+def test_family_receivers_read_exactly_their_edges_and_fillers_read_no_head(name):
+    member = member_of(name)
+    model, H = member.model, member.model.cfg.n_heads
     expected = {**member.edges, **member.decoy_edges}
-    assert len(member.edges) == 3 and sorted(member.decoy_edges.values()) == ["k", "q", "v"]
+    assert (sorted(member.edges.values()), sorted(member.decoy_edges.values())) == EXPECTED_EDGES[name]
     weights = {"q": model.W_Q, "k": model.W_K, "v": model.W_V}
     for (layer, head), role in member.head_roles.items():
         for kind, W_LHDd in weights.items():
@@ -129,6 +143,45 @@ def test_family_receivers_read_exactly_their_edges_and_fillers_read_no_head():
         others = torch.ones(model.cfg.d_model, dtype=torch.bool)
         others[member.out_slice(layer, head)] = False
         assert W_O_dD[:, others].abs().amax() == 0, (layer, head, role)
+
+
+def test_narrow_member_keeps_the_planted_heads_of_the_full_member():
+    """Two heads per layer: the planted edges' senders and receivers, the first filler-layer heads;
+    each a copy of its full-width head (weights, slice, role, truth) in the seeded head order."""
+    narrow = member_of("narrow")
+    full = build_family_member(replace(MEMBERS["narrow"], heads_kept=None))
+    assert narrow.model.cfg.n_heads == 2 and narrow.model.cfg.d_head == full.model.cfg.d_head
+    assert narrow.model.cfg.d_model == full.model.cfg.d_model
+    kept = narrow.kept_heads
+    assert kept[0] == kept[3] == (0, 1)
+    ends = {head for key in full.edges for head in (key[:2], key[2:])}
+    assert {(layer, head) for layer in (1, 2) for head in kept[layer]} == ends
+    assert all(list(heads) == sorted(heads) for heads in kept)
+    new = {(layer, full_head): (layer, head) for layer, heads in enumerate(kept) for head, full_head in enumerate(heads)}
+    assert narrow.edges == {(*new[key[:2]], *new[key[2:]]): kind for key, kind in full.edges.items()}
+    assert narrow.decoy_edges == {} and narrow.unscored_heads == {new[head] for head in full.unscored_heads}
+    for (layer, full_head), (_, head) in new.items():
+        assert narrow.out_slice(layer, head) == full.out_slice(layer, full_head)
+        assert narrow.head_roles[(layer, head)] == full.head_roles[(layer, full_head)]
+        assert narrow.kind_truth(layer, head) == full.kind_truth(layer, full_head)
+        for weight in ("W_Q", "W_K", "W_V", "W_O"):
+            torch.testing.assert_close(getattr(narrow.model, weight)[layer, head], getattr(full.model, weight)[layer, full_head], rtol=0, atol=0)
+    for name, value in full.model.state_dict().items():
+        if not name.endswith(("attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight")):
+            assert torch.equal(narrow.model.state_dict()[name], value), name
+
+
+def test_silent_fillers_write_nothing():
+    member = member_of("cls-silent")
+    layer = member.sender_layer
+    fillers = [head for (lay, head), role in member.head_roles.items() if role == FILLER and lay == layer]
+    assert len(fillers) == 2
+    _, cache_ = member.model.run_with_cache(noise_images(member, 4), names_filter=f"blocks.{layer}.attn.hook_z")
+    for head in fillers:
+        assert member.model.W_V[layer, head].abs().amax() == 0 and cache_[f"blocks.{layer}.attn.hook_z"][:, :, head].abs().amax() == 0
+        assert member.kind_truth(layer, head) == OTHER
+    later = [(lay, head) for (lay, head), role in member.head_roles.items() if role == FILLER and lay != layer]
+    assert later and all(member.model.W_V[lay, head].abs().amax() > 0 for lay, head in later)
 
 
 def test_family_varies_with_the_seed():
@@ -155,9 +208,17 @@ def test_head_permutation_preserves_function():
 
 
 @pytest.mark.parametrize("changes", [{"grid": (3, 8)}, {"sender_layer": 1}, {"edges": ("k", "k")}, {"n_heads": 5},
-                                     {"class_token": False}, {"registers": 16, "grid": (4, 4)}, {"inert_decoys": ("x",)}])
+                                     {"class_token": False}, {"registers": 16, "grid": (4, 4)}, {"inert_decoys": ("x",)},
+                                     {"cls_edges": ("q",)}, {"cls_edges": ("k",), "class_token": False, "registers": 1},
+                                     {"silent_fillers": True}, {"n_heads": 8, "heads_kept": 6, "silent_fillers": True}, {"heads_kept": 7}])
 def test_bad_family_configs_are_rejected(changes):
     with pytest.raises(ValueError):
+        FamilyConfig(**changes)
+
+
+@pytest.mark.parametrize("changes", [{"heads_kept": 2}, {"edges": ("k",), "cls_edges": ("k",), "heads_kept": 1}])
+def test_too_few_kept_heads_for_the_planted_edges_are_rejected(changes):
+    with pytest.raises(ValueError, match="the planted edges .* need"):
         FamilyConfig(**changes)
 
 
@@ -169,16 +230,22 @@ def _bench():
 
 
 @pytest.mark.slow
-def test_small_organism_benchmark_meets_the_goal(capsys):
-    """The organism's causal edges, re-measured on 240 fresh images, agree with the bundled truth,
-    and the composition stage's task-level patching ranks them (ROC-AUC goal 0.95)."""
-    summary = _bench().main(["--organism", "--small"])
-    assert "ROC-AUC by causal threshold" in capsys.readouterr().out
-    task = summary["detectors"]["task_effect"]
-    assert task["n_pos"] >= 3 and task["n_neg"] > 200 and task["roc_auc"] >= 0.95, task
-    bundled = json.loads((bundled_model_folder("shapes-vit") / "truth.json").read_text())
-    assert summary["true_edges"][0][:5] == bundled["edges"][0]["edge"], "the strongest edge should be the bundled truth's"
-    assert all(aucs["task_effect"] >= 0.95 for aucs in summary["auc_by_threshold"].values())
+def test_small_organism_benchmark(capsys):
+    """On every shapes organism, re-measured on 240 fresh images: the strongest causal edge is the
+    bundled truth's; the stage's attribution and exact task-level checks rank the causal edges
+    (ROC-AUC goal 0.95); and what the verdict supports is causal (precision goal 0.9). Recall is
+    reported, not asserted: it misses the goal of 0.8 on two organisms (docs/findings.md)."""
+    summaries = _bench().main(["--organism", "--small"])
+    printed = capsys.readouterr().out
+    assert "All organisms" in printed and "ROC-AUC by causal threshold" in printed
+    assert sorted(summaries) == sorted(SHAPES_ORGANISMS)
+    for name, summary in summaries.items():
+        bundled = json.loads((bundled_model_folder(name.removeprefix("bundled:")) / "truth.json").read_text())
+        assert summary["true_edges"][0][:5] == bundled["edges"][0]["edge"], name
+        detectors = summary["detectors"]
+        assert detectors["task_effect"]["n_pos"] >= 3 and detectors["task_effect"]["roc_auc"] >= 0.95, (name, detectors["task_effect"])
+        assert detectors["attribution"]["roc_auc"] >= 0.95, (name, detectors["attribution"])
+        assert detectors["verdict"]["tp"] >= 2 and detectors["verdict"]["precision"] >= 0.9, (name, detectors["verdict"])
 
 
 def test_small_benchmark_recovers_the_planted_truth(capsys):
@@ -191,10 +258,11 @@ def test_small_benchmark_recovers_the_planted_truth(capsys):
         assert k["n_pos"] > 0 and (k["precision"], k["recall"]) == (1.0, 1.0), (kind, k)
         assert k["auc_min"] == 1.0, (kind, k)
     verdict = summary["edges"]["verdict"]
-    assert verdict["n_pos"] == 9 and (verdict["precision"], verdict["recall"]) == (1.0, 1.0), verdict
-    assert summary["edges"]["patch_z"]["auc_min"] >= 0.95
-    for name in ("weight_z", "attribution", "patch_z"):
+    assert verdict["n_pos"] == 8 and (verdict["precision"], verdict["recall"]) == (1.0, 1.0), verdict
+    for name in ("composes", "attribution"):
+        assert summary["edges"][name]["auc_min"] >= 0.95, (name, summary["edges"][name])
+    for name in ("weight_z", "attribution", "composes"):
         assert summary["edges"][name]["n_unscored_pos"] == 0
     for member in summary["members"]:
         assert member["decoy_verdicts"] and all(d[-1] != "supported" for d in member["decoy_verdicts"]), member["decoy_verdicts"]
-        assert member["sender_layers"][0] == member["sender_layer"]
+    assert [m["n_heads"] for m in summary["members"]] == [6, 2, 8]  # the second member keeps 2 of its 7 heads

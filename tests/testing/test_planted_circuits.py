@@ -1,6 +1,7 @@
 """Planted composition circuits: mean-ablation path patching finds each real edge through its
 documented input only, the decoys show no effect although one of them composes by weights, the
-receivers read exactly the slices the truth tables say, and layer 0 is untouched."""
+class-token receiver composes at the class token's query only, the receivers read exactly the
+slices the truth tables say, and layer 0 is untouched."""
 from functools import cache
 
 import pytest
@@ -17,8 +18,11 @@ from vitcircuits.composition.patching import (
 from vitcircuits.testing.planted import PlantedConfig, build_planted_heads
 from vitcircuits.testing.planted_circuits import (
     CIRCUIT_CONFIG,
+    CLS_K_RECEIVER,
     INERT_DECOY,
+    K_RECEIVER,
     LOCAL_DECOY,
+    V_RECEIVER,
     PlantedCircuitModel,
     build_planted_circuits,
 )
@@ -46,12 +50,16 @@ def circuits(name: str) -> PlantedCircuitModel:
     return build_planted_circuits(CONFIGS[name])
 
 
+CLS_CONFIG = PlantedConfig(grid=(5, 6), content_scale=0.01)
+CLS_ROLES = (K_RECEIVER, CLS_K_RECEIVER, V_RECEIVER)
+
+
 @cache
-def patched() -> tuple[PlantedCircuitModel, torch.Tensor]:
-    """The default circuits model and its mean-ablation path-patching effects
-    ``[sender head, path, receiver head, metric]`` from every layer-0 head into layer 1 (one
-    config only: patching is the slow part of this file)."""
-    planted = circuits("8x8-cls")
+def patched(with_cls: bool = False) -> tuple[PlantedCircuitModel, torch.Tensor]:
+    """The default circuits model (or a smaller one with a class-token receiver) and its mean-ablation
+    path-patching effects ``[sender head, path, receiver head, metric]`` from every layer-0 head into
+    layer 1 (patching is the slow part of this file)."""
+    planted = build_planted_circuits(CLS_CONFIG, roles=CLS_ROLES) if with_cls else circuits("8x8-cls")
     model, images_BCHW = planted.model, noise_images(planted)
     stats = ZStats.empty(model)
     stats.update(model, images_BCHW)
@@ -103,6 +111,32 @@ def test_decoys_have_no_path_patching_effect():
         _, receiver = planted.receiver(role)
         for metric, largest in INERT.items():
             assert effects_SPHM[:, :, receiver, METRICS.index(metric)].abs().max() < largest, (role, metric)
+
+
+def test_class_token_receiver_composes_at_the_class_query_only():
+    """Mean-ablating the modular head makes the class query's attention uniform (large
+    ``js_prefix`` through K) and leaves every patch query exactly as it was; no other path moves it."""
+    planted, effects_SPHM = patched(with_cls=True)
+    _, receiver = planted.receiver(CLS_K_RECEIVER)
+    ((sender, kind),) = [(s, k) for (_, s, _, r), k in planted.edges.items() if r == receiver]
+    assert kind == "k" and planted.truth_heads[(0, sender)] == "modular"
+    assert effect(effects_SPHM, sender, "k", receiver, "js_prefix") > 0.2
+    assert effect(effects_SPHM, sender, "k", receiver, "rel_out_prefix") > 0.5
+    for metric, largest in INERT.items():  # patch queries attend uniformly whatever the keys hold
+        assert effects_SPHM[:, :, receiver, METRICS.index(metric)].abs().max() < largest, metric
+    others = [effect(effects_SPHM, s, path, receiver, "js_prefix") for s in range(effects_SPHM.shape[0]) for path in PATHS if (s, path) != (sender, "k")]
+    assert max(others) < INERT["js"]
+    images_BCHW = noise_images(planted)
+    _, cache_ = planted.model.run_with_cache(images_BCHW, names_filter="blocks.1.attn.hook_pattern")
+    pattern_BQK = cache_["blocks.1.attn.hook_pattern"][:, receiver]
+    uniform = torch.full_like(pattern_BQK[:, 1:], 1 / pattern_BQK.shape[-1])
+    torch.testing.assert_close(pattern_BQK[:, 1:], uniform, rtol=1e-3, atol=0)  # patch queries: up to ln1's O(|c|^2)
+    assert pattern_BQK[:, 0].amax(-1).min() > 0.2  # the class query concentrates on a few keys
+
+
+def test_class_token_receiver_needs_a_class_token():
+    with pytest.raises(ValueError, match="class_token"):
+        build_planted_circuits(PlantedConfig(class_token=False, registers=1), roles=CLS_ROLES)
 
 
 @pytest.mark.parametrize("name", CONFIGS)

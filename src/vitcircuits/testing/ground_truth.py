@@ -158,7 +158,7 @@ def run_member(member: FamilyMember, n_images: int = 16, batch_size: int = 8, n_
     verdicts = {(*c["senders"][0], *c["receivers"][0], c["kind"]): c["verdict"] for c in result.circuits}
     cfg = member.config
     return {
-        "seed": cfg.seed, "grid": list(cfg.grid), "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "sender_layer": cfg.sender_layer,
+        "seed": cfg.seed, "grid": list(cfg.grid), "n_layers": cfg.n_layers, "n_heads": member.model.cfg.n_heads, "sender_layer": cfg.sender_layer,
         "class_token": cfg.class_token, "registers": cfg.registers, "n_images": n_images,
         "edges": [[*edge, kind] for edge, kind in member.edges.items()],
         "decoy_verdicts": [[*edge, kind, verdicts.get((*edge, kind), "not a candidate")] for edge, kind in member.decoy_edges.items()],
@@ -169,19 +169,19 @@ def run_member(member: FamilyMember, n_images: int = 16, batch_size: int = 8, n_
 
 SHAPES = {
     "small": [
-        dict(grid=(4, 4), n_layers=2, n_heads=6),
-        dict(grid=(4, 5), n_layers=3, n_heads=7, sender_layer=1, class_token=False, registers=1, inert_decoys=("q", "v")),
-        dict(grid=(5, 4), n_layers=3, n_heads=8, registers=1, n_directional=3, inert_decoys=("k", "q", "v"), local_decoys=2),
+        dict(grid=(4, 4), n_layers=2, n_heads=6, cls_edges=("k",)),
+        dict(grid=(4, 5), n_layers=3, n_heads=7, sender_layer=1, class_token=False, registers=1, edges=("k",), inert_decoys=("q",), heads_kept=2),
+        dict(grid=(5, 4), n_layers=3, n_heads=8, registers=1, n_directional=3, inert_decoys=("k", "q", "v"), local_decoys=2, silent_fillers=True),
     ],
     "full": [
-        dict(grid=(8, 8), n_layers=2, n_heads=6),
+        dict(grid=(8, 8), n_layers=2, n_heads=6, cls_edges=("k",)),
         dict(grid=(6, 9), n_layers=3, n_heads=7, sender_layer=1, class_token=False, registers=2),
         dict(grid=(4, 4), n_layers=2, n_heads=6, inert_decoys=("q",)),
-        dict(grid=(7, 5), n_layers=4, n_heads=8, sender_layer=2, registers=1, inert_decoys=("k", "q", "v"), local_decoys=2),
+        dict(grid=(7, 5), n_layers=4, n_heads=8, sender_layer=2, registers=1, inert_decoys=("k", "q", "v"), local_decoys=2, silent_fillers=True),
         dict(grid=(5, 8), n_layers=3, n_heads=8, class_token=False, registers=1, n_directional=3, edges=("k", "v"), inert_decoys=("q", "v")),
-        dict(grid=(10, 10), n_layers=2, n_heads=7, n_directional=3),
+        dict(grid=(10, 10), n_layers=2, n_heads=7, n_directional=3, cls_edges=("k",)),
         dict(grid=(6, 6), n_layers=4, n_heads=9, sender_layer=1, n_directional=4, inert_decoys=("k", "q", "v"), local_decoys=2),
-        dict(grid=(9, 7), n_layers=3, n_heads=7, sender_layer=1, registers=2, edges=("q",), inert_decoys=("v",)),
+        dict(grid=(9, 7), n_layers=3, n_heads=7, sender_layer=1, registers=2, edges=("q",), inert_decoys=("v",), heads_kept=2),
     ],
 }
 """Member shapes, cycled; member ``i`` gets seed ``i``."""

@@ -25,6 +25,10 @@ Optional roles (not in :data:`RECEIVER_ROLES`; pass ``roles`` to :func:`build_pl
 
     inert_q_decoy  the transpose: Q reads the sink head's slice, K reads content
     inert_v_decoy  attends to itself by position; V reads content and the sink head's slice
+    cls_k_composition  K-composition read at the class token: Q reads the class token's position
+                   dim only (a fixed unit direction u of head space, zero at every other query),
+                   K reads the modular head's slice (as k_composition), V reads content with gain
+                   2 sqrt(N): logit at the class query = g * u.m_j / std(u.m); needs a class token
 
 ``g = match_gain``, ``s = content_scale``, ``C = content_dims``. For unit-variance pixels each
 content coordinate has standard deviation ``s``, and ``m_j`` contains ``c_i / 8`` when ``i`` is a
@@ -35,6 +39,14 @@ neighbours); mean-ablating the modular head replaces ``m`` by one constant vecto
 their logits constant over keys and their attention uniform. The V receiver's pattern is
 positional, so the same ablation changes only its output. Q, K or V inputs that read no ablated
 slice see the ablation only through ``ln1``'s normalisation, a relative change of ``O(|m|^2)``.
+
+The class-token receiver attends uniformly at every patch query (its query is zero there), so it
+composes with the modular head at the class token's query only: there its attention follows the
+modular slice of the keys (logits of spread about ``g`` over keys), and mean-ablating the modular
+head makes it uniform. It changes one token's output, so V reads content with gain ``2 sqrt(N)``
+(:data:`CLS_VALUE_GAIN`): relative to the whole ``N``-token stream its move is then twice that of
+a receiver whose every patch query moves by the size of the content code, about 2-4 % for unit
+pixel noise (a path ablation must move the embedding by 1 % to matter).
 
 Why the inert decoy is inert: the sink head puts all but ``~N exp(-sharpness)`` of its mass on
 the class token (first register without one), whose content dims are exactly zero (prefix
@@ -72,16 +84,19 @@ LOCAL_DECOY = "local_decoy"
 INERT_DECOY = "inert_k_decoy"
 INERT_Q_DECOY = "inert_q_decoy"
 INERT_V_DECOY = "inert_v_decoy"
+CLS_K_RECEIVER = "cls_k_composition"
 RECEIVER_ROLES = (K_RECEIVER, Q_RECEIVER, V_RECEIVER, LOCAL_DECOY, INERT_DECOY)
 """Default roles of layer-1 heads ``0, 1, ...``; later layer-1 heads are random fillers."""
-ALL_RECEIVER_ROLES = (*RECEIVER_ROLES, INERT_Q_DECOY, INERT_V_DECOY)
+ALL_RECEIVER_ROLES = (*RECEIVER_ROLES, INERT_Q_DECOY, INERT_V_DECOY, CLS_K_RECEIVER)
 """Every role :func:`build_planted_circuits` can plant."""
-EDGE_OF_ROLE = {K_RECEIVER: (MODULAR, "k"), Q_RECEIVER: (MODULAR, "q"), V_RECEIVER: (SELF, "v")}
+EDGE_OF_ROLE = {K_RECEIVER: (MODULAR, "k"), Q_RECEIVER: (MODULAR, "q"), V_RECEIVER: (SELF, "v"), CLS_K_RECEIVER: (MODULAR, "k")}
 """Causal receiver role -> (kind of the layer-0 sender it reads, input it reads it through)."""
 DECOY_OF_ROLE = {INERT_DECOY: (SINK, "k"), INERT_Q_DECOY: (SINK, "q"), INERT_V_DECOY: (SINK, "v")}
 """Inert decoy role -> (sender kind, input): weights compose, the path has no effect."""
 V_RECEIVER_OFFSET = (0, -1)
 """``(dy, dx)`` the V receiver attends to: the patch to the left (itself in the first column)."""
+CLS_VALUE_GAIN = 2.0
+"""The class-token receiver's V reads content with gain ``CLS_VALUE_GAIN * sqrt(N)`` (module docstring)."""
 CIRCUIT_CONFIG = PlantedConfig(content_scale=0.01)
 """Default shape: 8x8 patches and a class token; content 5x the head-atlas default, which keeps
 layer-0 logits within ``sharpness * |c|^2 / 2 < 0.05`` of position-only for pixel std 1 while
@@ -132,6 +147,8 @@ def build_planted_circuits(cfg: PlantedConfig | None = None, match_gain: float =
         raise ValueError(f"unknown receiver roles {sorted(set(roles) - set(ALL_RECEIVER_ROLES))}")
     if any(roles.count(role) > 1 for role in roles if role != LOCAL_DECOY):
         raise ValueError(f"only {LOCAL_DECOY!r} may repeat, got {roles}")
+    if CLS_K_RECEIVER in roles and not cfg.class_token:
+        raise ValueError(f"{CLS_K_RECEIVER!r} reads at the class token: it needs class_token=True")
     planted = build_planted_heads(cfg)
     model = planted.model
     N, C, D, H, Dh = cfg.n_tokens, cfg.content_dims, cfg.d_model, cfg.n_heads, model.cfg.d_head
@@ -140,6 +157,11 @@ def build_planted_circuits(cfg: PlantedConfig | None = None, match_gain: float =
     reads["content"] = content
     # q.k / sqrt(Dh) = match^2 / sqrt(Dh) * c.m = match_gain * 8 / C * c.m / content_scale^2
     match = math.sqrt(match_gain * 8 / C * math.sqrt(Dh)) / cfg.content_scale
+    # class-token receiver: u = (1, -1, 1, -1, ...) / sqrt(C) reads every content pair; u.m has std
+    # content_scale / 2 for an interior key (u.c: sqrt(2) s, averaged over 8 neighbours), so
+    # q.k / sqrt(Dh) = cls_query * match * u.m / sqrt(Dh) has std match_gain
+    u_C = torch.tensor([1.0, -1.0]).repeat(C // 2) / math.sqrt(C)
+    cls_query = 2 * match_gain * math.sqrt(Dh) / (match * cfg.content_scale)
     # content-matching role -> (what Q reads, what K reads); V reads content
     matching = {K_RECEIVER: ("content", MODULAR), Q_RECEIVER: (MODULAR, "content"),
                 INERT_DECOY: ("content", SINK), INERT_Q_DECOY: (SINK, "content")}
@@ -158,6 +180,11 @@ def build_planted_circuits(cfg: PlantedConfig | None = None, match_gain: float =
                 W[head] = 0.0
             W_O_DHd[:, head] = 0.0
             W_O_DHd[planted.out_slice(1, head), head, :C] = eye_CC
+            if role == CLS_K_RECEIVER:
+                W_Q[head, :C, model.layout.cls_index] = cls_query * u_C
+                W_K[head, :C, reads[MODULAR]] = match * eye_CC
+                W_V[head, :C, content] = CLS_VALUE_GAIN * math.sqrt(N) * eye_CC
+                continue
             if role in matching:
                 query_reads, key_reads = matching[role]
                 W_Q[head, :C, reads[query_reads]] = match * eye_CC

@@ -22,28 +22,46 @@ one output slice per head) that is then rearranged by a function-preserving rela
   every head (ablating a content-matching receiver moved a later filler's output by ~6 % through V
   in one member), so the planted edges would not be the whole causal graph; this way they are, up
   to the ``O(|c|^2)`` change of every ``ln1``'s normalisation.
+- **Silent layer-mates** (``silent_fillers``): the sender layer's fillers get a zero ``W_V``, so
+  their output and OV circuit are exactly zero (their edges are the composition stage's ``silent``
+  ones).
+- **Narrow members** (``heads_kept``): the full-width member is built, then only ``heads_kept``
+  heads of every layer are kept (in their permuted order): the planted edges' senders and
+  receivers first, then the decoy edges' ends, then the other planted heads (by built order:
+  sender kinds as :attr:`~vitcircuits.testing.planted.PlantedConfig.planted_kinds`, receiver roles
+  as :attr:`FamilyConfig.receiver_roles`), then fillers (in filler layers: the first heads). The
+  model is rebuilt with ``n_heads = heads_kept`` and the same ``d_head`` and residual layout (a
+  dropped head's slice is left unwritten), so a kept head still writes the slice it wrote in the
+  full-width member (:attr:`FamilyMember.kept_heads`). The stream changes only by the dropped heads' outputs, which
+  no kept head reads except through ``ln1``'s normalisation.
+- **Class-token circuits** (``cls_edges``): a
+  :data:`~vitcircuits.testing.planted_circuits.CLS_K_RECEIVER` whose query is non-zero at the
+  class token only, so it K-composes with the modular head at that query alone.
 - **Seeded content**: the directional offsets (distinct, among the 8 neighbour offsets), the V
   receiver's offset, the content projection and the filler weights all follow ``seed``.
 
 Ground truth (:class:`FamilyMember`): ``truth_heads`` holds every head whose attention is fixed
 by position (the senders' kinds, plus the receiver layer's positional heads: the V receiver is
 ``directional``, a local decoy ``modular``, an inert V decoy ``self``); the content-matching K/Q
-receivers are ``unscored_heads`` (where their mean attention falls depends on the grid and the
-images, so no kind is the right one); every other head (fillers, inert K/Q decoys, which attend
-uniformly) is :data:`OTHER`. ``edges`` are the causal edges, ``decoy_edges`` compose by weights
+receivers and the class-token receiver are ``unscored_heads`` (where their mean attention falls
+depends on the grid and the images, so no kind is the right one); every other head (fillers,
+silent or not, inert K/Q decoys, which attend uniformly) is :data:`OTHER`. ``edges`` are the causal edges, ``decoy_edges`` compose by weights
 only, and local decoys compose with nothing.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from itertools import chain
 
 import numpy as np
 import torch
 
-from vitcircuits.models import HookedViT, TokenLayout
+from vitcircuits.models import HookedViT, TokenLayout, ViTConfig
 from vitcircuits.testing.planted import DIRECTIONAL, MODULAR, NEIGHBOUR_OFFSETS, SELF, PlantedConfig
 from vitcircuits.testing.planted_circuits import (
+    CLS_K_RECEIVER,
+    EDGE_OF_ROLE,
     INERT_DECOY,
     INERT_Q_DECOY,
     INERT_V_DECOY,
@@ -59,10 +77,12 @@ OTHER = "other"
 FILLER = "filler"
 """Role of a random filler head."""
 EDGE_RECEIVERS = {"k": K_RECEIVER, "q": Q_RECEIVER, "v": V_RECEIVER}
+CLS_EDGE_RECEIVERS = {"k": CLS_K_RECEIVER}
+"""Class-token edge -> receiver role."""
 INERT_RECEIVERS = {"k": INERT_DECOY, "q": INERT_Q_DECOY, "v": INERT_V_DECOY}
 POSITIONAL_RECEIVER_KINDS = {V_RECEIVER: DIRECTIONAL, LOCAL_DECOY: MODULAR, INERT_V_DECOY: SELF}
 """Receiver role -> kind of its position-only attention pattern."""
-CONTENT_RECEIVERS = (K_RECEIVER, Q_RECEIVER)
+CONTENT_RECEIVERS = (K_RECEIVER, Q_RECEIVER, CLS_K_RECEIVER)
 """Roles whose attention depends on content (their kind is left unscored)."""
 MIN_GRID = 4
 MAX_PREFIX_SHARE = 0.25
@@ -93,6 +113,9 @@ class FamilyConfig:
     """Directional sender heads; their offsets are distinct neighbour offsets drawn by ``seed``."""
     edges: tuple[str, ...] = ("q", "k", "v")
     """Causal edges to plant: ``k`` and ``q`` read the modular head, ``v`` reads the self head."""
+    cls_edges: tuple[str, ...] = ()
+    """Causal edges read at the class token (only ``k``: a class-token receiver reads the modular
+    head's slice through K); need a class token."""
     inert_decoys: tuple[str, ...] = ("k",)
     """Inert decoys to plant, by the input that reads the sink head's slice (weights compose, no effect)."""
     local_decoys: int = 1
@@ -105,6 +128,10 @@ class FamilyConfig:
     """Expected logit bonus of a neighbour key in the content-matching receivers."""
     seed: int = 0
     """Seeds the head permutations, the offsets, the content projection and the filler weights."""
+    silent_fillers: bool = False
+    """The sender layer's fillers write nothing (zero ``W_V``: output and OV circuit exactly zero)."""
+    heads_kept: int | None = None
+    """Keep only this many heads per layer (module docstring); None keeps all ``n_heads``."""
 
     def __post_init__(self) -> None:
         rows, cols = self.grid
@@ -116,6 +143,10 @@ class FamilyConfig:
             kinds = getattr(self, name)
             if set(kinds) - {"q", "k", "v"} or len(set(kinds)) != len(kinds):
                 raise ValueError(f"{name} must be distinct kinds among q, k, v, got {kinds}")
+        if set(self.cls_edges) - set(CLS_EDGE_RECEIVERS) or len(set(self.cls_edges)) != len(self.cls_edges):
+            raise ValueError(f"cls_edges must be distinct kinds among {tuple(CLS_EDGE_RECEIVERS)}, got {self.cls_edges}")
+        if self.cls_edges and not self.class_token:
+            raise ValueError(f"cls_edges={self.cls_edges} are read at the class token: they need class_token=True")
         if not 0 <= self.n_directional <= len(NEIGHBOUR_OFFSETS):
             raise ValueError(f"n_directional must be in [0, {len(NEIGHBOUR_OFFSETS)}], got {self.n_directional}")
         prefix = int(self.class_token) + self.registers
@@ -124,11 +155,19 @@ class FamilyConfig:
         if self.n_heads < max(4 + self.n_directional, len(self.receiver_roles)):
             raise ValueError(f"n_heads={self.n_heads} is fewer than the {4 + self.n_directional} sender kinds "
                              f"or the {len(self.receiver_roles)} receiver roles")
+        edge_roles = [role for role in self.receiver_roles if role in EDGE_OF_ROLE]
+        needed = max(1, len({EDGE_OF_ROLE[role][0] for role in edge_roles}), len(edge_roles))
+        if self.heads_kept is not None and not needed <= self.heads_kept <= self.n_heads:
+            raise ValueError(f"heads_kept={self.heads_kept} must be in [{needed}, n_heads={self.n_heads}]: the planted edges "
+                             f"{(*self.edges, *self.cls_edges)} need {needed} heads in one layer")
+        if self.silent_fillers and min(self.n_heads, self.heads_kept or self.n_heads) <= 4 + self.n_directional:
+            raise ValueError(f"silent_fillers needs a filler in the sender layer: more than {4 + self.n_directional} heads (kept)")
 
     @property
     def receiver_roles(self) -> tuple[str, ...]:
         """Roles planted in the receiver layer (before the seeded permutation)."""
-        return (*[EDGE_RECEIVERS[k] for k in self.edges], *[LOCAL_DECOY] * self.local_decoys, *[INERT_RECEIVERS[k] for k in self.inert_decoys])
+        return (*[EDGE_RECEIVERS[k] for k in self.edges], *[CLS_EDGE_RECEIVERS[k] for k in self.cls_edges],
+                *[LOCAL_DECOY] * self.local_decoys, *[INERT_RECEIVERS[k] for k in self.inert_decoys])
 
     @property
     def receiver_layer(self) -> int:
@@ -162,6 +201,9 @@ class FamilyMember:
     """``(layer, head) -> (dy, dx)`` of every directional head (senders and the V receiver)."""
     target_masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     """``[N, N]`` bool ``[query, key]`` targets of every positional head."""
+    kept_heads: tuple[tuple[int, ...], ...] = ()
+    """Per layer, the head of the full-width member that each head of a narrow member is (whose slice
+    it writes); empty when every head was kept."""
 
     @property
     def layout(self) -> TokenLayout:
@@ -184,7 +226,8 @@ class FamilyMember:
     def out_slice(self, layer: int, head: int) -> slice:
         """Residual dims that head ``(layer, head)`` writes (and nothing else writes)."""
         cfg = self.planted_config
-        start = cfg.n_tokens + cfg.content_dims * (1 + layer * cfg.n_heads + head)
+        built = self.kept_heads[layer][head] if self.kept_heads else head
+        start = cfg.n_tokens + cfg.content_dims * (1 + layer * cfg.n_heads + built)
         return slice(start, start + cfg.content_dims)
 
     @property
@@ -230,6 +273,8 @@ def build_family_member(config: FamilyConfig) -> FamilyMember:
             for head in range(H):
                 if head_roles[(layer, head)] == FILLER:  # fillers read positions and content, no head's output
                     W_3HdD[:, head, :, heads_start:] = 0.0
+                    if config.silent_fillers and layer == s:
+                        W_3HdD[2, head] = 0.0
 
     def moved(edges: dict) -> dict:
         return {(*where[(sl, sh)], *where[(rl, rh)]): kind for (sl, sh, rl, rh), kind in edges.items()}
@@ -240,17 +285,80 @@ def build_family_member(config: FamilyConfig) -> FamilyMember:
     offsets_out = {where[head]: offset for head, offset in built.planted.offsets.items()}
     offsets_out.update({head: v_offset for head, role in roles.items() if role == V_RECEIVER})
     masks = {where[head]: mask for head, mask in {**built.planted.target_masks, **built.receiver_masks}.items()}
-    return replace(
+    member = replace(
         member, truth_heads=dict(sorted(truth.items())), head_roles=head_roles,
         unscored_heads=frozenset(head for head, role in roles.items() if role in CONTENT_RECEIVERS),
         edges=moved(built.edges), decoy_edges=moved(built.decoy_edges), receivers=sorted(roles), roles=dict(sorted(roles.items())),
         offsets=offsets_out, target_masks=masks,
+    )
+    if config.heads_kept is None:
+        return member
+    built_head = {new: old for old, new in where.items()}
+    return _narrow(member, config.heads_kept, lambda layer, head: built_head[(layer, head)][1])
+
+
+def _narrow(member: FamilyMember, n_kept: int, built_head: Callable[[int, int], int]) -> FamilyMember:
+    """``member`` with ``n_kept`` heads per layer (module docstring); ``built_head(layer, head)`` is
+    the head's index before the permutation, which orders heads of equal priority."""
+    causal, decoy = (set(chain.from_iterable((key[:2], key[2:]) for key in edges)) for edges in (member.edges, member.decoy_edges))
+
+    def priority(layer: int, head: int) -> tuple[int, int]:
+        key = (layer, head)
+        rank = 0 if key in causal else 1 if key in decoy else 2 if member.head_roles[key] != FILLER else 3
+        return rank, built_head(layer, head)
+
+    def kept_in(layer: int) -> tuple[int, ...]:
+        first = sorted(range(member.model.cfg.n_heads), key=lambda head: priority(layer, head))[:n_kept]
+        return tuple(sorted(first))
+
+    kept = tuple(kept_in(layer) for layer in range(member.model.cfg.n_layers))
+    new = {(layer, head): (layer, i) for layer, heads in enumerate(kept) for i, head in enumerate(heads)}
+
+    def by_head(table: dict) -> dict:
+        return {new[key]: value for key, value in table.items() if key in new}
+
+    def by_edge(table: dict) -> dict:
+        return {(*new[key[:2]], *new[key[2:]]): kind for key, kind in table.items() if key[:2] in new and key[2:] in new}
+
+    roles = by_head(member.roles)
+    return replace(
+        member, model=_keep_heads(member.model, kept), truth_heads=by_head(member.truth_heads), head_roles=by_head(member.head_roles),
+        unscored_heads=frozenset(new[key] for key in member.unscored_heads if key in new), edges=by_edge(member.edges),
+        decoy_edges=by_edge(member.decoy_edges), receivers=sorted(roles), roles=roles, offsets=by_head(member.offsets),
+        target_masks=by_head(member.target_masks), kept_heads=kept,
     )
 
 
 def family(seeds, base_config: FamilyConfig = FamilyConfig()) -> list[FamilyMember]:
     """One member per seed, all of ``base_config``'s shape."""
     return [build_family_member(replace(base_config, seed=int(seed))) for seed in seeds]
+
+
+@torch.no_grad()
+def _keep_heads(model: HookedViT, kept: tuple[tuple[int, ...], ...]) -> HookedViT:
+    """A copy of ``model`` with only heads ``kept[layer]`` of every layer (same ``d_head`` and ``d_model``)."""
+    narrow = HookedViT(replace(model.cfg, n_heads=len(kept[0]))).eval()
+    state = {}
+    for name, value in model.state_dict().items():
+        if name.startswith("blocks."):
+            _, block, rest = name.split(".", 2)
+            value = _select_heads(rest, value, torch.as_tensor(kept[int(block)]), model.cfg)
+        state[name] = value.clone()
+    narrow.load_state_dict(state)
+    return narrow
+
+
+def _select_heads(rest: str, value: torch.Tensor, heads: torch.Tensor, cfg: ViTConfig) -> torch.Tensor:
+    """Block parameter ``rest`` restricted to (and ordered as) ``heads``: rows of the ``[3, H, Dh, D]``
+    qkv weight (and its bias), columns of the ``[D, H, Dh]`` output projection; others unchanged."""
+    H, Dh, D = cfg.n_heads, cfg.d_head, cfg.d_model
+    if rest == "attn.qkv.weight":
+        return value.view(3, H, Dh, D)[:, heads].reshape(-1, D)
+    if rest == "attn.qkv.bias":
+        return value.view(3, H, Dh)[:, heads].reshape(-1)
+    if rest == "attn.proj.weight":
+        return value.view(D, H, Dh)[:, heads].reshape(D, -1)
+    return value
 
 
 _READS = ("attn.qkv.weight", "mlp.fc1.weight")
@@ -275,7 +383,7 @@ def _residual_axes(name: str, value: torch.Tensor, D: int) -> list[int]:
 def _rearrange(model: HookedViT, out_slice: Callable[[int, int], slice], order: list[int], perms: list[list[int]]) -> None:
     """Reorder ``model``'s blocks (new block ``b`` = old ``order[b]``) and heads (new head ``h`` of
     block ``b`` = old ``perms[b][h]``), moving each head's output slice (``out_slice(layer, head)``) with it."""
-    D, H, Dh = model.cfg.d_model, model.cfg.n_heads, model.cfg.d_head
+    D = model.cfg.d_model
     dims = torch.arange(D)
     source = dims.clone()
     for new, old in enumerate(order):
@@ -286,14 +394,7 @@ def _rearrange(model: HookedViT, out_slice: Callable[[int, int], slice], order: 
     for name, value in old_state.items():
         if name.startswith("blocks."):
             _, block, rest = name.split(".", 2)
-            value = old_state[f"blocks.{order[int(block)]}.{rest}"]
-            perm = torch.as_tensor(perms[int(block)])
-            if rest == "attn.qkv.weight":
-                value = value.view(3, H, Dh, D)[:, perm].reshape(3 * H * Dh, D)
-            elif rest == "attn.qkv.bias":
-                value = value.view(3, H, Dh)[:, perm].reshape(-1)
-            elif rest == "attn.proj.weight":
-                value = value.view(D, H, Dh)[:, perm].reshape(D, H * Dh)
+            value = _select_heads(rest, old_state[f"blocks.{order[int(block)]}.{rest}"], torch.as_tensor(perms[int(block)]), model.cfg)
         for axis in _residual_axes(name, value, D):
             value = value.index_select(axis, source)
         new_state[name] = value

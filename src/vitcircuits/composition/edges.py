@@ -132,7 +132,7 @@ def edge_rows(scores: CompositionScores, senders: list[tuple[int, int, str]], cl
     S = len(senders)
     index = {(layer, head): i for i, (layer, head, _) in enumerate(senders)}
     fills_of: dict[tuple[int, int], list[int]] = {}
-    for j, (layer, head, _) in enumerate(clean.randoms):
+    for j, (layer, head, _, _) in enumerate(clean.randoms):
         fills_of.setdefault((layer, head), []).append(S + j)
     per_image = clean.per_image().double().numpy()
     I, _, P, L, H, Q = per_image.shape

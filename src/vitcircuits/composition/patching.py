@@ -56,12 +56,14 @@ class PatchingConfig:
 
 class PatchEffects:
     """Sums of effects ``[S + R, 3 paths, L, H, metrics]`` over images for senders ``senders``, then
-    their random-direction controls ``randoms`` (``(layer, head, draw)``)."""
+    their random-direction controls ``randoms`` (``(layer, head, draw, last receiver layer)``).
+    ``random_draws[(layer, head)]`` lists, per draw, the last receiver layer that draw is needed
+    for: a control is patched into the layers up to that one only (elsewhere its effects stay 0)."""
 
     def __init__(self, senders: list[tuple[int, int]], n_layers: int, n_heads: int,
-                 random_draws: dict[tuple[int, int], int] | None = None) -> None:
+                 random_draws: dict[tuple[int, int], list[int]] | None = None) -> None:
         self.senders = senders
-        self.randoms = [(sl, sh, draw) for sl, sh in senders for draw in range((random_draws or {}).get((sl, sh), 0))]
+        self.randoms = [(sl, sh, draw, last) for sl, sh in senders for draw, last in enumerate((random_draws or {}).get((sl, sh), []))]
         self.sum_SPLHM = torch.zeros(len(senders) + len(self.randoms), len(PATHS), n_layers, n_heads, len(METRICS), dtype=torch.float64)
         self.per_image_IRPLHQ: list[torch.Tensor] = []
         """Per batch ``[B, S + R, 3, L, H, 2]``: the verdict metric at patch and prefix queries."""
@@ -207,13 +209,13 @@ def path_patch_batch(model: HookedViT, images_BCHW: torch.Tensor, senders: list[
     for sl, sh in senders:
         z = cache[f"blocks.{sl}.attn.hook_z"][:, :, sh]
         deltas[(sl, sh)] = (ablated_z(config.ablation, z, sl, sh, stats, generator) - z) @ W_O[sl, sh]
-    jobs = [(sl, deltas[(sl, sh)]) for sl, sh in senders]
-    for sl, sh, draw in effects.randoms:
+    jobs = [(sl, L - 1, deltas[(sl, sh)]) for sl, sh in senders]
+    for sl, sh, draw, last in effects.randoms:
         delta_BND = deltas[(sl, sh)]
         direction = random_directions(delta_BND.shape, draw, config.seed * 7919 + effects.n_images).to(delta_BND)
-        jobs.append((sl, direction * delta_BND.norm(dim=-1, keepdim=True)))
-    for i, (sl, delta_BND) in enumerate(jobs):
-        for rl in range(sl + 1, L):
+        jobs.append((sl, last, direction * delta_BND.norm(dim=-1, keepdim=True)))
+    for i, (sl, last, delta_BND) in enumerate(jobs):
+        for rl in range(sl + 1, last + 1):
             receiver = receivers[rl]
             for p, (pattern, z_patched) in enumerate(receiver.patched(delta_BND)):
                 values_BHM = receiver.effects(pattern, z_patched).double()

@@ -107,7 +107,7 @@ class CompositionResult:
 
 
 def _patch(model: HookedViT, batches: list[torch.Tensor], heads: list[tuple[int, int]], stats: ZStats, config: PatchingConfig,
-           advance: Callable[[], None], random_draws: dict[tuple[int, int], int] | None = None) -> PatchEffects:
+           advance: Callable[[], None], random_draws: dict[tuple[int, int], list[int]] | None = None) -> PatchEffects:
     effects = PatchEffects(heads, model.cfg.n_layers, model.cfg.n_heads, random_draws)
     for images_BCHW in batches:
         path_patch_batch(model, images_BCHW, heads, effects, stats, config)
@@ -123,6 +123,15 @@ def progress_steps(enabled: bool) -> Iterator[Steps]:
             task = bar.add_task(description, total=total)
             return lambda: bar.advance(task)
         yield steps
+
+
+def random_controls(layer: int, n_heads: int, n_layers: int) -> list[int]:
+    """Per random-direction draw of a sender in ``layer``, the last receiver layer whose null needs
+    it: receivers in layer ``r`` have ``n_heads * r - 1`` other earlier senders, and draw ``k``
+    tops up their null while that count is short of :data:`~vitcircuits.composition.evidence.MIN_NULL`
+    by more than ``k``."""
+    return [max(r for r in range(layer + 1, n_layers) if fill_count(n_heads * r - 1) > draw)
+            for draw in range(fill_count(n_heads * (layer + 1) - 1))]
 
 
 def resolve_metric(model: HookedViT, choice: str, probe: TaskMetric | None = None) -> TaskMetric:
@@ -163,7 +172,7 @@ def _run(model: HookedViT, image_batches: Callable[[], Iterable[torch.Tensor]], 
     pairs = [(x, shuffle_patches(x, model.cfg.patch_size, generator)) for x in patch_batches]
     for images_BCHW, _ in pairs:
         stats.update(model, images_BCHW)
-    draws = {(layer, head): fill_count(H * (layer + 1) - 1) for layer, head in heads}
+    draws = {(layer, head): random_controls(layer, H, L) for layer, head in heads}
     clean = _patch(model, [x for x, _ in pairs], heads, stats, config.patching, steps("composition: path patching", len(pairs)), draws)
     shuffled = _patch(model, [xs for _, xs in pairs], heads, stats, config.patching, steps("composition: shuffled images", len(pairs)))
     kept_LH = attention_kept(model, pairs)

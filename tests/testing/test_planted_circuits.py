@@ -34,7 +34,7 @@ CONFIGS = {
 }
 MIN_MASS = 0.95
 N_IMAGES = 16
-INERT = {"js": 1e-5, "d_neighbour": 1e-3, "d_kernel": 1e-3, "rel_out": 1e-2, "d_out_norm": 1e-2, "d_out_proj": 1e-2}
+INERT = {"js": 1e-5, "rel_out": 1e-2}
 """Largest effect of any kind at patch queries that counts as none (the ablation still moves every
 ``ln1`` normalisation by a relative ``O(|c|^2)``). The planted roles are defined at patch queries;
 what a planted head does at the class token's query is left to chance."""
@@ -83,15 +83,13 @@ def test_attention_edges_act_through_their_input_only():
     attention_edges = {key: kind for key, kind in planted.edges.items() if kind in ("q", "k")}
     assert sorted(attention_edges.values()) == ["k", "q"]
     for (_, sender, _, receiver), kind in attention_edges.items():
-        for metric in ("js", "d_kernel", "rel_out"):
+        for metric in ("js", "rel_out"):
             via_edge = effect(effects_SPHM, sender, kind, receiver, metric)
             others = [effect(effects_SPHM, s, path, receiver, metric)
                       for s in range(effects_SPHM.shape[0]) for path in PATHS if (s, path) != (sender, kind)]
             assert via_edge > 10 * max(others), (kind, metric, via_edge, max(others))
         assert effect(effects_SPHM, sender, kind, receiver, "js") > 0.2
         assert effect(effects_SPHM, sender, kind, receiver, "rel_out") > 0.5
-        # content matching favours the query's neighbours; the ablated pattern is uniform
-        assert effect(effects_SPHM, sender, kind, receiver, "d_neighbour") < -0.05
 
 
 def test_v_edge_moves_the_sender_output_without_touching_the_pattern():

@@ -183,10 +183,10 @@ def _run(model: HookedViT, image_batches: Callable[[], Iterable[torch.Tensor]], 
     supported = sorted({tuple(c["receivers"][0]) for c in circuits if c["verdict"] == "supported"})
     if supported:
         ablations["supported receivers ablated"] = supported
-    rows_, cols = model.layout.rows, model.layout.cols
-    transfer_config = replace(config.transfer, radius=min(config.transfer.radius, (min(rows_, cols) - 1) // 2))
+    grid = min(model.layout.rows, model.layout.cols)
+    transfer_config = replace(config.transfer, radius=min(config.transfer.radius, (grid - 1) // 2))
     transfer = {}
-    if transfer_config.radius >= 1 and any(ablations.values()):
+    if transfer_config.radius >= 1:
         batches = _Reiterable(_limited(image_batches, config.max_transfer_images))
         transfer = transfer_curves(model, batches, transfer_config, {k: v for k, v in ablations.items() if v}, stats, config.patching.ablation)
     result = CompositionResult(scores, senders, rows, circuits, {"clean": clean.mean()[: len(heads)].numpy(), "shuffled": shuffled.mean().numpy()},

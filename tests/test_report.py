@@ -46,7 +46,7 @@ def circuits_document() -> dict:
     return {
         "senders": [{"layer": 0, "head": 1, "kind": "modular"}], "ablation": "mean", "n_edges": 288,
         "verdicts": {"supported": 1, "weak": 40, "none": 247}, "rule": "supported = composes and matters", "circuits": circuits,
-        "task_metric": {"kind": "margin", "probe": False, "n_images": 40, "target": "label or clean prediction", "clean_mean": 4.6,
+        "task_metric": {"kind": "margin", "probe": False, "n_images": 40, "target": "the clean prediction", "clean_mean": 4.6,
                         "floor": 0.046, "attribution_steps": 3, "n_edges": 288, "n_checked": 24, "n_null_edges": 55},
         "attribution": {"n_checked": 24, "spearman_checked": 0.81, "n_top": 24, "spearman_top": None},
         "task_patching": {"n_edges": 24, "metric": "drop", "strongest": [{"sender": [0, 1], "receiver": [1, 2], "kind": "k", "drop": 0.25}]},

@@ -104,7 +104,7 @@ def task_evidence(model: HookedViT, images_BCHW: torch.Tensor, stats: ZStats, me
     advance = steps("composition: nulls of the checks", len(set(needed) - set(drops.drops)) + sum(n_random.values()))
     edge_drops(model, images_BCHW, targets, needed, stats, metric, n_random, seed=seed, into=drops, advance=advance)
     description = {"kind": metric.kind, "probe": metric.probe_CD is not None, "n_images": len(images_BCHW),
-                   "target": "clean embedding" if metric.kind == "embedding" else "label or clean prediction",
+                   "target": {"embedding": "the clean final tokens", "margin": "the clean prediction"}[metric.kind],
                    "clean_mean": float(drops.clean_I.mean()), "floor": floor, "attribution_steps": config.attribution.steps,
                    "n_edges": len(edges), "n_checked": len(checked), "n_null_edges": len(needed)}
     return TaskEvidence(est_LHPLH, direct_LH, drops, checked, null_senders, floor, description)

@@ -57,11 +57,12 @@ class HuntConfig:
 
     @classmethod
     def quick(cls) -> HuntConfig:
-        """A small, fast pass (``--quick``): fewer bootstrap replicates and patching images, a smaller
-        SAE trained for one epoch, fewer features tested. Every stage still runs."""
+        """A small, fast pass (``--quick``): fewer bootstrap replicates, patching and task images,
+        fewer edges checked exactly on a large model, a smaller SAE trained for one epoch, fewer
+        features tested. Every stage still runs."""
         return cls(
             atlas=AtlasConfig(n_boot=50),
-            compose=ComposeConfig(max_patch_images=16, max_transfer_images=128),
+            compose=ComposeConfig(max_patch_images=16, max_transfer_images=128, task_images=32, task_candidates=8, n_boot=200),
             necessity=NecessityConfig(draws=4),
             max_necessity_images=128,
             sae=SAEStageConfig(epochs=1, expansion=4, fidelity_images=64),

@@ -52,3 +52,21 @@ def test_compose_without_heads_from_runs_the_atlas_first(model_and_images, tmp_p
     circuits = json.loads((out / "circuits.json").read_text())
     atlas = json.loads((out / "heads" / "atlas.json").read_text())
     assert {s["kind"] for s in circuits["senders"]} <= {r["kind"] for r in atlas["rows"]}
+
+
+@pytest.mark.parametrize(("metric", "message"), [("probe", "needs labelled images"), ("margins", "unknown task metric 'margins'")])
+def test_compose_task_metric_errors_are_one_line(model_and_images, tmp_path, metric, message):
+    folder, images = model_and_images
+    result = CliRunner().invoke(app, ["compose", "--model", str(folder), "--images", str(images), "--device", "cpu", "--batch-size", "6",
+                                      "--out", str(tmp_path / "c"), "--task-metric", metric])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+
+
+def test_compose_with_a_probe_on_labelled_images(model_and_images, tmp_path):
+    folder, images = model_and_images
+    (images / "labels.tsv").write_text("filename\tindex\n" + "".join(f"{i:02d}.png\t{i % 3}\n" for i in range(12)))
+    result = CliRunner().invoke(app, ["compose", "--model", str(folder), "--images", str(images), "--device", "cpu", "--batch-size", "6",
+                                      "--out", str(tmp_path / "c"), "--task-metric", "probe"])
+    assert result.exit_code == 0, result.output
+    task = json.loads((tmp_path / "c" / "circuits.json").read_text())["task_metric"]
+    assert task["kind"] == "margin" and task["probe"] and task["n_edges"] == 3 * 2 * 2 * 3 and task["n_checked"] == task["n_edges"]

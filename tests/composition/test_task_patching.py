@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from vitcircuits.composition.ablation import ZStats, ablation_hooks
-from vitcircuits.composition.task_patching import all_edges, edge_logits, task_edge_effects
+from vitcircuits.composition.task_metric import TaskMetric
+from vitcircuits.composition.task_patching import all_edges, edge_drops, edge_logits, task_edge_effects
 from vitcircuits.inputs import ImageOptions
 from vitcircuits.models.loading import load_model
 
@@ -91,3 +92,29 @@ def test_task_images_are_a_uniform_sample_in_stream_order():
     together = _reservoir(iter(batches), [7, 20], 3)
     apart = [_reservoir(iter(batches), [n], 3)[0] for n in (7, 20)]
     assert all(torch.equal(a, b) for a, b in zip(together, apart)), "one pass gives each sample as if drawn alone"
+
+
+def test_a_random_direction_control_keeps_the_senders_norm_token_by_token(organism):
+    """Given the sender's own change as the "random" direction, the control is the ablation itself;
+    given a direction, the receiver reads exactly the sender's per-token norm along it."""
+    model, images, _, stats = organism
+    sl, sh, rl, rh, kind = edge = (0, 3, 3, 0, "k")
+    _, cache = model.run_with_cache(images, names_filter=f"blocks.{sl}.attn.hook_z")
+    z = cache[f"blocks.{sl}.attn.hook_z"][:, :, sh]
+    delta_BND = (stats.mean_LHd()[sl, sh] - z) @ model.W_O[sl, sh]
+    with torch.no_grad():
+        ablated, own = edge_logits(model, images, edge, stats), edge_logits(model, images, edge, stats, delta_BND / delta_BND.norm(dim=-1, keepdim=True))
+        flipped = edge_logits(model, images, edge, stats, -delta_BND / delta_BND.norm(dim=-1, keepdim=True))
+    torch.testing.assert_close(own, ablated, atol=1e-4, rtol=1e-4)
+    assert (flipped - ablated).abs().max() > 1e-2, "the opposite direction is another change"
+
+
+def test_edge_drops_add_controls_after_those_already_drawn(organism):
+    model, images, labels, stats = organism
+    metric = TaskMetric("margin")
+    edge = (0, 3, 3, 0, "k")
+    once = edge_drops(model, images, labels, [edge], stats, metric, {edge: 4})
+    twice = edge_drops(model, images, labels, [edge], stats, metric, {edge: 2})
+    edge_drops(model, images, labels, [], stats, metric, {edge: 4}, into=twice)
+    assert once.random[edge] == pytest.approx(twice.random[edge]) and len(set(once.random[edge])) == 4
+    assert once.drops[edge].shape == (len(images),) and torch.equal(once.drops[edge], twice.drops[edge])

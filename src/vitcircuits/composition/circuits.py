@@ -22,9 +22,9 @@ output nobody reads), and ablating an edge can move the output through a change 
 attention metric does not see. Only the conjunction says "these heads compose, and the model uses
 it".
 
-A sender whose mean-ablated output equals its output (it writes nothing that varies), or a
-receiver whose circuit of that kind is zero, is ``silent``: its effects and scores are 0, and it
-is never supported.
+An edge whose sender has a zero OV circuit, or whose receiver's circuit of that kind is zero, is
+``silent`` (:attr:`~vitcircuits.composition.weights.CompositionScores.silent`): its weight score
+and effects are 0, and it is never supported.
 
 Shuffle reading, stated beside every verdict: ``positional`` when the receiver keeps its
 attention under patch shuffling (``attention_kept`` ≥ 0.8), ``content-matching`` when it does not.

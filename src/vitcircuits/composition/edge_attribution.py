@@ -104,6 +104,12 @@ class EdgeAttribution:
         return self.sum_LHPLH / n, self.sum_direct_LH / n
 
 
+def attribution_chunk(model: HookedViT) -> int:
+    """Images per chunk (:data:`CHUNK_FLOATS`)."""
+    cfg = model.cfg
+    return max(1, CHUNK_FLOATS // (model.layout.n_tokens * cfg.d_model * (cfg.n_layers + 1) * cfg.n_heads))
+
+
 def _role_gradients(model: HookedViT, images_BCHW: torch.Tensor, targets: torch.Tensor, metric: TaskMetric, shift_LBND: torch.Tensor,
                     alpha: float, role: int) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
     """On the run where every receiver's input ``role`` (0 q, 1 k, 2 v) reads ``x + alpha *
@@ -121,7 +127,7 @@ def _role_gradients(model: HookedViT, images_BCHW: torch.Tensor, targets: torch.
         def fn(x_BND, hook):
             block = model.blocks[layer]
             saved[f"resid{layer}"] = read_BND = x_BND + alpha * shift_LBND[layer]
-            normed = F.layer_norm(read_BND, block.ln1.weight.shape, block.ln1.weight, block.ln1.bias, block.ln1.eps)
+            normed = block.ln1(read_BND)
             rows = slice(role * H * Dh, (role + 1) * H * Dh)
             bias = block.attn.qkv.bias[rows] if block.attn.qkv.bias is not None else None
             saved[f"input{layer}"] = F.linear(normed, block.attn.qkv.weight[rows], bias).view(*x_BND.shape[:2], H, Dh)
@@ -153,14 +159,13 @@ def _role_gradients(model: HookedViT, images_BCHW: torch.Tensor, targets: torch.
 def edge_attribution_batch(model: HookedViT, images_BCHW: torch.Tensor, targets: torch.Tensor, metric: TaskMetric, stats: ZStats,
                            sums: EdgeAttribution, config: EdgeAttributionConfig = EdgeAttributionConfig()) -> None:
     """Add one batch's estimated drops of every edge to ``sums`` (see the module docstring)."""
-    cfg = model.cfg
-    L, H, D, N = cfg.n_layers, cfg.n_heads, cfg.d_model, model.layout.n_tokens
+    L, H = model.cfg.n_layers, model.cfg.n_heads
     if config.steps < 1:
         raise ValueError(f"edge attribution needs at least one integration step, got {config.steps}")
     images_BCHW = images_BCHW.to(model.device, model.dtype)
     mean_LHd = stats.mean_LHd().to(model.device, model.dtype)
     W_O = model.W_O
-    chunk = max(1, CHUNK_FLOATS // (N * D * (L + 1) * H))
+    chunk = attribution_chunk(model)
     for b0 in range(0, len(images_BCHW), chunk):
         x = images_BCHW[b0 : b0 + chunk]
         t = targets[b0 : b0 + chunk].to(model.device)

@@ -12,7 +12,7 @@ import torch
 
 from vitcircuits.composition.ablation import ZStats
 from vitcircuits.composition.circuits import verdict
-from vitcircuits.composition.edge_attribution import EdgeAttribution, edge_attribution_batch, spearman
+from vitcircuits.composition.edge_attribution import EdgeAttribution, attribution_chunk, edge_attribution_batch, spearman
 from vitcircuits.composition.evidence import MIN_NULL, Line, below_floor, bootstrap_intervals, fill_count, judge
 from vitcircuits.composition.patching import METRICS, PATHS, QUERY_SETS, VERDICT_METRIC, PatchEffects
 from vitcircuits.composition.task_metric import TaskMetric
@@ -23,8 +23,6 @@ from vitcircuits.models.hooked_vit import HookedViT
 if TYPE_CHECKING:
     from vitcircuits.composition.scan import ComposeConfig
 
-ATTRIBUTION_BATCH = 32
-"""Images per edge-attribution pass (each holds a forward and a backward graph)."""
 Steps = Callable[[str, int], Callable[[], None]]
 """``steps(description, total)`` starts a progress bar and returns its ``advance()``."""
 
@@ -73,12 +71,15 @@ def task_evidence(model: HookedViT, images_BCHW: torch.Tensor, stats: ZStats, me
     reports progress."""
     H = model.cfg.n_heads
     images_BCHW = images_BCHW.to(model.device, model.dtype)
-    chunks = list(zip(images_BCHW.split(ATTRIBUTION_BATCH), range(0, len(images_BCHW), ATTRIBUTION_BATCH)))
-    targets = torch.cat([metric.targets(metric.output(model, x)) for x, _ in chunks])
+    chunks = images_BCHW.split(attribution_chunk(model))
+    clean = [metric.output(model, x) for x in chunks]
+    targets_chunks = [metric.targets(out) for out in clean]
+    clean_I = torch.cat([metric.value(out.double(), t) for out, t in zip(clean, targets_chunks)]).cpu()
+    targets = torch.cat(targets_chunks)
     sums = EdgeAttribution(model.cfg.n_layers, H)
     advance = steps("composition: edge attribution", len(chunks))
-    for x, start in chunks:
-        edge_attribution_batch(model, x, targets[start : start + len(x)], metric, stats, sums, config.attribution)
+    for x, t in zip(chunks, targets_chunks):
+        edge_attribution_batch(model, x, t, metric, stats, sums, config.attribution)
         advance()
     est_LHPLH, direct_LH = (t.numpy() for t in sums.mean())
     edges = all_edges(model)
@@ -86,7 +87,8 @@ def task_evidence(model: HookedViT, images_BCHW: torch.Tensor, stats: ZStats, me
     estimate = lambda e: est_LHPLH[e[0], e[1], PATHS.index(e[4]), e[2], e[3]]  # noqa: E731
     checked = edges if everything else sorted(edges, key=lambda e: -estimate(e))[: config.task_candidates]
     seed = config.patching.seed
-    drops = edge_drops(model, images_BCHW, targets, checked, stats, metric, seed=seed, advance=steps("composition: exact checks", len(checked)))
+    drops = edge_drops(model, images_BCHW, targets, checked, stats, metric, seed=seed, into=EdgeDrops(clean_I),
+                       advance=steps("composition: exact checks", len(checked)))
     floor = metric.floor(drops.clean_I)
     null_senders, n_random = {}, {}
     for edge in checked:
@@ -141,10 +143,11 @@ def edge_rows(scores: CompositionScores, senders: list[tuple[int, int, str]], cl
     shuffled_mean = shuffled.mean().numpy()
     matters = _matters_lines(task, config.n_boot, config.patching.seed) if task is not None else {}
     query_sets = QUERY_SETS if has_prefix else QUERY_SETS[:1]
+    weights = {kind: (scores.scores(kind), scores.z(kind), scores.silent[kind]) for kind in PATHS}
     rows = []
     for i, (sl, sh, sender_kind) in enumerate(senders):
         for p, kind in enumerate(PATHS):
-            weight, weight_z, silent = scores.scores(kind), scores.z(kind), scores.silent[kind]
+            weight, weight_z, silent = weights[kind]
             floor = config.criteria.composes_floor(kind)
             for rl in range(sl + 1, L):
                 others = [index[(layer, head)] for layer in range(rl) for head in range(H) if (layer, head) != (sl, sh)]

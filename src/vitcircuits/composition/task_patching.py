@@ -14,6 +14,10 @@ receiver's attention or output changes; this asks whether the model's answer doe
 compose strongly in a way the task does not use, or weakly in the one way it does. The organism
 benchmark (:mod:`vitcircuits.testing.organism_benchmark`) takes these effects, measured on many
 fresh images, as the organism's ground truth.
+
+:func:`edge_drops` is the same ablation for any :class:`~vitcircuits.composition.task_metric.TaskMetric`
+(a classifier's margin, a backbone's final tokens, a probe), per image, with random-direction
+controls: the receiver reads a change of the sender's per-token norm in a seeded random direction.
 """
 from __future__ import annotations
 
@@ -136,8 +140,10 @@ def edge_drops(model: HookedViT, images_BCHW: torch.Tensor, targets: torch.Tenso
                metric: TaskMetric, n_random: Mapping[EdgeKey, int] | None = None, seed: int = 0, batch_size: int = 256,
                into: EdgeDrops | None = None, advance: Callable[[], None] = lambda: None) -> EdgeDrops:
     """The drop of ``metric`` per image for each edge of ``edges`` (skipping those already in
-    ``into``), and ``n_random[edge]`` random-direction controls of it. ``targets`` come from
-    :meth:`TaskMetric.targets` on the clean outputs; ``advance`` is called after every ablated run."""
+    ``into``), and random-direction controls of it up to ``n_random[edge]`` draws (draw ``k`` is the
+    same direction for every edge). ``targets`` come from :meth:`TaskMetric.targets` on the clean
+    outputs; without ``into`` the clean run is measured here. ``advance`` is called after every
+    ablated run."""
     images_BCHW = images_BCHW.to(model.device, model.dtype)
     n = len(images_BCHW)
     spans = [(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
@@ -150,11 +156,11 @@ def edge_drops(model: HookedViT, images_BCHW: torch.Tensor, targets: torch.Tenso
         if edge not in out.drops:
             out.drops[edge] = out.clean_I - values(lambda s, e: edge_logits(model, images_BCHW[s:e], edge, stats, metric=metric))
             advance()
-    wanted = {edge: k - len(out.random.get(edge, [])) for edge, k in (n_random or {}).items()}
+    wanted = n_random or {}
     for draw in range(max(wanted.values(), default=0)):
         directions = None
-        for edge, missing in wanted.items():
-            if missing <= draw:
+        for edge, k in wanted.items():
+            if draw >= k or len(out.random.get(edge, [])) != draw:  # draws below ``draw`` are there already
                 continue
             if directions is None:
                 directions = random_directions((n, model.layout.n_tokens, model.cfg.d_model), draw, seed)

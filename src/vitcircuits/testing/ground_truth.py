@@ -155,13 +155,13 @@ def run_member(member: FamilyMember, n_images: int = 16, batch_size: int = 8, n_
     population = detectors["verdict"].keys()
     positives = {(*edge, kind) for edge, kind in member.edges.items()}
     edges = {name: score_edges(positives, population, values, threshold=0.5 if name == "verdict" else None) for name, values in detectors.items()}
-    verdicts = {(*c["senders"][0], *c["receivers"][0], c["kind"]): c["verdict"] for c in result.circuits}
+    verdicts = {edge_key(row): row["verdict"] for row in result.candidates}
     cfg = member.config
     return {
         "seed": cfg.seed, "grid": list(cfg.grid), "n_layers": cfg.n_layers, "n_heads": member.model.cfg.n_heads, "sender_layer": cfg.sender_layer,
         "class_token": cfg.class_token, "registers": cfg.registers, "n_images": n_images,
         "edges": [[*edge, kind] for edge, kind in member.edges.items()],
-        "decoy_verdicts": [[*edge, kind, verdicts.get((*edge, kind), "not a candidate")] for edge, kind in member.decoy_edges.items()],
+        "decoy_verdicts": [[*edge, kind, verdicts[(*edge, kind)]] for edge, kind in member.decoy_edges.items()],
         "kinds": score_kinds(truth, atlas.rows), "edge_detectors": edges,
         "seconds": {"atlas": t1 - t0, "compose": t2 - t1},
     }

@@ -33,11 +33,13 @@ def number(value: float | None, digits: int = 3) -> str:
 
 
 def line_text(line: dict | None, digits: int = 4, floor: bool = False) -> str:
-    """One line of evidence: effect [95% interval] against its null's 95th percentile (and its
-    floor); "not checked" for None."""
+    """One line of evidence: effect [95% interval] (on its image group) against its null's 95th
+    percentile (and its floor); "not checked" for None."""
     if line is None:
         return "not checked"
     text = f"{number(line['effect'], digits)} [{number(line['lo'], digits)}, {number(line['hi'], digits)}]"
+    if line.get("group"):
+        text += f" on {line['group']}"
     if line["null_q95"] is None:
         text += f", below its floor {number(line['floor'], digits)} (no null drawn)"
     else:

@@ -219,7 +219,7 @@ class RunState:
                         "kind": c.get("kind"), "verdict": c.get("verdict"), "silent": c.get("silent"), "read_at": read_at,
                         "shuffle_reading": c.get("shuffle_reading"), "composes_at": where, "composes_metric": composes.get("metric"),
                         **{f"composes_{k}": line.get(k) for k in ("effect", "lo", "hi", "null_q95")},
-                        "matters_checked": bool(matters), **{f"matters_{k}": matters.get(k) for k in ("effect", "lo", "hi", "null_q95", "floor")},
+                        "matters_checked": bool(matters), **{f"matters_{k}": matters.get(k) for k in ("effect", "lo", "hi", "null_q95", "floor", "group")},
                         "attribution": e.get("attribution"), "weight_z": (e.get("weights") or {}).get("z"),
                         "attention_kept": (e.get("shuffle") or {}).get("attention_kept")})
         edges = {"n": data.get("n_edges"), "verdicts": data.get("verdicts") or {}, "rule": data.get("rule"), "n_listed": len(circuits)}

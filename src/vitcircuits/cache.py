@@ -6,9 +6,14 @@ e.g. ``hook_z`` ``[rows, H*Dh]``), plus per-row ``image_index`` (position in the
 ``token`` (sequence index), ``row`` and ``col`` (patch grid position; -1 for CLS, distillation
 and register tokens). Memory holds at most one shard's rows. ``index.json`` lists the
 finished shards and the images they cover, so an interrupted run resumes after the last one.
+
+The index is keyed by what produced the rows (:func:`provenance`: the model and its weights'
+sha256, the image list's sha256 and the preprocessing) and by the cache config; a folder made by
+anything else is refused with one line, never appended to.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
@@ -18,9 +23,11 @@ import torch
 from safetensors.torch import save_file
 
 from vitcircuits.data.augment import AugmentConfig, with_views
-from vitcircuits.data.loader import ImageBatch
+from vitcircuits.data.loader import ImageBatch, ImageBatches
+from vitcircuits.inputs import preprocess_config
 from vitcircuits.models.hooked_vit import HookedViT
-from vitcircuits.runs import write_json, write_with
+from vitcircuits.models.loading import LoadedModel
+from vitcircuits.runs import read_json, write_json, write_with
 
 PER_TOKEN_SUFFIXES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
                       "hook_normalized", "hook_q", "hook_k", "hook_v", "hook_z", "hook_pre", "hook_post", "hook_result")
@@ -52,17 +59,34 @@ def check_hooks(model: HookedViT, hooks: tuple[str, ...]) -> None:
             raise ValueError(f"hook {name!r} is not per-token; cache takes per-token hooks such as blocks.3.hook_resid_post")
 
 
+def provenance(loaded: LoadedModel, batches: ImageBatches) -> dict:
+    """What cached rows are made from: the model, its weights (the file's sha256, or a digest of
+    seeded random weights), its dtype, the image list and the preprocessing."""
+    weights = loaded.weights_sha256
+    if weights is None:
+        digest = hashlib.sha256()
+        for tensor in loaded.model.state_dict().values():
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        weights = f"random:{digest.hexdigest()}"
+    return {"model": loaded.model_id, "weights_sha256": weights, "dtype": str(next(loaded.model.parameters()).dtype),
+            "image_list_sha256": batches.summary().image_list_sha256, "n_images": len(batches.source),
+            "preprocess": asdict(preprocess_config(loaded))}
+
+
 class ShardWriter:
     """Collects rows and writes a shard whenever ``shard_rows`` are reached."""
 
-    def __init__(self, out_dir: Path, config: CacheConfig) -> None:
+    def __init__(self, out_dir: Path, config: CacheConfig, made_from: dict) -> None:
         self.out_dir = out_dir
         self.config = config
         self.index_path = out_dir / "index.json"
-        config_json = json.loads(json.dumps(asdict(config)))
-        self.index = json.loads(self.index_path.read_text()) if self.index_path.exists() else {"config": config_json, "shards": []}
-        if self.index["config"] != config_json:
-            raise ValueError(f"{self.index_path}: existing cache was made with a different config; use a new --out or --force")
+        key = json.loads(json.dumps({"config": asdict(config), "made_from": made_from}))
+        self.index = read_json(self.index_path) if self.index_path.exists() else {**key, "shards": []}
+        differs = [name for name in ("config", "made_from") if self.index.get(name) != key[name]]
+        if differs:
+            what = {"config": "another cache config", "made_from": "another model, weights, image list or preprocessing"}
+            raise ValueError(f"{self.index_path}: these activations were made from {' and '.join(what[d] for d in differs)}; "
+                             "use --force to recompute them or a new --out")
         self.pending: list[dict[str, torch.Tensor]] = []
         self.pending_rows = 0
         self.pending_images: list[int] = []
@@ -129,10 +153,18 @@ def without_images(batch: ImageBatch, done: set[int]) -> ImageBatch:
     )
 
 
-def write_cache(folder: Path, model: HookedViT, batches: Iterable[ImageBatch], config: CacheConfig) -> ShardWriter:
+def clear_cache(folder: Path) -> None:
+    """Remove the index and every shard of a cache folder (``--force``)."""
+    (folder / "index.json").unlink(missing_ok=True)
+    for shard in folder.glob("shard_*.safetensors"):
+        shard.unlink()
+
+
+def write_cache(folder: Path, model: HookedViT, batches: Iterable[ImageBatch], config: CacheConfig, made_from: dict) -> ShardWriter:
     """Cache every image of ``batches`` not already in ``folder`` (a killed run resumes after its
-    last finished shard); returns the writer, whose ``index`` lists the shards."""
-    writer = ShardWriter(folder, config)
+    last finished shard, if ``made_from`` (:func:`provenance`) and ``config`` are those of the
+    index); returns the writer, whose ``index`` lists the shards."""
+    writer = ShardWriter(folder, config, made_from)
     done = writer.done_images
     for batch in batches:
         todo = without_images(batch, done)

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from vitcircuits.cli_necessity import necessity_cmd
 from vitcircuits.cli_options import (
+    DEBUG,
     ArchOpt,
     BatchOpt,
     DeviceOpt,
@@ -29,14 +30,14 @@ from vitcircuits.cli_options import (
     ResumeOpt,
     SeedOpt,
     TaskMetricOpt,
+    Typer,
     WorkersOpt,
-    fail,
 )
 from vitcircuits.cli_sae import sae_app
 from vitcircuits.inputs import ImageOptions, ModelOptions, images_manifest
-from vitcircuits.runs import Run, RunFolderError
+from vitcircuits.runs import Run
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Mechanistic interpretability of Vision Transformers.")
+app = Typer(add_completion=False, no_args_is_help=True, help="Mechanistic interpretability of Vision Transformers.")
 app.add_typer(sae_app, name="sae")
 app.command(name="necessity")(necessity_cmd)
 ORGANISMS = {"cifar10": ("bundled:cifar10-vit", "bundled:cifar10"), "shapes": ("bundled:shapes-vit", "bundled:shapes")}
@@ -45,7 +46,9 @@ QUICK_IMAGES = 256
 
 
 @app.callback()
-def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
+def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
+           debug: Annotated[bool, typer.Option("--debug", help="show the traceback of an error instead of one line")] = False) -> None:
+    DEBUG["traceback"] = debug
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
@@ -59,10 +62,7 @@ def info(
     dtype: DtypeOpt = "float32",
 ) -> None:
     """Architecture, token layout and hook names of a model."""
-    try:
-        loaded = ModelOptions(model, arch, img_size, random_weights, device, dtype).load()
-    except Exception as err:  # noqa: BLE001 - every load failure is reported as one line
-        fail(err)
+    loaded = ModelOptions(model, arch, img_size, random_weights, device, dtype).load()
     cfg, layout = loaded.model.cfg, loaded.model.layout
     out = Console()
     table = Table(title=f"{loaded.model_id}", show_header=False)
@@ -103,24 +103,21 @@ def cache(
     resume: ResumeOpt = False,
 ) -> None:
     """Cache per-token activations to safetensors shards, keeping (image, row, col) per row."""
-    from vitcircuits.cache import CacheConfig, check_hooks, write_cache
+    from vitcircuits.cache import CacheConfig, check_hooks, clear_cache, provenance, write_cache
 
     model_opts = ModelOptions(model, arch, img_size, random_weights, device, dtype, seed)
     image_opts = ImageOptions(images, batch_size, max_images, num_workers)
     cache_cfg = CacheConfig(tuple(h.strip() for h in hooks.split(",") if h.strip()), include_prefix, shard_rows)
-    try:
-        run = Run.create(out, "cache", {"model": model_opts.to_dict(), "images": image_opts.to_dict(),
-                                        "cache": asdict(cache_cfg)}, force=force, resume=resume)
-        loaded = model_opts.load()
-        check_hooks(loaded.model, cache_cfg.hooks)
-        if force:
-            run.file("index.json").unlink(missing_ok=True)
-        run.write_manifest(model=loaded.manifest(), seed=seed)
-        batches = image_opts.batches(loaded)
-        with run.timed("cache"):
-            writer = write_cache(run.path, loaded.model, batches, cache_cfg)
-    except Exception as err:  # noqa: BLE001
-        fail(err)
+    run = Run.create(out, "cache", {"model": model_opts.to_dict(), "images": image_opts.to_dict(),
+                                    "cache": asdict(cache_cfg)}, force=force, resume=resume)
+    loaded = model_opts.load()
+    check_hooks(loaded.model, cache_cfg.hooks)
+    if force:
+        clear_cache(run.path)
+    run.write_manifest(model=loaded.manifest(), seed=seed)
+    batches = image_opts.batches(loaded)
+    with run.timed("cache"):
+        writer = write_cache(run.path, loaded.model, batches, cache_cfg, provenance(loaded, batches))
     run.write_manifest(images=images_manifest(batches), outputs={"shards": len(writer.index["shards"]),
                                                                   "rows": sum(s["rows"] for s in writer.index["shards"])})
     Console(stderr=True).print(f"wrote {len(writer.index['shards'])} shard(s) to {run.path}")
@@ -152,14 +149,11 @@ def heads(
     model_opts = ModelOptions(model, arch, img_size, random_weights, device, dtype, seed)
     image_opts = ImageOptions(images, batch_size, max_images, num_workers)
     atlas_cfg = AtlasConfig(radius=radius, n_boot=n_boot, seed=seed)
-    try:
-        run = Run.create(out, "heads", {"model": model_opts.to_dict(), "images": image_opts.to_dict(), "atlas": asdict(atlas_cfg)}, force=force)
-        loaded = model_opts.load()
-        run.write_manifest(model=loaded.manifest(), seed=seed)
-        with run.timed("heads"):
-            atlas = run_heads(run, loaded, image_opts, atlas_cfg, subdir="")
-    except (RunFolderError, FileNotFoundError, ValueError, RuntimeError, FloatingPointError) as err:
-        fail(err)
+    run = Run.create(out, "heads", {"model": model_opts.to_dict(), "images": image_opts.to_dict(), "atlas": asdict(atlas_cfg)}, force=force)
+    loaded = model_opts.load()
+    run.write_manifest(model=loaded.manifest(), seed=seed)
+    with run.timed("heads"):
+        atlas = run_heads(run, loaded, image_opts, atlas_cfg, subdir="")
     print_summary(atlas)
 
 
@@ -192,19 +186,16 @@ def compose(
     model_opts = ModelOptions(model, arch, img_size, random_weights, device, dtype, seed)
     image_opts = ImageOptions(images, batch_size, max_images, num_workers)
     config = ComposeConfig(patching=PatchingConfig(ablation=ablation, seed=seed), max_patch_images=max_patch_images, task_metric=task_metric)
-    try:
-        run = Run.create(out, "compose", {"model": model_opts.to_dict(), "images": image_opts.to_dict(), "compose": asdict(config),
-                                          "heads_from": str(heads_from) if heads_from else None}, force=force)
-        loaded = model_opts.load()
-        run.write_manifest(model=loaded.manifest(), seed=seed)
-        if heads_from is None:
-            with run.timed("heads"):
-                run_heads(run, loaded, image_opts, AtlasConfig(seed=seed))
-        atlas_dir = "heads" if heads_from is None else str(_atlas_folder(heads_from).resolve())
-        with run.timed("composition"):
-            run_compose(run, loaded, image_opts, config, atlas_dir=atlas_dir, out_dir="")
-    except (RunFolderError, FileNotFoundError, ValueError, RuntimeError) as err:
-        fail(err)
+    run = Run.create(out, "compose", {"model": model_opts.to_dict(), "images": image_opts.to_dict(), "compose": asdict(config),
+                                      "heads_from": str(heads_from) if heads_from else None}, force=force)
+    loaded = model_opts.load()
+    run.write_manifest(model=loaded.manifest(), seed=seed)
+    if heads_from is None:
+        with run.timed("heads"):
+            run_heads(run, loaded, image_opts, AtlasConfig(seed=seed))
+    atlas_dir = "heads" if heads_from is None else str(_atlas_folder(heads_from).resolve())
+    with run.timed("composition"):
+        run_compose(run, loaded, image_opts, config, atlas_dir=atlas_dir, out_dir="")
     Console().print(f"wrote {run.path / 'circuits.json'}")
 
 
@@ -243,11 +234,8 @@ def hunt_cmd(
         max_images = QUICK_IMAGES
     config = HuntConfig.quick() if quick else HuntConfig()
     config = replace(config, compose=replace(config.compose, task_metric=task_metric))
-    try:
-        report = hunt(str(out), ModelOptions(model, arch, img_size, random_weights, device, dtype, seed),
-                      ImageOptions(images, batch_size, max_images, num_workers), config, force=force, resume=resume, truth=truth)
-    except (RunFolderError, FileNotFoundError, ValueError, RuntimeError) as err:
-        fail(err)
+    report = hunt(str(out), ModelOptions(model, arch, img_size, random_weights, device, dtype, seed),
+                  ImageOptions(images, batch_size, max_images, num_workers), config, force=force, resume=resume, truth=truth)
     Console().print(f"report: {report}")
 
 
@@ -264,7 +252,7 @@ def demo(
     from vitcircuits.models.loading import bundled_model_folder
 
     if organism not in ORGANISMS:
-        fail(ValueError(f"--organism {organism!r}: choose one of {', '.join(ORGANISMS)}"))
+        raise ValueError(f"--organism {organism!r}: choose one of {', '.join(ORGANISMS)}")
     model, images = ORGANISMS[organism]
     truth = bundled_model_folder(model.removeprefix("bundled:")) / "truth.json"
     hunt_cmd(model, images, out, device=device, dtype=dtype, max_images=max_images, batch_size=100, force=force,
@@ -299,7 +287,4 @@ def serve(
     """A local explorer of a run: live attention from any patch, the head atlas, circuits and features."""
     from vitcircuits.serve import serve as serve_run
 
-    try:
-        serve_run(run_dir, model=model, images=images, host=host, port=port, device=device, open_browser=not no_browser)
-    except OSError as err:  # a missing run folder, a port in use …
-        fail(err)
+    serve_run(run_dir, model=model, images=images, host=host, port=port, device=device, open_browser=not no_browser)

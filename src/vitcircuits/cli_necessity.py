@@ -21,19 +21,15 @@ from vitcircuits.cli_options import (
     OutArg,
     SeedOpt,
     WorkersOpt,
-    fail,
 )
 from vitcircuits.cli_sae import read_circuits
 from vitcircuits.inputs import ImageOptions, ModelOptions, images_manifest
-from vitcircuits.runs import Run, RunFolderError, write_json
+from vitcircuits.runs import Run, write_json
 
 
 def parse_heads(text: str) -> list[tuple[int, int]]:
     """``"1.2,3.0"`` (``layer.head`` pairs) -> ``[(1, 2), (3, 0)]``."""
-    try:
-        return [(int(layer), int(head)) for layer, head in (item.strip().split(".") for item in text.split(",") if item.strip())]
-    except ValueError:
-        raise ValueError(f"--heads {text!r}: expected comma-separated LAYER.HEAD pairs, e.g. 1.2,3.0") from None
+    return [(int(layer), int(head)) for layer, head in (item.strip().split(".") for item in text.split(",") if item.strip())]
 
 
 def parse_groups(items: list[str], label_names: list[str] | None) -> dict[str, list[int]]:
@@ -45,10 +41,7 @@ def parse_groups(items: list[str], label_names: list[str] | None) -> dict[str, l
         name, sep, classes = item.partition("=")
         if not sep or not name or not classes:
             raise ValueError(f"--group {item!r}: expected NAME=CLASS,CLASS,… (class indices or label names)")
-        try:
-            groups[name] = [names[c] if c in names else int(c) for c in (c.strip() for c in classes.split(","))]
-        except ValueError:
-            raise ValueError(f"--group {item!r}: unknown class (use indices or one of the model's label names)") from None
+        groups[name] = [names[c] if c in names else int(c) for c in (c.strip() for c in classes.split(","))]
     return groups
 
 
@@ -75,24 +68,21 @@ def necessity_cmd(
     from vitcircuits.composition.necessity import LabelledBatches, NecessityConfig, circuit_heads, format_report, necessity_report
 
     if (circuits is None) == (heads is None):
-        fail(ValueError("give exactly one of --circuits RUN or --heads LAYER.HEAD,…"))
+        raise ValueError("give exactly one of --circuits RUN or --heads LAYER.HEAD,…")
     model_opts = ModelOptions(model, arch, img_size, False, device, dtype, seed)
     image_opts = ImageOptions(images, batch_size, max_images, num_workers)
     config = NecessityConfig(draws=draws, ablation=ablation, seed=seed)
-    try:
-        chosen = parse_heads(heads) if heads is not None else circuit_heads(read_circuits(circuits))
-        run = Run.create(out, "necessity", {"model": model_opts.to_dict(), "images": image_opts.to_dict(), "necessity": asdict(config),
-                                            "circuits": str(circuits) if circuits else None, "heads": chosen}, force=force)
-        loaded = model_opts.load()
-        groups = parse_groups(group, loaded.label_names) if group else dict(loaded.pretrained_cfg.get("class_groups") or {})
-        run.write_manifest(model=loaded.manifest(), seed=seed)
-        batches = image_opts.batches(loaded)
-        with run.timed("necessity"):
-            report = necessity_report(loaded.model, LabelledBatches(batches), chosen, groups, config)
-        write_json(run.file("necessity.json"), report)
-        run.write_manifest(images=images_manifest(batches), outputs=["necessity.json"])
-    except (RunFolderError, FileNotFoundError, ValueError, RuntimeError) as err:
-        fail(err)
+    chosen = parse_heads(heads) if heads is not None else circuit_heads(read_circuits(circuits))
+    run = Run.create(out, "necessity", {"model": model_opts.to_dict(), "images": image_opts.to_dict(), "necessity": asdict(config),
+                                        "circuits": str(circuits) if circuits else None, "heads": chosen}, force=force)
+    loaded = model_opts.load()
+    groups = parse_groups(group, loaded.label_names) if group else dict(loaded.pretrained_cfg.get("class_groups") or {})
+    run.write_manifest(model=loaded.manifest(), seed=seed)
+    batches = image_opts.batches(loaded)
+    with run.timed("necessity"):
+        report = necessity_report(loaded.model, LabelledBatches(batches), chosen, groups, config)
+    write_json(run.file("necessity.json"), report)
+    run.write_manifest(images=images_manifest(batches), outputs=["necessity.json"])
     typer.echo(format_report(report))
     Console().print(f"wrote {run.path / 'necessity.json'}")
 

@@ -1,13 +1,23 @@
-"""Options shared by every command, with the same meaning everywhere, and the one-line error exit."""
+"""Options shared by every command, with the same meaning everywhere, and the one error wrapper:
+every command registered on a :class:`Typer` turns any exception into one line naming the file or
+option and the reason, with exit status 2 (``vitcircuits --debug …`` shows the traceback instead)."""
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(stderr=True)
+DEBUG = {"traceback": False}
+"""Set by ``--debug``: let exceptions through with their traceback."""
+EXPECTED = (ValueError, OSError, RuntimeError, KeyError)
+"""Exceptions whose message is written for the user; others are prefixed with their type."""
 
 ModelArg = Annotated[str, typer.Option("--model", "-m", help="timm name, hub id, folder, or weights file (with --arch)")]
 ImagesArg = Annotated[str, typer.Option("--images", "-i", help="file, folder, list .txt, glob, bundled:NAME or hf:DATASET[:SPLIT]")]
@@ -27,7 +37,35 @@ TaskMetricOpt = Annotated[str, typer.Option("--task-metric", help="what an edge 
                                             "backbone's final tokens), margin, embedding, or probe (a linear probe on labelled images)")]
 
 
-def fail(err: Exception) -> None:
-    """Print ``err`` as one red line and exit with status 2."""
-    console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
+def one_line(err: BaseException) -> str:
+    """``err`` as one printable line: whitespace collapsed, other control characters escaped."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, KeyError) and len(err.args) == 1:
+        text = f"missing key {err.args[0]!r}"
+    if not isinstance(err, EXPECTED):
+        text = f"{type(err).__name__}: {text} (--debug shows the traceback)"
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a command: an exception becomes one red line on stderr and exit status 2."""
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as err:
+            if DEBUG["traceback"]:
+                raise
+            console.print(f"[bold red]error:[/] {escape(one_line(err))}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+    return run
+
+
+class Typer(typer.Typer):
+    """A Typer whose commands all go through :func:`one_line_errors`."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        register = super().command(*args, **kwargs)
+        return lambda command: register(one_line_errors(command))

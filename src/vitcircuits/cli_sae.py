@@ -1,7 +1,6 @@
 """``vitcircuits sae train`` and ``vitcircuits sae analyze``."""
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated, Optional
@@ -23,13 +22,13 @@ from vitcircuits.cli_options import (
     RandomOpt,
     ResumeOpt,
     SeedOpt,
+    Typer,
     WorkersOpt,
-    fail,
 )
 from vitcircuits.inputs import ImageOptions, ModelOptions
-from vitcircuits.runs import Run, RunFolderError
+from vitcircuits.runs import Run, read_json
 
-sae_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Sparse autoencoders: train at a hook, analyse features.")
+sae_app = Typer(add_completion=False, no_args_is_help=True, help="Sparse autoencoders: train at a hook, analyse features.")
 CircuitsOpt = Annotated[Optional[Path], typer.Option("--circuits", help="a compose or hunt run whose circuits.json names the circuit heads")]
 
 
@@ -39,7 +38,7 @@ def read_circuits(run_dir: Path | None) -> list[dict] | None:
         return None
     for path in (run_dir / "circuits.json", run_dir / "composition" / "circuits.json"):
         if path.is_file():
-            return json.loads(path.read_text())["circuits"]
+            return read_json(path)["circuits"]
     raise FileNotFoundError(f"{run_dir}: no circuits.json (expected a `vitcircuits compose` or `hunt` run)")
 
 
@@ -78,18 +77,15 @@ def train(
     image_opts = ImageOptions(images, batch_size, max_images, num_workers)
     config = SAEStageConfig(hook=hook, architecture=architecture, k=k, expansion=expansion, l1_coefficient=l1, epochs=epochs,
                             batch_size=sae_batch, lr=lr, views=views, holdout_every=holdout_every, seed=seed)
-    try:
-        if hook is None and circuits is None:
-            raise ValueError("give --hook, or --circuits RUN to train after the strongest composition receiver")
-        run = Run.create(out, "sae-train", {"model": model_opts.to_dict(), "images": image_opts.to_dict(), "sae": asdict(config),
-                                            "circuits": str(circuits) if circuits else None}, force=force, resume=resume)
-        loaded = model_opts.load()
-        run.write_manifest(model=loaded.manifest(), seed=seed)
-        chosen, reason = (hook, "given") if hook else choose_hook(read_circuits(circuits), loaded.model.cfg.n_layers)
-        with run.timed("sae_train"):
-            metrics = run_sae_train(run.path, loaded, image_opts, replace(config, hook=chosen), chosen, reason)
-    except (RunFolderError, FileNotFoundError, ValueError, RuntimeError) as err:
-        fail(err)
+    if hook is None and circuits is None:
+        raise ValueError("give --hook, or --circuits RUN to train after the strongest composition receiver")
+    run = Run.create(out, "sae-train", {"model": model_opts.to_dict(), "images": image_opts.to_dict(), "sae": asdict(config),
+                                        "circuits": str(circuits) if circuits else None}, force=force, resume=resume)
+    loaded = model_opts.load()
+    run.write_manifest(model=loaded.manifest(), seed=seed)
+    chosen, reason = (hook, "given") if hook else choose_hook(read_circuits(circuits), loaded.model.cfg.n_layers)
+    with run.timed("sae_train"):
+        metrics = run_sae_train(run.path, loaded, image_opts, replace(config, hook=chosen), chosen, reason)
     held = metrics["held_out"]
     run.write_manifest(outputs={"sae": "sae", "metrics": "metrics.json", "held_out": held})
     Console().print(f"{chosen}: L0 {held['l0']:.1f}, explained variance {held['explained_variance']:.3f}, dead {held['dead_fraction']:.3f}; "
@@ -113,26 +109,23 @@ def analyze(
     from vitcircuits.sae.dependence import DependenceConfig
     from vitcircuits.sae.stage import AnalyzeConfig, run_sae_analyze
 
-    try:
-        manifest = json.loads((sae_dir / "manifest.json").read_text()) if (sae_dir / "manifest.json").is_file() else None
-        if manifest is None or manifest.get("command") != "sae-train":
-            raise FileNotFoundError(f"{sae_dir}: not a `vitcircuits sae train` run (no manifest.json from sae-train)")
-        trained = manifest["config"]
-        model_opts = replace(ModelOptions(**trained["model"]), device=device, dtype=dtype)
-        if model is not None:
-            model_opts = replace(model_opts, model=model)
-        image_opts = replace(ImageOptions(**trained["images"]), batch_size=batch_size)
-        if images is not None:
-            image_opts = replace(image_opts, images=images)
-        config = AnalyzeConfig(dependence=DependenceConfig(n_features=n_features, n_examples=n_examples, seed=seed))
-        run = Run.create(sae_dir / "features", "sae-analyze", {"model": model_opts.to_dict(), "images": image_opts.to_dict(),
-                                                               "analyze": asdict(config), "circuits": str(circuits) if circuits else None}, force=True)
-        loaded = model_opts.load()
-        run.write_manifest(model=loaded.manifest(), seed=seed)
-        with run.timed("sae_analyze"):
-            summary = run_sae_analyze(sae_dir, loaded, image_opts, read_circuits(circuits), config)
-    except (RunFolderError, FileNotFoundError, ValueError, RuntimeError) as err:
-        fail(err)
+    manifest = read_json(sae_dir / "manifest.json") if (sae_dir / "manifest.json").is_file() else None
+    if manifest is None or manifest.get("command") != "sae-train":
+        raise FileNotFoundError(f"{sae_dir}: not a `vitcircuits sae train` run (no manifest.json from sae-train)")
+    trained = manifest["config"]
+    model_opts = replace(ModelOptions(**trained["model"]), device=device, dtype=dtype)
+    if model is not None:
+        model_opts = replace(model_opts, model=model)
+    image_opts = replace(ImageOptions(**trained["images"]), batch_size=batch_size)
+    if images is not None:
+        image_opts = replace(image_opts, images=images)
+    config = AnalyzeConfig(dependence=DependenceConfig(n_features=n_features, n_examples=n_examples, seed=seed))
+    run = Run.create(sae_dir / "features", "sae-analyze", {"model": model_opts.to_dict(), "images": image_opts.to_dict(),
+                                                           "analyze": asdict(config), "circuits": str(circuits) if circuits else None}, force=True)
+    loaded = model_opts.load()
+    run.write_manifest(model=loaded.manifest(), seed=seed)
+    with run.timed("sae_analyze"):
+        summary = run_sae_analyze(sae_dir, loaded, image_opts, read_circuits(circuits), config)
     run.write_manifest(outputs={"features": "features.json", "n_compositional": summary["n_compositional"]})
     Console().print(f"{summary['n_compositional']} of {summary['n_features_analysed']} analysed features are compositional; "
                     f"see {run.path / 'features.json'}")

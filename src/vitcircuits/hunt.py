@@ -30,9 +30,9 @@ from vitcircuits.models.loading import LoadedModel
 from vitcircuits.report.attention_maps import default_queries, patch_attention, plot_head_grid
 from vitcircuits.report.figures import denormalize
 from vitcircuits.report.page import write_report
-from vitcircuits.runs import Run, write_json, write_text
+from vitcircuits.runs import Run, read_json, write_json, write_text
 from vitcircuits.sae.dependence import DependenceConfig
-from vitcircuits.sae.stage import AnalyzeConfig, SAEStageConfig, choose_hook, run_sae_analyze, run_sae_train
+from vitcircuits.sae.stage import AnalyzeConfig, SAEStageConfig, TooFewRows, choose_hook, run_sae_analyze, run_sae_train
 from vitcircuits.stages import StageRunner
 
 
@@ -144,12 +144,12 @@ def fit_image_probe(loaded: LoadedModel, images: ImageOptions) -> TaskMetric:
 
 
 def _circuits(run: Run) -> list[dict]:
-    return json.loads(run.file("composition/circuits.json").read_text())["circuits"]
+    return read_json(run.file("composition/circuits.json"))["circuits"]
 
 
 def run_necessity(run: Run, loaded: LoadedModel, images: ImageOptions, config: HuntConfig) -> None:
     """Ablate the supported circuits' heads; ``necessity/necessity.json`` says why when it cannot."""
-    overview = json.loads(run.file("overview/summary.json").read_text())
+    overview = read_json(run.file("overview/summary.json"))
     heads = circuit_heads(_circuits(run))
     reason = ("the model has no classification head" if not loaded.model.cfg.n_classes else
               "the images have no class labels" if not overview["n_labelled"] else
@@ -165,13 +165,21 @@ def run_necessity(run: Run, loaded: LoadedModel, images: ImageOptions, config: H
 
 
 def run_sae(run: Run, loaded: LoadedModel, images: ImageOptions, config: SAEStageConfig) -> None:
-    """Train the SAE at the configured hook, or after the strongest supported composition receiver."""
+    """Train the SAE at the configured hook, or after the strongest supported composition receiver;
+    with too few rows, ``sae/metrics.json`` says why it was skipped."""
     hook, reason = (config.hook, "given") if config.hook else choose_hook(_circuits(run), loaded.model.cfg.n_layers)
-    metrics = run_sae_train(run.file("sae"), loaded, images, config, hook, reason)
+    try:
+        metrics = run_sae_train(run.file("sae"), loaded, images, config, hook, reason)
+    except TooFewRows as err:
+        write_json(run.file("sae/metrics.json"), {"hook": hook, "skipped": f"{hook}: {err}"})
+        run.write_manifest(sae={"hook": hook, "skipped": str(err)})
+        return
     run.write_manifest(sae={"hook": hook, "hook_reason": reason, "held_out": {k: v for k, v in metrics["held_out"].items() if k != "density_histogram"}})
 
 
 def run_features(run: Run, loaded: LoadedModel, images: ImageOptions, config: AnalyzeConfig) -> None:
+    if "skipped" in read_json(run.file("sae/metrics.json")):
+        return
     summary = run_sae_analyze(run.file("sae"), loaded, images, _circuits(run), config)
     run.write_manifest(features={"n_analysed": summary["n_features_analysed"], "n_compositional": summary["n_compositional"]})
 
@@ -180,7 +188,7 @@ def copy_truth(run: Run, truth: str | Path) -> None:
     """Validate a known-circuit file (the ``truth.json`` layout of
     :func:`vitcircuits.testing.organism_benchmark.truth_document`) and copy it into the run."""
     try:
-        data = json.loads(Path(truth).read_text())
+        data = read_json(Path(truth))
         missing = [key for key in ("source", "images", "threshold", "edges") if key not in data]
         if missing:
             raise ValueError(f"missing {', '.join(missing)}")
@@ -206,18 +214,19 @@ def hunt(out: str, model: ModelOptions, images: ImageOptions, config: HuntConfig
         loaded = model.load()
     run.write_manifest(model=loaded.manifest(), seed=model.seed)
     stages = StageRunner(run)
-    inputs = {"model": model.to_dict(), "weights": loaded.weights_sha256, "images": images.to_dict()}
-    stages.stage("overview", {**inputs, "n_attention_images": config.n_attention_images},
-                 lambda: run_overview(run, loaded, images, config))
-    stages.stage("heads", {**inputs, "atlas": asdict(config.atlas)}, lambda: run_heads(run, loaded, images, config.atlas))
-    stages.stage("composition", {**inputs, "atlas": asdict(config.atlas), "compose": asdict(config.compose)},
-                 lambda: run_compose(run, loaded, images, config.compose))
+    image_list = images.batches(loaded, progress=False).summary().image_list_sha256
+    inputs = {"model": model.to_dict(), "weights": loaded.weights_sha256, "images": images.to_dict(), "image_list_sha256": image_list}
     compose_inputs = {**inputs, "atlas": asdict(config.atlas), "compose": asdict(config.compose)}
+    stages.stage("overview", {**inputs, "n_attention_images": config.n_attention_images},
+                 lambda: run_overview(run, loaded, images, config), outputs=["overview"])
+    stages.stage("heads", {**inputs, "atlas": asdict(config.atlas)}, lambda: run_heads(run, loaded, images, config.atlas), outputs=["heads"])
+    stages.stage("composition", compose_inputs, lambda: run_compose(run, loaded, images, config.compose), outputs=["composition"])
     stages.stage("necessity", {**compose_inputs, "necessity": asdict(config.necessity), "max_images": config.max_necessity_images},
-                 lambda: run_necessity(run, loaded, images, config))
-    stages.stage("sae", {**compose_inputs, "sae": asdict(config.sae)}, lambda: run_sae(run, loaded, images, config.sae))
+                 lambda: run_necessity(run, loaded, images, config), outputs=["necessity"])
+    stages.stage("sae", {**compose_inputs, "sae": asdict(config.sae)}, lambda: run_sae(run, loaded, images, config.sae), outputs=["sae"])
     stages.stage("features", {**compose_inputs, "sae": asdict(config.sae), "analyze": asdict(config.analyze)},
-                 lambda: run_features(run, loaded, images, config.analyze))
-    stages.stage("report", {**inputs, "always": json.dumps(stages.done, sort_keys=True)}, lambda: write_report(run, loaded))
+                 lambda: run_features(run, loaded, images, config.analyze), outputs=["sae/features"])
+    stages.stage("report", {**inputs, "always": json.dumps(stages.done, sort_keys=True)}, lambda: write_report(run, loaded),
+                 outputs=["report.html"])
     run.write_manifest(outputs={"report": "report.html", "stages": stages.done})
     return str(run.file("report.html"))

@@ -1,13 +1,16 @@
 """Run folders: creation rules, atomic writes and ``manifest.json``.
 
 Every command writes into one run folder. A non-empty folder is refused unless ``force``
-(start over, keeping nothing the command would overwrite) or ``resume`` (keep what is there).
-All files are written atomically: to a temporary file in the same folder, then renamed.
+(start over, keeping nothing the command would overwrite) or ``resume`` (keep what is there; the
+manifest keeps the sections of the stages that are not run again). All files are written
+atomically: to a temporary file in the same folder, then renamed, with the permissions the umask
+gives a new file. JSON is strict: a non-finite float is written as ``null``, never ``NaN``.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -27,15 +30,23 @@ class RunFolderError(RuntimeError):
     """The output folder cannot be used as asked."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temporary path next to ``path``; on success rename it onto ``path``."""
+    """Yield a temporary path next to ``path``; on success give it the umask's permissions for a
+    new file (``mkstemp`` makes it 0600) and rename it onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -52,8 +63,34 @@ def write_text(path: str | Path, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8"))
 
 
+def strict(obj: Any) -> Any:
+    """A copy of ``obj`` that strict JSON can hold: non-finite floats become None, numpy scalars and
+    arrays, paths and tuples their plain forms."""
+    if isinstance(obj, dict):
+        return {str(k): strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return strict(obj.tolist())
+    if isinstance(obj, (np.integer, np.floating, np.bool_)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    return write_text(path, json.dumps(strict(obj), indent=2, default=_json_default, allow_nan=False) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    """Parse a JSON file; a missing, unreadable or invalid one raises one line naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
 
 
 def write_npz(path: str | Path, **arrays: np.ndarray) -> Path:
@@ -71,12 +108,8 @@ def write_with(path: str | Path, writer: Callable[[Path], None]) -> Path:
 
 
 def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
-    if isinstance(obj, (Path, tuple)):
-        return str(obj) if isinstance(obj, Path) else list(obj)
     if hasattr(obj, "to_dict"):
-        return obj.to_dict()
+        return strict(obj.to_dict())
     return str(obj)
 
 
@@ -117,7 +150,12 @@ class Run:
         if path.is_dir() and any(path.iterdir()) and not (force or resume):
             raise RunFolderError(f"{path}: folder is not empty; pass --force to overwrite or --resume to continue")
         path.mkdir(parents=True, exist_ok=True)
-        return cls(path=path, command=command, config=config)
+        run = cls(path=path, command=command, config=config)
+        manifest = path / "manifest.json"
+        if resume and not force and manifest.is_file():
+            previous = read_json(manifest)
+            run.manifest = {k: v for k, v in previous.items() if k not in ("command", "versions", "config", "timings_s")}
+        return run
 
     def file(self, name: str) -> Path:
         return self.path / name

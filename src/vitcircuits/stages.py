@@ -1,16 +1,26 @@
-"""Resumable stages of a run: a finished stage records a hash of everything it depends on in
-``stages.json``; a later run with the same hash skips it, a changed hash re-runs it (and every
-stage after it, since their inputs changed)."""
+"""Resumable stages of a run.
+
+A stage records in ``stages.json`` a hash of everything it depends on when it starts and when it
+finishes. A later run:
+
+- skips a finished stage whose hash is unchanged (unless an earlier stage ran again, since then
+  its inputs changed);
+- resumes an unfinished stage with the same hash, keeping its outputs: a stage that can resume
+  (the activation harvest, SAE checkpoints) checks its own artefacts' keys;
+- otherwise deletes the stage's outputs and the manifest sections it wrote, then runs it, so
+  nothing from other inputs survives (``--force`` runs start with no record at all).
+"""
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from rich.console import Console
 
-from vitcircuits.runs import Run, write_json
+from vitcircuits.runs import Run, read_json, write_json
 
 
 def config_hash(obj: object) -> str:
@@ -23,22 +33,45 @@ class StageRunner:
     def __init__(self, run: Run) -> None:
         self.run = run
         self.path = run.file("stages.json")
-        self.done: dict = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.done: dict = read_json(self.path) if self.path.exists() else {}
         self.upstream_changed = False
         self.console = Console(stderr=True)
 
-    def stage(self, name: str, depends_on: object, fn: Callable[[], None]) -> bool:
-        """Run ``fn`` unless ``name`` finished before with the same inputs; returns True if it ran."""
+    def stage(self, name: str, depends_on: object, fn: Callable[[], None], outputs: Sequence[str] = ()) -> bool:
+        """Run ``fn`` unless ``name`` finished before with the same inputs; returns True if it ran.
+        ``outputs``: the files and folders (relative to the run) that the stage writes."""
         digest = config_hash(depends_on)
-        previous = self.done.get(name)
-        if previous and previous["hash"] == digest and not self.upstream_changed:
+        previous = self.done.get(name) or {}
+        same = previous.get("hash") == digest and not self.upstream_changed
+        if same and previous.get("finished"):
             self.console.print(f"stage {name}: already done, skipped")
             return False
         self.upstream_changed = True
-        self.console.print(f"stage {name}: running")
+        if same:
+            self.console.print(f"stage {name}: resuming")
+        else:
+            self._clear(name, previous, outputs)
+            self.console.print(f"stage {name}: running")
+        before = dict(self.run.manifest)
+        self.done[name] = {"hash": digest, "finished": None}
+        write_json(self.path, self.done)
         start = time.time()
         with self.run.timed(name):
             fn()
-        self.done[name] = {"hash": digest, "seconds": round(time.time() - start, 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        sections = sorted(set(previous.get("manifest_sections", [])) |
+                          {k for k, v in self.run.manifest.items() if k not in before or before[k] is not v})
+        self.done[name] = {"hash": digest, "seconds": round(time.time() - start, 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                           "manifest_sections": sections}
         write_json(self.path, self.done)
         return True
+
+    def _clear(self, name: str, previous: dict, outputs: Sequence[str]) -> None:
+        """Delete a stage's outputs and the manifest sections it wrote before it runs afresh."""
+        for relative in outputs:
+            path = self.run.file(relative)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+        for section in previous.get("manifest_sections", []):
+            self.run.manifest.pop(section, None)

@@ -35,7 +35,7 @@ def test_reader_returns_cached_rows_and_splits_by_image(tmp_path):
     model = random_like(PlantedConfig(grid=(4, 4), patch_size=8, n_layers=2)).model
     hook = "blocks.1.hook_resid_post"
     config = CacheConfig((hook,), shard_rows=50, views=2)
-    write_cache(tmp_path, model, _batches(10, 4), config)
+    write_cache(tmp_path, model, _batches(10, 4), config, {"images": "synthetic"})
     reader = ShardReader(tmp_path, hook)
     assert reader.n_rows == 10 * 2 * 16 and reader.width == model.cfg.d_model
     rows = list(reader.rows())
@@ -64,6 +64,6 @@ def test_reader_errors_name_the_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="no activation cache"):
         ShardReader(tmp_path, "blocks.0.hook_resid_post")
     model = random_like(PlantedConfig(grid=(4, 4), patch_size=8, n_layers=1)).model
-    write_cache(tmp_path, model, _batches(2, 2), CacheConfig(("blocks.0.hook_resid_post",)))
+    write_cache(tmp_path, model, _batches(2, 2), CacheConfig(("blocks.0.hook_resid_post",)), {"images": "synthetic"})
     with pytest.raises(ValueError, match="was not cached"):
         ShardReader(tmp_path, "blocks.0.hook_mlp_out")

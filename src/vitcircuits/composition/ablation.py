@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -19,6 +19,12 @@ from vitcircuits.models.hooked_vit import HookedViT
 from vitcircuits.models.hooks import HookFn
 
 AblationKind = Literal["mean", "position_mean", "zero", "resample"]
+
+
+def check_ablation(kind: str) -> None:
+    """Refuse an unknown ablation kind before any work is done."""
+    if kind not in get_args(AblationKind):
+        raise ValueError(f"unknown ablation {kind!r}; choose one of {', '.join(get_args(AblationKind))}")
 
 
 @dataclass

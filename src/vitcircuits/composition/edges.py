@@ -1,12 +1,6 @@
 """The evidence of every edge: the task-level part (edge attribution, exact checks and their
 nulls) and one row per edge with its three lines of evidence and its verdict
-(:mod:`~vitcircuits.composition.circuits` defines them).
-
-An edge **matters** by its largest mean drop over the image groups: all images, and for the
-``margin`` metric each target class with at least :data:`MIN_GROUP` images. A circuit can serve a
-few classes only; averaged over every class its drop shrinks by the share of images that use it.
-Its null members take the same maximum over the same groups, so the 95th percentile they set
-already pays for looking at several groups."""
+(:mod:`~vitcircuits.composition.circuits` defines them)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -19,7 +13,7 @@ import torch
 from vitcircuits.composition.ablation import ZStats
 from vitcircuits.composition.circuits import verdict
 from vitcircuits.composition.edge_attribution import EdgeAttribution, attribution_chunk, edge_attribution_batch, spearman
-from vitcircuits.composition.evidence import MIN_NULL, Line, below_floor, bootstrap_intervals, fill_count, group_max, judge
+from vitcircuits.composition.evidence import MIN_NULL, Line, below_floor, bootstrap_intervals, fill_count, judge
 from vitcircuits.composition.patching import METRICS, PATHS, QUERY_SETS, VERDICT_METRIC, PatchEffects
 from vitcircuits.composition.task_metric import TaskMetric
 from vitcircuits.composition.task_patching import EdgeDrops, EdgeKey, all_edges, edge_drops
@@ -28,11 +22,6 @@ from vitcircuits.models.hooked_vit import HookedViT
 
 if TYPE_CHECKING:
     from vitcircuits.composition.scan import ComposeConfig
-
-MIN_GROUP = 8
-"""Fewest images of a target class for it to form a group of its own: a mean over fewer is mostly
-noise, and the maximum over groups would mostly pick that noise (costing power, since the null
-pays for it)."""
 
 Steps = Callable[[str, int], Callable[[], None]]
 """``steps(description, total)`` starts a progress bar and returns its ``advance()``."""
@@ -57,15 +46,7 @@ class TaskEvidence:
     null_senders: dict[EdgeKey, list[EdgeKey]]
     """Per checked edge at or above the floor: the other-sender edges of its null."""
     floor: float
-    groups_GI: np.ndarray
-    """Boolean ``[G, I]``: the image groups an edge's drop is averaged over (module docstring)."""
-    group_names: list[str]
     description: dict
-
-    def effect(self, drops_I: torch.Tensor) -> tuple[float, str]:
-        """The largest group mean of per-image drops, and its group's name."""
-        stat_E, arg_E = group_max(drops_I.double().numpy()[:, None], self.groups_GI)
-        return float(stat_E[0]), self.group_names[int(arg_E[0])]
 
     def estimate(self, edge: EdgeKey) -> float:
         sl, sh, rl, rh, kind = edge
@@ -109,10 +90,9 @@ def task_evidence(model: HookedViT, images_BCHW: torch.Tensor, stats: ZStats, me
     drops = edge_drops(model, images_BCHW, targets, checked, stats, metric, seed=seed, into=EdgeDrops(clean_I),
                        advance=steps("composition: exact checks", len(checked)))
     floor = metric.floor(drops.clean_I)
-    groups_GI, group_names = image_groups(targets.cpu() if metric.kind == "margin" else None, len(images_BCHW))
     null_senders, n_random = {}, {}
     for edge in checked:
-        if group_max(drops.drops[edge].double().numpy()[:, None], groups_GI)[0][0] < floor:
+        if drops.mean(edge) < floor:
             continue
         sl, sh, rl, rh, kind = edge
         earlier = [(layer, head) for layer in range(rl) for head in range(H)]
@@ -128,35 +108,22 @@ def task_evidence(model: HookedViT, images_BCHW: torch.Tensor, stats: ZStats, me
     description = {"kind": metric.kind, "probe": metric.probe_CD is not None, "n_images": len(images_BCHW),
                    "target": {"embedding": "the clean final tokens", "margin": "the clean prediction"}[metric.kind],
                    "clean_mean": float(drops.clean_I.mean()), "floor": floor, "attribution_steps": config.attribution.steps,
-                   "n_edges": len(edges), "n_checked": len(checked), "n_null_edges": len(needed), "groups": group_names}
-    return TaskEvidence(est_LHPLH, direct_LH, drops, checked, null_senders, floor, groups_GI, group_names, description)
+                   "n_edges": len(edges), "n_checked": len(checked), "n_null_edges": len(needed)}
+    return TaskEvidence(est_LHPLH, direct_LH, drops, checked, null_senders, floor, description)
 
 
-def image_groups(targets_I: torch.Tensor | None, n_images: int) -> tuple[np.ndarray, list[str]]:
-    """All images, then each target class with at least :data:`MIN_GROUP` images (when it is not
-    already every image): boolean ``[G, I]`` and the groups' names."""
-    groups, names = [np.ones(n_images, dtype=bool)], ["all images"]
-    if targets_I is not None:
-        classes, counts = np.unique(targets_I.numpy(), return_counts=True)
-        for c, count in zip(classes.tolist(), counts.tolist()):
-            if MIN_GROUP <= count < n_images:
-                groups.append(targets_I.numpy() == c)
-                names.append(f"target class {c}")
-    return np.stack(groups), names
-
-
-def _matters_lines(task: TaskEvidence, n_boot: int, seed: int) -> dict[EdgeKey, tuple[Line, str]]:
+def _matters_lines(task: TaskEvidence, n_boot: int, seed: int) -> dict[EdgeKey, Line]:
     values_IE = np.stack([task.drops.drops[e].numpy() for e in task.checked], axis=1)
-    lo_E, hi_E = bootstrap_intervals(values_IE, n_boot, seed, task.groups_GI)
+    lo_E, hi_E = bootstrap_intervals(values_IE, n_boot, seed)
     lines = {}
     for j, edge in enumerate(task.checked):
-        effect, group = task.effect(task.drops.drops[edge])
+        effect = task.drops.mean(edge)
         if edge not in task.null_senders:
-            lines[edge] = below_floor(effect, lo_E[j], hi_E[j], task.floor), group
+            lines[edge] = below_floor(effect, lo_E[j], hi_E[j], task.floor)
             continue
         others = task.null_senders[edge]
-        members = [task.drops.drops[o] for o in others] + task.drops.random.get(edge, [])[: fill_count(len(others))]
-        lines[edge] = judge(effect, lo_E[j], hi_E[j], [task.effect(m)[0] for m in members], task.floor), group
+        null = [task.drops.mean(o) for o in others] + task.drops.random.get(edge, [])[: fill_count(len(others))]
+        lines[edge] = judge(effect, lo_E[j], hi_E[j], null, task.floor)
     return lines
 
 
@@ -190,14 +157,14 @@ def edge_rows(scores: CompositionScores, senders: list[tuple[int, int, str]], cl
                              for q, qs in enumerate(query_sets)}
                     read_at = [qs for qs, line in lines.items() if line.beyond]
                     edge = (sl, sh, rl, rh, kind)
-                    line, group = matters.get(edge, (None, None))
+                    line = matters.get(edge)
                     earlier = np.delete(weight[:rl, :, rl, rh].ravel(), sl * H + sh)
                     rows.append({
                         "sender_layer": sl, "sender_head": sh, "sender_kind": sender_kind, "receiver_layer": rl, "receiver_head": rh,
                         "kind": kind, "verdict": verdict(bool(read_at), line.beyond if line else None),
                         "silent": bool(silent[sl, sh, rl, rh]), "read_at": read_at,
                         "composes_patch": lines["patch"].as_dict(), "composes_prefix": lines["prefix"].as_dict() if "prefix" in lines else None,
-                        "ablation": config.patching.ablation, "matters": {**line.as_dict(), "group": group} if line else None,
+                        "ablation": config.patching.ablation, "matters": line.as_dict() if line else None,
                         "attribution": task.estimate(edge) if task is not None else None,
                         "weight_score": float(weight[sl, sh, rl, rh]), "baseline_mean": scores.baseline_mean[kind],
                         "baseline_std": scores.baseline_std[kind], "weight_z": float(weight_z[sl, sh, rl, rh]),

@@ -56,42 +56,24 @@ class Line:
         return asdict(self)
 
 
-def group_max(values_IE: np.ndarray, groups_GI: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Per column, the largest of its means over the image groups ``groups_GI`` (boolean ``[G, I]``;
-    None: one group of every image), and which group gave it ``[E]``."""
-    values_IE = np.asarray(values_IE, dtype=np.float64)
-    if groups_GI is None:
-        return values_IE.mean(0), np.zeros(values_IE.shape[1], dtype=np.int64)
-    means_GE = (groups_GI.astype(np.float64) @ values_IE) / groups_GI.sum(1, keepdims=True)
-    return means_GE.max(0), means_GE.argmax(0)
-
-
-def bootstrap_intervals(values_IE: np.ndarray, n_boot: int = N_BOOT, seed: int = 0,
-                        groups_GI: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """95 % percentile intervals ``(lo_E, hi_E)`` of each column's statistic (its mean over images,
-    or with ``groups_GI`` its :func:`group_max`), from ``n_boot`` resamples of the images (the same
-    resamples for every column), widened to contain the statistic itself. A group that a resample
-    leaves empty takes no part in that resample's maximum."""
+def bootstrap_intervals(values_IE: np.ndarray, n_boot: int = N_BOOT, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """95 % percentile intervals ``(lo_E, hi_E)`` of the mean over images of each column, from
+    ``n_boot`` resamples of the images (the same resamples for every column), widened to contain
+    the mean itself."""
     values_IE = np.asarray(values_IE, dtype=np.float64)
     n = values_IE.shape[0]
     if n == 0:
         raise ValueError("an effect's interval needs at least one image")
-    stat_E = group_max(values_IE, groups_GI)[0]
+    mean_E = values_IE.mean(0)
     if n == 1:
-        return stat_E.copy(), stat_E.copy()
-    masks_GI = np.ones((1, n)) if groups_GI is None else groups_GI.astype(np.float64)
+        return mean_E.copy(), mean_E.copy()
     counts_BI = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
-    lo, hi = np.empty_like(stat_E), np.empty_like(stat_E)
-    step = max(1, 2**24 // (n_boot * len(masks_GI)))
+    lo, hi = np.empty_like(mean_E), np.empty_like(mean_E)
+    step = max(1, 2**24 // n_boot)
     for c0 in range(0, values_IE.shape[1], step):
-        stats_BE = np.full((n_boot, values_IE[:, c0 : c0 + step].shape[1]), -np.inf)
-        for mask_I in masks_GI:
-            weights_BI = counts_BI * mask_I
-            size_B = weights_BI.sum(1, keepdims=True)
-            means_BE = np.divide(weights_BI @ values_IE[:, c0 : c0 + step], size_B, out=np.full_like(stats_BE, -np.inf), where=size_B > 0)
-            stats_BE = np.maximum(stats_BE, means_BE)
-        lo[c0 : c0 + step], hi[c0 : c0 + step] = np.quantile(stats_BE, [0.025, 0.975], axis=0)
-    return np.minimum(lo, stat_E), np.maximum(hi, stat_E)
+        means_BE = counts_BI @ values_IE[:, c0 : c0 + step] / n
+        lo[c0 : c0 + step], hi[c0 : c0 + step] = np.quantile(means_BE, [0.025, 0.975], axis=0)
+    return np.minimum(lo, mean_E), np.maximum(hi, mean_E)
 
 
 def judge(effect: float, lo: float, hi: float, null: Sequence[float], floor: float) -> Line:

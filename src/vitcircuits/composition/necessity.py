@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vitcircuits.composition.ablation import AblationKind, ZStats, ablation_hooks
+from vitcircuits.composition.ablation import AblationKind, ZStats, ablation_hooks, check_ablation
 from vitcircuits.models.hooked_vit import HookedViT
 
 Head = tuple[int, int]
@@ -38,6 +38,9 @@ class NecessityConfig:
     """What an ablated head's ``z`` becomes (see :func:`~vitcircuits.composition.ablation.ablated_z`)."""
     seed: int = 0
     """Seeds the random head draws (and ``resample`` ablation)."""
+
+    def __post_init__(self) -> None:
+        check_ablation(self.ablation)
 
 
 def circuit_heads(circuits: Iterable[dict], verdicts: Sequence[str] = ("supported",)) -> list[Head]:

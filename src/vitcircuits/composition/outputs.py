@@ -15,7 +15,7 @@ from vitcircuits.runs import write_json, write_text
 EDGE_COLUMNS = (
     "verdict", "composes", "read_at", "patch_metric", "patch_effect", "patch_lo", "patch_hi", "patch_null_q95", "patch_z",
     "prefix_effect", "prefix_lo", "prefix_hi", "prefix_null_q95", "prefix_z", "matters", "task_drop", "task_lo", "task_hi",
-    "task_null_q95", "task_z", "task_floor", "task_group", "attribution", "weight_percentile", "shuffle_effect", "attention_kept", "ablation",
+    "task_null_q95", "task_z", "task_floor", "attribution", "weight_percentile", "shuffle_effect", "attention_kept", "ablation",
 )
 """Columns of ``composition.csv`` beside the weight scores, on the q/k/v rows (empty where not measured)."""
 
@@ -29,7 +29,7 @@ def _edge_columns(row: dict) -> dict:
             flat.update({f"{prefix}_{'drop' if prefix == 'task' else 'effect'}": line["effect"], f"{prefix}_lo": line["lo"],
                          f"{prefix}_hi": line["hi"], f"{prefix}_null_q95": line["null_q95"], f"{prefix}_z": line["z"]})
     if row["matters"] is not None:
-        flat.update(matters=row["matters"]["beyond"], task_floor=row["matters"]["floor"], task_group=row["matters"]["group"])
+        flat.update(matters=row["matters"]["beyond"], task_floor=row["matters"]["floor"])
     return flat
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vitcircuits.composition.ablation import AblationKind, ZStats, ablated_z, random_directions
+from vitcircuits.composition.ablation import AblationKind, ZStats, ablated_z, check_ablation, random_directions
 from vitcircuits.models.hooked_vit import HookedViT
 
 PATHS = ("q", "k", "v")
@@ -44,6 +44,9 @@ class PatchingConfig:
     """Sender replacement: mean over images and positions (default), position_mean, zero, resample."""
     seed: int = 0
     """Seed of the resample ablation's permutations."""
+
+    def __post_init__(self) -> None:
+        check_ablation(self.ablation)
 
 
 class PatchEffects:

@@ -128,9 +128,8 @@ class EdgeDrops:
     """The metric on the clean run, per image (float64, CPU)."""
     drops: dict[EdgeKey, torch.Tensor] = field(default_factory=dict)
     """Edge -> ``[I]`` drop per image."""
-    random: dict[EdgeKey, list[torch.Tensor]] = field(default_factory=dict)
-    """Edge -> the ``[I]`` drop per image of each random-direction draw (same per-token norm as the
-    edge's change)."""
+    random: dict[EdgeKey, list[float]] = field(default_factory=dict)
+    """Edge -> the mean drop of each random-direction draw (same per-token norm as the edge's change)."""
 
     def mean(self, edge: EdgeKey) -> float:
         return float(self.drops[edge].mean())
@@ -166,6 +165,6 @@ def edge_drops(model: HookedViT, images_BCHW: torch.Tensor, targets: torch.Tenso
             if directions is None:
                 directions = random_directions((n, model.layout.n_tokens, model.cfg.d_model), draw, seed)
             drop = out.clean_I - values(lambda s, e: edge_logits(model, images_BCHW[s:e], edge, stats, directions[s:e], metric))
-            out.random.setdefault(edge, []).append(drop)
+            out.random.setdefault(edge, []).append(float(drop.mean()))
             advance()
     return out

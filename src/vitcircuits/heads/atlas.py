@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from vitcircuits.heads.offsets import HeadStatsAccumulator
 from vitcircuits.heads.positional import pattern_agreement, positional_accumulator
 from vitcircuits.models.config import TokenLayout
 from vitcircuits.models.hooked_vit import HookedViT
-from vitcircuits.runs import write_json, write_npz, write_text
+from vitcircuits.runs import read_json, write_json, write_npz, write_text
 
 HEADS_COLUMNS = (
     "layer", "head", "kind", "modular_score", "modular_score_lo", "modular_score_hi",
@@ -103,7 +102,7 @@ class HeadAtlas:
     @classmethod
     def load(cls, folder: str | Path) -> HeadAtlas:
         folder = Path(folder)
-        meta = json.loads((folder / "atlas.json").read_text())
+        meta = read_json(folder / "atlas.json")
         arrays = np.load(folder / "kernels.npz")
         layout = meta["layout"]
         layout["register_slice"] = tuple(layout["register_slice"])

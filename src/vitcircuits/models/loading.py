@@ -11,7 +11,7 @@ Rules:
 from __future__ import annotations
 
 import hashlib
-import json
+import pickle
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +19,12 @@ from urllib.parse import urlparse
 
 import timm
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from vitcircuits.models.families import hf_vit, timm_vit
 from vitcircuits.models.hooked_vit import HookedViT
+from vitcircuits.runs import read_json
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -84,11 +86,16 @@ def sha256_file(path: str | Path) -> str:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Weights from ``.safetensors`` or, with ``weights_only=True``, a torch pickle (never plain pickle)."""
+    """Weights from ``.safetensors`` or, with ``weights_only=True``, a torch pickle (never plain
+    pickle). A truncated, corrupt or non-weights file raises one line naming it."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{path}: not readable as weights ({type(err).__name__}: {reason})") from None
     for wrapper in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -300,7 +307,7 @@ def _load(spec: str, arch: str | None, img_size, random_weights: bool, seed: int
         config_path = path / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"{path}: no config.json (expected timm hub or transformers layout)")
-        config = json.loads(config_path.read_text())
+        config = read_json(config_path)
         if "architecture" in config:
             weights = None if random_weights else _folder_weights(path)
             return _load_timm(config, weights, str(path), img_size, seed)
@@ -320,7 +327,7 @@ def _load(spec: str, arch: str | None, img_size, random_weights: bool, seed: int
         if not config["hub_id"]:
             raise WeightsNotFoundError(f"timm has no hub weights for {repo_id!r}; pass a folder or a weights file with --arch")
         repo_id = config["hub_id"]
-    config = json.loads(hub_file(repo_id, "config.json").read_text())
+    config = read_json(hub_file(repo_id, "config.json"))
     if "architecture" in config:
         weights = None if random_weights else _hub_weights(repo_id)
         return _load_timm(config, weights, repo_id, img_size, seed)

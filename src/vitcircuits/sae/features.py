@@ -16,7 +16,6 @@ by the caller: rows outside the grid are refused.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from rich.progress import Progress
 from safetensors.torch import load_file
 
-from vitcircuits.runs import write_json
+from vitcircuits.runs import read_json, write_json
 from vitcircuits.sae.io import atomic_save_safetensors
 from vitcircuits.sae.model import SAE
 
@@ -87,7 +86,7 @@ class FeatureStats:
     def load(cls, folder: str | Path) -> FeatureStats:
         """Read what :meth:`save` wrote."""
         folder = Path(folder)
-        meta = json.loads((folder / STATS_JSON).read_text())
+        meta = read_json(folder / STATS_JSON)
         tensors = load_file(str(folder / STATS_TENSORS))
         return cls(**{name: tensors[name] for name in _TENSOR_FIELDS}, n_rows=int(meta["n_rows"]), grid=tuple(meta["grid"]))
 

@@ -6,7 +6,6 @@ out for evaluation (with all their views), so no evaluation row shares an image 
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from vitcircuits.runs import read_json
 from vitcircuits.sae.train import ShuffleBuffer
 
 POSITION_KEYS = ("image_index", "view", "row", "col")
@@ -41,7 +41,7 @@ class ShardReader:
         index_path = self.folder / "index.json"
         if not index_path.is_file():
             raise FileNotFoundError(f"{index_path}: no activation cache here (run `vitcircuits cache` or `sae train`)")
-        self.index = json.loads(index_path.read_text())
+        self.index = read_json(index_path)
         hooks = self.index["config"]["hooks"]
         if hook not in hooks:
             raise ValueError(f"{self.folder}: hook {hook!r} was not cached (cached: {', '.join(hooks)})")

@@ -24,8 +24,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from vitcircuits.models.loading import read_state_dict
+from vitcircuits.runs import read_json
 from vitcircuits.sae.model import SAE, SAEConfig
 
 CFG_FILE = "cfg.json"
@@ -155,13 +157,13 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
     for path in (cfg_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist")
-    raw = json.loads(cfg_path.read_text())
+    raw = read_json(cfg_path)
     norm = raw.get("normalize_activations", "none")
     if norm not in ("none", None, False):
         raise ValueError(f"{CFG_FILE}: normalize_activations={norm!r} is not supported; only folded ('none') SAEs load")
     cfg = _config_from_cfg_json(raw)
     sae = SAE(cfg)
-    tensors = load_file(str(weights_path))
+    tensors = read_state_dict(weights_path)
     if "threshold" not in tensors and "log_threshold" in tensors:
         tensors["threshold"] = tensors.pop("log_threshold").exp()
     expected = {

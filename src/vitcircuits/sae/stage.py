@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from vitcircuits.cache import CacheConfig, check_hooks, write_cache
+from vitcircuits.cache import CacheConfig, check_hooks, provenance, write_cache
 from vitcircuits.composition.ablation import ZStats
 from vitcircuits.data.augment import AugmentConfig
 from vitcircuits.inputs import ImageOptions, preprocess_config
 from vitcircuits.models.loading import LoadedModel
-from vitcircuits.runs import write_json, write_text
+from vitcircuits.runs import read_json, write_json, write_text
 from vitcircuits.sae.dependence import DependenceConfig, circuit_dependence, circuit_heads_from, hook_layer
 from vitcircuits.sae.features import FeatureStatsConfig, feature_stats
 from vitcircuits.sae.fidelity import FidelityConfig, downstream_fidelity
@@ -30,6 +29,7 @@ from vitcircuits.sae.io import load_sae, save_sae
 from vitcircuits.sae.metrics import evaluate_sae
 from vitcircuits.sae.model import SAEConfig
 from vitcircuits.sae.train import TrainConfig, train_sae
+from vitcircuits.stages import config_hash
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,26 @@ class AnalyzeConfig:
     """Features shown in each gallery."""
 
 
+MIN_TRAIN_ROWS = 256
+"""Fewest training rows an SAE is trained on: four optimiser steps of :data:`MIN_BATCH` rows."""
+MIN_BATCH = 64
+"""Smallest batch the SAE batch is scaled down to when the rows are few."""
+
+
+class TooFewRows(ValueError):
+    """The harvest holds too few training or held-out rows for an SAE (the message says which)."""
+
+
+def fitted_batch(n_train: int, batch_size: int) -> int:
+    """The batch size for ``n_train`` rows: ``batch_size``, or when that leaves fewer than four
+    steps per epoch the largest power of two that gives four (at least :data:`MIN_BATCH`)."""
+    if n_train < MIN_TRAIN_ROWS:
+        raise TooFewRows(f"only {n_train} training rows (an SAE needs at least {MIN_TRAIN_ROWS}); use more images or more views")
+    if n_train >= 4 * batch_size:
+        return batch_size
+    return max(MIN_BATCH, 1 << ((n_train // 4).bit_length() - 1))
+
+
 def choose_hook(circuits: list[dict], n_layers: int) -> tuple[str, str]:
     """``(hook, reason)``: the residual after the layer of the strongest supported receiver (the
     circuits are sorted strongest first); without one, after the middle layer."""
@@ -101,27 +121,31 @@ def run_sae_train(folder: Path, loaded: LoadedModel, images: ImageOptions, confi
     model = loaded.model
     check_hooks(model, (hook,))
     cache_config = CacheConfig((hook,), config.include_prefix, config.shard_rows, views=config.views, augment=AugmentConfig(seed=config.seed))
-    write_cache(folder / "activations", model, images.batches(loaded, progress=progress), cache_config)
+    batches = images.batches(loaded, progress=progress)
+    made_from = provenance(loaded, batches)
+    writer = write_cache(folder / "activations", model, batches, cache_config, made_from)
     reader = ShardReader(folder / "activations", hook)
     n_train = sum(int(((r.image_index_N % config.holdout_every) != 0).sum()) for r in reader.rows())
-    if n_train < config.batch_size:
-        raise ValueError(f"{hook}: only {n_train} training rows for batch size {config.batch_size}; use more images or --views")
-    steps = max(1, config.epochs * n_train // config.batch_size)
+    if n_train == reader.n_rows:
+        raise TooFewRows(f"no held-out rows (images whose index is a multiple of {config.holdout_every}) to measure an SAE on")
+    batch_size = fitted_batch(n_train, config.batch_size)
+    steps = max(1, config.epochs * n_train // batch_size)
     width = reader.width
     sae_config = SAEConfig(d_in=width, d_sae=width * config.expansion, architecture=config.architecture, k=config.k,
                            l1_coefficient=config.l1_coefficient, hook_name=hook, hook_layer=_layer_or_minus_one(hook))
-    train_config = TrainConfig(lr=config.lr, warmup_steps=max(1, steps // 20), total_steps=steps, batch_size=config.batch_size,
+    train_config = TrainConfig(lr=config.lr, warmup_steps=max(1, steps // 20), total_steps=steps, batch_size=batch_size,
                                seed=config.seed, checkpoint_every=max(1, steps // 10), log_every=max(1, steps // 50),
                                init_sample_rows=min(n_train, 16384))
-    batches = training_batches(reader, config.batch_size, config.epochs, config.holdout_every, config.shuffle_rows, config.seed)
-    sae, history = train_sae(batches, sae_config, train_config, out_dir=folder / "training", resume=True, progress=progress)
+    rows = training_batches(reader, batch_size, config.epochs, config.holdout_every, config.shuffle_rows, config.seed)
+    data_key = config_hash({"index": {k: writer.index[k] for k in ("config", "made_from")}, "holdout_every": config.holdout_every})
+    sae, history = train_sae(rows, sae_config, train_config, out_dir=folder / "training", resume=True, progress=progress, data_key=data_key)
     evaluation = evaluate_sae(sae, (r.acts_ND for r in reader.split(True, config.holdout_every)))
     fidelity = downstream_fidelity(model, sae, hook, _held_out_batches(loaded, images, config), FidelityConfig(include_prefix=config.include_prefix),
                                    progress=progress)
     save_sae(sae, folder / "sae")
     metrics = {
         "hook": hook, "hook_reason": reason, "sae": asdict(sae_config), "train": asdict(train_config), "stage": asdict(config),
-        "n_rows": reader.n_rows, "n_train_rows": n_train, "steps": steps,
+        "n_rows": reader.n_rows, "n_train_rows": n_train, "steps": steps, "batch_size": batch_size, "made_from": made_from,
         "held_out": {"n_tokens": evaluation.n_tokens, "l0": evaluation.l0, "explained_variance": evaluation.explained_variance,
                      "dead_fraction": evaluation.dead_fraction, "dense_fraction": evaluation.dense_fraction,
                      "density_histogram": {"log10_edges": evaluation.histogram.edges.tolist(), "counts": evaluation.histogram.counts.tolist()}},
@@ -137,7 +161,7 @@ def run_sae_analyze(folder: Path, loaded: LoadedModel, images: ImageOptions, cir
     views, whose patches are not image patches), circuit dependence on
     each analysed feature's top patches, the compositional ranking and galleries, in ``features/``."""
     model = loaded.model
-    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics = read_json(folder / "metrics.json")
     hook = metrics["hook"]
     sae = load_sae(folder / "sae")
     reader = ShardReader(folder / "activations", hook)

@@ -31,6 +31,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file
 
+from vitcircuits.runs import read_json, write_json
 from vitcircuits.sae.io import atomic_save_safetensors, save_sae
 from vitcircuits.sae.metrics import explained_variance
 from vitcircuits.sae.model import SAE, SAEConfig
@@ -264,15 +265,16 @@ def _latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def _save_checkpoint(out_dir: Path, sae: SAE, opt: torch.optim.Optimizer, steps_since_fired_F: torch.Tensor,
-                     step: int, history: list[dict], scfg: SAEConfig, tcfg: TrainConfig) -> None:
+                     step: int, history: list[dict], scfg: SAEConfig, tcfg: TrainConfig, data_key: str | None) -> None:
     final = out_dir / CHECKPOINTS_DIR / f"step_{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     atomic_save_safetensors({**sae.state_dict(), "steps_since_fired": steps_since_fired_F}, tmp / "state.safetensors")
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    state = {"step": step, "history": history, "sae_config": dataclasses.asdict(scfg), "train_config": dataclasses.asdict(tcfg)}
-    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    state = {"step": step, "history": history, "sae_config": dataclasses.asdict(scfg), "train_config": dataclasses.asdict(tcfg),
+             "data_key": data_key}
+    write_json(tmp / "state.json", state)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     older = sorted(p for p in (out_dir / CHECKPOINTS_DIR).glob("step_*") if p.is_dir() and p.name[5:].isdigit())[: -max(tcfg.keep_checkpoints, 1)]
@@ -280,8 +282,11 @@ def _save_checkpoint(out_dir: Path, sae: SAE, opt: torch.optim.Optimizer, steps_
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _load_checkpoint(ckpt: Path, sae: SAE, opt: torch.optim.Optimizer, scfg: SAEConfig, tcfg: TrainConfig):
-    state = json.loads((ckpt / "state.json").read_text())
+def _load_checkpoint(ckpt: Path, sae: SAE, opt: torch.optim.Optimizer, scfg: SAEConfig, tcfg: TrainConfig, data_key: str | None):
+    state = read_json(ckpt / "state.json")
+    if state.get("data_key") != data_key:
+        raise ValueError(f"{ckpt}: the checkpoint was trained on other activations (data key {state.get('data_key')}, now {data_key}); "
+                         "refusing to resume: use --force or a new --out")
     if state["sae_config"] != json.loads(json.dumps(dataclasses.asdict(scfg))):
         raise ValueError(f"{ckpt}: SAE config differs from the checkpoint's; refusing to resume")
     if state["train_config"] != json.loads(json.dumps(dataclasses.asdict(tcfg))):
@@ -308,6 +313,7 @@ def train_sae(
     out_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    data_key: str | None = None,
 ) -> tuple[SAE, list[dict]]:
     """Train an SAE on raw activations (a ``[N, D]`` tensor or an iterable of ``[*, D]`` batches).
 
@@ -320,9 +326,10 @@ def train_sae(
     float32 / float64 train with a sparse step (:func:`_sparse_step`: same losses and gradients as the
     dense one up to rounding, but only the encoder matmul is dense); ReLU SAEs use the dense step.
 
-    With ``resume=True`` training continues from the latest checkpoint in ``out_dir`` (the configs must
-    match). Returns the trained SAE (in eval mode, normalisation *not* folded) and the history: one dict
-    per ``log_every`` steps (and the last step) with ``step, lr, loss, mse, aux, l1, l0,
+    With ``resume=True`` training continues from the latest checkpoint in ``out_dir`` (the configs and
+    ``data_key``, a digest of what produced the activations, must match; a mismatch is refused).
+    Returns the trained SAE (in eval mode, normalisation *not* folded) and the history: one dict per
+    ``log_every`` steps (and the last step) with ``step, lr, loss, mse, aux, l1, l0,
     explained_variance, dead_fraction``.
     """
     scfg, tcfg = sae_config, train_config
@@ -338,7 +345,7 @@ def train_sae(
     start, history = 0, []
     ckpt = _latest_checkpoint(out) if resume else None
     if ckpt is not None:
-        start, history, steps_since_fired_F = _load_checkpoint(ckpt, sae, opt, scfg, tcfg)
+        start, history, steps_since_fired_F = _load_checkpoint(ckpt, sae, opt, scfg, tcfg, data_key)
 
     if isinstance(activations, torch.Tensor):
         stream = _tensor_stream(activations.reshape(-1, scfg.d_in), tcfg.batch_size, tcfg.seed, start)
@@ -392,10 +399,10 @@ def train_sae(
                 bar.update(task, l0=record["l0"], ev=record["explained_variance"], dead=record["dead_fraction"])
             bar.update(task, completed=done)
             if out is not None and ((tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0) or done == total):
-                _save_checkpoint(out, sae, opt, steps_since_fired_F, done, history, scfg, tcfg)
+                _save_checkpoint(out, sae, opt, steps_since_fired_F, done, history, scfg, tcfg, data_key)
                 saved = done
     if out is not None and saved != done:  # the source ran out before total_steps
-        _save_checkpoint(out, sae, opt, steps_since_fired_F, done, history, scfg, tcfg)
+        _save_checkpoint(out, sae, opt, steps_since_fired_F, done, history, scfg, tcfg, data_key)
     sae.eval()
     if out is not None:
         save_sae(sae, out / "sae")

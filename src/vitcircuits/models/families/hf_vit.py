@@ -7,7 +7,6 @@ migrations apply), then its modules are read by role. Both the transformers 5 mo
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from torch import nn
 from vitcircuits.models.config import ViTConfig
 from vitcircuits.models.families import UnsupportedModelError
 from vitcircuits.models.families.timm_vit import _resample_pos_embed
+from vitcircuits.runs import read_json
 
 _ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "quick_gelu": "quick_gelu"}
 logger = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ def _read_processor(spec: str) -> dict:
     folder = Path(spec)
     try:
         path = folder / "preprocessor_config.json" if folder.is_dir() else hub_file(spec, "preprocessor_config.json")
-        return json.loads(path.read_text())
+        return read_json(path)
     except (FileNotFoundError, EntryNotFoundError, WeightsNotFoundError):
         logger.warning("%s: no preprocessor_config.json; using ViT defaults (mean/std 0.5, bilinear resize)", spec)
         return {}

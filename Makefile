@@ -20,8 +20,9 @@ chromium:
 	  else sudo -n apt-get update -qq && sudo -n apt-get install -y -qq chromium; fi \
 	  || echo "warning: could not install chromium; the browser tests will be skipped"; }
 
-# `make demo ORGANISM=shapes` runs the shapes organism (with its known circuit) instead.
-ORGANISM ?= cifar10
+# `make demo` runs the shapes organism, whose circuit and truth are known;
+# `make demo ORGANISM=cifar10` runs the CIFAR-10 organism, the negative control.
+ORGANISM ?= shapes
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/vitcircuits demo --organism $(ORGANISM) --out runs/demo-$(ORGANISM)
 

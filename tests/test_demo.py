@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif("cifar10-vit" not in bundled_model_names(), reas
 def test_demo_writes_run_folder_and_report(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "demo"
-    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--max-images", "120", "--device", "cpu"])
+    result = CliRunner().invoke(app, ["demo", "--organism", "cifar10", "--out", str(out), "--max-images", "120", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "report:" in result.output
     manifest = json.loads((out / "manifest.json").read_text())

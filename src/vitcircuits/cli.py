@@ -242,7 +242,7 @@ def hunt_cmd(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="run folder to write")] = Path("runs/demo"),
-    organism: Annotated[str, typer.Option("--organism", help=f"bundled organism: {', '.join(ORGANISMS)}")] = "cifar10",
+    organism: Annotated[str, typer.Option("--organism", help=f"bundled organism: {', '.join(ORGANISMS)}")] = "shapes",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
     max_images: MaxImagesOpt = None,

@@ -29,7 +29,10 @@ from vitcircuits.runs import Run, write_json
 
 def parse_heads(text: str) -> list[tuple[int, int]]:
     """``"1.2,3.0"`` (``layer.head`` pairs) -> ``[(1, 2), (3, 0)]``."""
-    return [(int(layer), int(head)) for layer, head in (item.strip().split(".") for item in text.split(",") if item.strip())]
+    try:
+        return [(int(layer), int(head)) for layer, head in (item.strip().split(".") for item in text.split(",") if item.strip())]
+    except ValueError:
+        raise ValueError(f"--heads {text!r}: expected comma-separated LAYER.HEAD pairs, e.g. 1.2,3.0") from None
 
 
 def parse_groups(items: list[str], label_names: list[str] | None) -> dict[str, list[int]]:
@@ -41,7 +44,10 @@ def parse_groups(items: list[str], label_names: list[str] | None) -> dict[str, l
         name, sep, classes = item.partition("=")
         if not sep or not name or not classes:
             raise ValueError(f"--group {item!r}: expected NAME=CLASS,CLASS,… (class indices or label names)")
-        groups[name] = [names[c] if c in names else int(c) for c in (c.strip() for c in classes.split(","))]
+        try:
+            groups[name] = [names[c] if c in names else int(c) for c in (c.strip() for c in classes.split(","))]
+        except ValueError:
+            raise ValueError(f"--group {item!r}: unknown class (use indices or one of the model's label names)") from None
     return groups
 
 

@@ -1,12 +1,23 @@
 """Circuit necessity: head selection, random same-layer baselines, accuracy per class group."""
+import json
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import timm
 import torch
 
 from vitcircuits.cli_necessity import parse_groups, parse_heads
-from vitcircuits.composition.necessity import LabelledBatches, circuit_heads, group_accuracy, random_heads_like
+from vitcircuits.composition.necessity import (
+    LabelledBatches,
+    NecessityConfig,
+    circuit_heads,
+    group_accuracy,
+    necessity_report,
+    random_heads_like,
+)
+from vitcircuits.models.loading import load_model
+from vitcircuits.testing.checkpoints import save_timm_folder
 
 
 def _circuit(senders, receivers, verdict):
@@ -35,9 +46,20 @@ def test_random_heads_match_the_layers_and_avoid_the_circuit():
 def test_group_accuracy_counts_only_the_true_class():
     labels = torch.tensor([0, 0, 1, 2, 3, 3])
     predictions = torch.tensor([0, 1, 1, 2, 2, 3])
-    report = group_accuracy(predictions, labels, {"a": [0, 1], "b": [2, 3], "empty": [7]})
+    report = group_accuracy(predictions, labels, {"a": [0, 1], "b": [2, 3]})
     assert report["overall"] == pytest.approx(4 / 6) and report["a"] == pytest.approx(2 / 3) and report["b"] == pytest.approx(2 / 3)
-    assert np.isnan(report["empty"])
+    with pytest.raises(ValueError, match="'empty' has no labelled image"):
+        group_accuracy(predictions, labels, {"empty": [7]})
+
+
+def test_a_group_without_images_is_left_out_with_its_reason(tmp_path):
+    args = {"img_size": 16, "patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2, "num_classes": 4}
+    folder = save_timm_folder(timm.create_model("vit_tiny_patch16_224", pretrained=False, **args), tmp_path, "vit_tiny_patch16_224", args)
+    model = load_model(str(folder), device="cpu").model
+    batches = [(torch.randn(6, 3, 16, 16), torch.tensor([0, 0, 1, 1, 2, 2]))]
+    report = necessity_report(model, batches, [(0, 1)], {"present": [0, 1], "absent": [3]}, NecessityConfig(draws=3))
+    assert list(report["groups"]) == ["present"] and "no labelled image" in report["groups_left_out"]["absent"]
+    assert "absent" not in report["clean"] and json.loads(json.dumps(report, allow_nan=False)) == report
 
 
 def test_labelled_batches_drop_unlabelled_images_and_reiterate():

@@ -65,13 +65,19 @@ def random_heads_like(heads: Sequence[Head], n_heads: int, generator: np.random.
     return chosen
 
 
+def _in_group(labels_B: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
+    return torch.isin(labels_B, torch.tensor(sorted(classes), dtype=labels_B.dtype))
+
+
 def group_accuracy(predictions_B: torch.Tensor, labels_B: torch.Tensor, groups: Groups) -> dict[str, float]:
-    """``overall`` and one accuracy per class group (NaN for a group without images)."""
+    """``overall`` and one accuracy per class group; every group must hold images."""
     correct_B = (predictions_B == labels_B).double()
-    report = {"overall": float(correct_B.mean()) if len(correct_B) else float("nan")}
+    report = {"overall": float(correct_B.mean())}
     for name, classes in groups.items():
-        in_group_B = torch.isin(labels_B, torch.tensor(sorted(classes), dtype=labels_B.dtype))
-        report[name] = float(correct_B[in_group_B].mean()) if in_group_B.any() else float("nan")
+        in_group_B = _in_group(labels_B, classes)
+        if not in_group_B.any():
+            raise ValueError(f"class group {name!r} has no labelled image")
+        report[name] = float(correct_B[in_group_B].mean())
     return report
 
 
@@ -120,7 +126,8 @@ def ablated_predictions(model: HookedViT, batches: Iterable[tuple[torch.Tensor, 
 def necessity_report(model: HookedViT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], heads: Sequence[Head], groups: Groups,
                      config: NecessityConfig = NecessityConfig(), stats: ZStats | None = None) -> dict:
     """Clean accuracy, accuracy with ``heads`` ablated, and with ``config.draws`` random same-layer
-    head sets ablated (each draw's numbers, and their mean, std and 5-95 % range), per group.
+    head sets ablated (each draw's numbers, and their mean, std and 5-95 % range), per group. A
+    group with no labelled image is left out, with the reason, in ``groups_left_out``.
 
     ``batches`` must be re-iterable when ``stats`` is None (one pass for the statistics, one for
     the predictions); the statistics default to those of the same images.
@@ -133,6 +140,8 @@ def necessity_report(model: HookedViT, batches: Iterable[tuple[torch.Tensor, tor
     draws = [random_heads_like(circuit, model.cfg.n_heads, generator) for _ in range(config.draws)]
     conditions = {"clean": [], "circuit": circuit, **{f"random{i}": d for i, d in enumerate(draws)}}
     predictions, labels_B = ablated_predictions(model, batches, conditions, stats, config)
+    empty = sorted(name for name, classes in groups.items() if not _in_group(labels_B, classes).any())
+    groups = {name: classes for name, classes in groups.items() if name not in empty}
     accuracy = {name: group_accuracy(p, labels_B, groups) for name, p in predictions.items()}
     keys = ["overall", *groups]
     random_rows = [{"heads": [list(h) for h in d], "overlap_with_circuit": len(set(d) & set(circuit)), **accuracy[f"random{i}"]}
@@ -150,6 +159,7 @@ def necessity_report(model: HookedViT, batches: Iterable[tuple[torch.Tensor, tor
         "ablation": config.ablation,
         "seed": config.seed,
         "groups": {name: sorted(int(c) for c in classes) for name, classes in groups.items()},
+        "groups_left_out": {name: "no labelled image of its classes among these images" for name in empty},
         "chance": {"model": 1.0 / model.cfg.n_classes, **{name: 1.0 / len(classes) for name, classes in groups.items()}},
         "clean": accuracy["clean"],
         "circuit": {"heads": [list(h) for h in circuit], **accuracy["circuit"]},

@@ -104,3 +104,109 @@ def test_truth_section_reads_the_matters_line(tmp_path):
     text = truth_section(run)
     assert "<td>L0H1 → L1H2 K</td><td>supported</td><td>causal</td><td>0.300</td><td>0.250</td>" in text
     assert "<td>L0H2 → L2H0 V</td><td>weak</td><td>not causal</td><td>0.000</td><td>n/a</td>" in text
+
+
+def _png(path) -> str:
+    """A tiny real PNG at ``path``; returns its name relative to the run (``path``'s last two parts)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (4, 4), (200, 30, 30)).save(path)
+    return f"{path.parent.name}/{path.name}"
+
+
+def _figure_run(tmp_path, document: dict, overlays=("L0H1", "L2H3"), grid=True) -> Run:
+    """A run with ``circuits.json``, heads figures (atlas plus overlays of ``overlays``) and one
+    attention-map grid."""
+    run = _run(tmp_path, document)
+    heads = [(_png(run.file("heads/atlas.png")), "atlas")]
+    heads += [(_png(run.file(f"heads/overlay_{h}.png")), f"overlay {h}") for h in overlays]
+    write_json(run.file("heads/figures.json"), heads)
+    figures = [(_png(run.file("overview/attention_img0_q1-1.png")), "grid")] if grid else []
+    write_json(run.file("overview/summary.json"), {"figures": figures, "images": {"n_ok": 40, "source": "bundled:shapes"}})
+    return run
+
+
+def test_summary_shows_the_verdict_counts_the_strongest_circuit_and_its_figure(tmp_path):
+    from vitcircuits.report.first_screen import summary_section
+
+    run = _figure_run(tmp_path, circuits_document())
+    text = summary_section(run, "bundled:shapes-vit", random_weights=False)
+    assert text.anchor == "summary" and text.startswith('<section id="summary"><h2>Summary</h2>')
+    for verdict, count in (("supported", 1), ("weak", 40), ("none", 247), ("edges", 288)):
+        assert f'<div class="count" data-verdict="{verdict}"><b>{count}</b>' in text, verdict
+    assert "bundled:shapes-vit on 40 images from bundled:shapes." in text and "RANDOM" not in text
+    assert "Strongest supported circuit: L0H1 → L1H2 through K (content-matching)" in text
+    assert "lowers the task metric by 0.2500 [0.2400, 0.2600]" in text
+    assert "<td>2. Later heads read what those heads wrote (composition)</td><td>yes</td>" in text, "each claim's answer"
+    assert text.count("<figure") == 1 and 'class="key-figure"' in text and "data:image/png;base64," in text
+    assert "The sender L0H1 of the strongest supported circuit (L0H1 → L1H2 through K) on images" in text
+    assert "nan" not in text.lower()
+
+
+def test_the_key_figure_falls_back_from_sender_to_receiver_to_grid_to_none(tmp_path):
+    from vitcircuits.report.first_screen import key_figure, summary_section
+
+    document = circuits_document()
+    pick = lambda run: (key_figure(run)[0].name, key_figure(run)[1])  # noqa: E731
+    name, caption = pick(_figure_run(tmp_path / "a", document, overlays=("L1H2", "L2H3")))
+    assert name == "overlay_L1H2.png" and caption.startswith("The receiver L1H2 of the strongest supported circuit")
+    name, caption = pick(_figure_run(tmp_path / "b", document, overlays=("L2H3",)))
+    assert name == "attention_img0_q1-1.png" and "find its sender L0H1 and receiver L1H2" in caption
+    unsupported = copy.deepcopy(document)
+    unsupported["circuits"] = document["circuits"][1:]
+    unsupported["verdicts"] = {"supported": 0, "weak": 41, "none": 247}
+    name, caption = pick(_figure_run(tmp_path / "c", unsupported, overlays=("L2H3", "L0H1")))
+    assert name == "overlay_L2H3.png" and caption.startswith("No supported circuit; the most modular head, L2H3")
+    bare = _figure_run(tmp_path / "d", unsupported, overlays=(), grid=False)
+    assert key_figure(bare) is None
+    text = summary_section(bare, "m", random_weights=True)
+    assert "This run has no figure of a head on an image." in text and "<figure" not in text
+    assert "No edge is supported" in text and "RANDOM weights" in text and '<b>0</b>supported' in text
+
+
+def test_summary_without_composition_says_so(tmp_path):
+    from vitcircuits.report.first_screen import summary_section
+
+    run = Run.create(tmp_path / "run", "hunt", {})
+    text = summary_section(run, "m", random_weights=False)
+    assert "The composition stage has not run" in text and 'id="verdict-counts"' not in text and "<figure" not in text
+
+
+def test_how_to_read_links_into_the_docs(tmp_path, monkeypatch):
+    import re
+
+    from vitcircuits.report import first_screen
+
+    run = _run(tmp_path, circuits_document())
+    text = first_screen.how_to_read_section(run)
+    assert text.anchor == "how-to-read" and "Supported = it composes" in text and "effect [95 % bootstrap interval over images] vs null q95" in text
+    hrefs = re.findall(r'<a href="([^"]+)">docs/([a-z]+\.md)</a>', text)
+    assert {doc for _, doc in hrefs} == {"composition.md", "heads.md", "sae.md", "shapes.md", "report.md"}
+    for href, doc in hrefs:
+        assert not href.startswith("/") and (run.path / href).resolve() == (first_screen.DOCS / doc).resolve() and (run.path / href).is_file()
+    monkeypatch.setattr(first_screen, "DOCS", tmp_path / "no-docs")  # an installed wheel has no docs folder
+    text = first_screen.how_to_read_section(run)
+    assert "<a " not in text and "<code>docs/heads.md</code> (in the vitcircuits source)" in text
+
+
+def test_page_has_a_table_of_contents_of_every_section_and_collapsed_galleries(tmp_path):
+    import re
+
+    from vitcircuits.report import html
+
+    png = tmp_path / "figures" / "a.png"
+    _png(png)
+    sections = [html.paragraph("a note before the sections", "note"),
+                html.section("First <one>", html.figure(png, "kept open"), "first"),
+                html.section("Gallery", html.gallery("Attention maps", [(png, "one"), (png, "two")]), "gallery"),
+                html.section("Empty gallery", html.gallery("nothing", []), "empty")]
+    page = html.page("title", sections)
+    toc = re.search(r'<nav id="toc"[^>]*>(.*?)</nav>', page).group(1)
+    assert re.findall(r'href="#([^"]+)"', toc) == re.findall(r'<section id="([^"]+)"', page) == ["first", "gallery", "empty"]
+    assert "First &lt;one&gt;" in toc and "note" not in toc
+    assert "<details><summary>Attention maps (2 figures)</summary><figure>" in page and page.count("<details>") == 1
+    details = re.search(r"<details>.*?</details>", page).group(0)
+    assert details.count("<figure>") == 2 and "kept open" not in details
+    assert "<script" not in page and "http://" not in page and "https://" not in page and "<link" not in page
+    assert all(src.startswith("data:image/png;base64,") for src in re.findall(r'src="([^"]+)"', page))

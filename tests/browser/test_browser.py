@@ -156,3 +156,43 @@ def test_without_a_model_the_page_says_why(page, run_dir):
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+def test_report_first_screen_table_of_contents_and_galleries(page, run_dir):
+    """The summary fits the first screen with the run's own verdict counts; every contents link
+    scrolls its section into view while the contents stay in view; galleries open on a click."""
+    page.set_viewport_size({"width": 1280, "height": 800})
+    page.goto((run_dir / "report.html").as_uri())
+    page.wait_for_load_state("load")
+    sections = page.eval_on_selector_all("main > section", "s => s.map(x => x.id)")
+    links = page.eval_on_selector_all("#toc a", "a => a.map(x => x.getAttribute('href'))")
+    assert sections[:3] == ["summary", "how-to-read", "verdicts"] and links == [f"#{s}" for s in sections]
+    counts = json.loads((run_dir / "composition" / "circuits.json").read_text())["verdicts"]
+    for verdict, count in counts.items():
+        assert page.locator(f'#verdict-counts [data-verdict="{verdict}"] b').text_content() == str(count)
+    key = page.locator("#summary .key-figure img")
+    assert key.count() == 1
+    box = key.bounding_box()
+    assert box["height"] > 100 and box["y"] + box["height"] <= 800, "the summary figure fits the first screen"
+    for section in reversed(sections):  # from the bottom up, so every click scrolls
+        page.click(f'#toc a[href="#{section}"]')
+        page.wait_for_function(f"location.hash === '#{section}'")
+        top, bottom = page.evaluate(f"(() => {{ const r = document.getElementById('{section}').getBoundingClientRect(); return [r.top, r.bottom]; }})()")
+        assert top < 800 and bottom > 0, (section, top, bottom)
+        toc = page.locator("#toc").bounding_box()
+        assert 0 <= toc["y"] < 50 and page.locator(f'#toc a[href="#{section}"]').is_visible(), "the contents stay in view"
+    galleries = page.locator("details")
+    assert galleries.count() >= 2
+    assert page.eval_on_selector_all("details", "d => d.every(x => !x.open)")
+    assert page.locator("#attention figure").count() == page.locator("#attention details figure").count() > 0, "attention-map grids"
+    overlays = page.locator("#heads details figure")
+    assert overlays.count() > 0 and all(alt.startswith("Layer ") for alt in overlays.evaluate_all("f => f.map(x => x.querySelector('img').alt)"))
+    assert page.locator("#heads > figure").count() == 3, "the atlas figures stay open"
+    assert page.locator("#sae figure").count() == page.locator("#sae details figure").count(), "SAE feature figures"
+    first = page.locator("#attention details")
+    assert not page.locator("#attention details img").first.is_visible()
+    first.locator("summary").click()
+    assert first.evaluate("d => d.open")
+    page.wait_for_function("Array.from(document.querySelectorAll('#attention details img')).every(i => i.complete && i.naturalWidth > 0)")
+    assert page.locator("#attention details img").first.is_visible()
+    assert page.errors == []

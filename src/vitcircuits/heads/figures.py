@@ -7,7 +7,7 @@ import numpy as np
 
 from vitcircuits.heads.atlas import HeadAtlas
 from vitcircuits.heads.kinds import KINDS
-from vitcircuits.report.figures import HEATMAP, plt, save_figure
+from vitcircuits.report.figures import HEATMAP, error_bars, plt, save_figure
 
 # Okabe–Ito palette: distinguishable with the common colour-vision deficiencies.
 KIND_COLOURS = {
@@ -73,11 +73,12 @@ def plot_distance_vs_layer(atlas: HeadAtlas, path: str | Path) -> Path:
 
 
 def plot_modular_scores(atlas: HeadAtlas, path: str | Path) -> Path:
-    """modular_score with its 95 % interval for every head, by layer, with the grid's baselines."""
+    """modular_score with its 95 % interval for every head, by layer, with the grid's baselines
+    (error bars clipped at 0: see :func:`error_bars`)."""
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for r in atlas.rows:
         x = r["layer"] + (r["head"] - (atlas.n_heads - 1) / 2) * 0.6 / max(atlas.n_heads, 1)
-        ax.errorbar(x, r["modular_score"], yerr=[[r["modular_score"] - r["modular_score_lo"]], [r["modular_score_hi"] - r["modular_score"]]],
+        ax.errorbar(x, r["modular_score"], yerr=error_bars([r["modular_score"]], [r["modular_score_lo"]], [r["modular_score_hi"]]),
                     fmt="o", markersize=3, color=KIND_COLOURS[r["kind"]], ecolor="black", elinewidth=0.6)
     for name, style in (("uniform", "--"), ("neighbours", ":"), ("self", "-.")):
         ax.axhline(atlas.baselines[name]["modular_score"], linestyle=style, color="black", linewidth=1, label=f"baseline: {name}")

@@ -16,7 +16,9 @@ removed and are rescaled to sum to 1 over patches):
   0 when every image gets the same pattern (attention by position alone).
 - ``modular_score`` = neighbour_mass × direction_entropy, in [0, 1]: 1 for a head that attends
   evenly to all 8 neighbours, 0 for self, shift or sink heads.
-Intervals (``*_lo``, ``*_hi``) are 95 % percentile intervals of a Poisson bootstrap over images.
+Intervals (``*_lo``, ``*_hi``) are 95 % percentile intervals of a Poisson bootstrap over images,
+widened to contain the point estimate (with one image or a few replicates the replicates can all
+fall on one side of it; with no replicate of positive weight the interval is the estimate itself).
 """
 from __future__ import annotations
 
@@ -71,7 +73,14 @@ def head_metrics(acc: HeadStatsAccumulator, coverage_share: float = COVERAGE_SHA
     mean_sq = acc.pattern_sq_sum_LHPP.numpy() / n
     mean = acc.pattern_sum_LHPP.numpy() / n
     content = (mean_sq - mean**2).clip(min=0).sum((-1, -2)) / np.maximum(mean_sq.sum((-1, -2)), 1e-30)
-    intervals = bootstrap_intervals(acc)
+    estimates = {
+        "neighbour_mass": neighbour_LHP.mean(-1),
+        "self_mass": acc.self_sum_LH.numpy() / n,
+        "prefix_mass": prefix.sum(-1),
+        "mean_distance_patches": acc.distance_sum_LH.numpy() / n,
+        "modular_score": neighbour_LHP.mean(-1) * entropy,
+    }
+    intervals = bootstrap_intervals(acc, estimates)
     rows_k, cols_k = acc.geometry.kernel_shape
     out = []
     for layer in range(L):
@@ -80,16 +89,16 @@ def head_metrics(acc: HeadStatsAccumulator, coverage_share: float = COVERAGE_SHA
             row = {
                 "layer": layer,
                 "head": head,
-                "modular_score": float(neighbour_LHP[layer, head].mean() * entropy[layer, head]),
-                "neighbour_mass": float(neighbour_LHP[layer, head].mean()),
+                "modular_score": float(estimates["modular_score"][layer, head]),
+                "neighbour_mass": float(estimates["neighbour_mass"][layer, head]),
                 "neighbour_mass_raw": float(raw_neighbour_LHP[layer, head].mean()),
                 "neighbour_mass_interior": float(neighbour_LHP[layer, head][interior].mean()) if interior.any() else float("nan"),
                 "neighbour_mass_border": float(neighbour_LHP[layer, head][~interior].mean()) if (~interior).any() else float("nan"),
-                "self_mass": float(acc.self_sum_LH[layer, head] / n),
+                "self_mass": float(estimates["self_mass"][layer, head]),
                 "cls_mass": float(prefix[layer, head, 0]),
                 "dist_mass": float(prefix[layer, head, 1]),
                 "register_mass": float(prefix[layer, head, 2]),
-                "mean_distance_patches": float(acc.distance_sum_LH[layer, head] / n),
+                "mean_distance_patches": float(estimates["mean_distance_patches"][layer, head]),
                 "mean_distance_px": float(acc.distance_px_sum_LH[layer, head] / n),
                 "direction_coverage": int((shares[layer, head] >= coverage_share).sum()),
                 "direction_entropy": float(entropy[layer, head]),
@@ -106,10 +115,13 @@ def head_metrics(acc: HeadStatsAccumulator, coverage_share: float = COVERAGE_SHA
     return out
 
 
-def bootstrap_intervals(acc: HeadStatsAccumulator, level: float = 0.95) -> dict[str, np.ndarray]:
-    """``name -> [2, L, H]`` percentile intervals over the Poisson-bootstrap replicates."""
+def bootstrap_intervals(acc: HeadStatsAccumulator, estimates: dict[str, np.ndarray], level: float = 0.95) -> dict[str, np.ndarray]:
+    """``name -> [2, L, H]`` percentile intervals over the Poisson-bootstrap replicates of each
+    ``[L, H]`` point estimate in ``estimates``, widened to contain it."""
     weights = acc.boot_weight_K.numpy()
     keep = weights > 0
+    if not keep.any():
+        return {name: np.stack([est, est]) for name, est in estimates.items()}
     reps = acc.boot_sum_KLHM.numpy()[keep] / weights[keep, None, None, None]
     shares = direction_shares(reps[..., 4:])
     values = {
@@ -120,7 +132,11 @@ def bootstrap_intervals(acc: HeadStatsAccumulator, level: float = 0.95) -> dict[
         "modular_score": reps[..., 0] * direction_entropy(shares),
     }
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
-    return {name: np.percentile(v, q, axis=0) for name, v in values.items()}
+    out = {}
+    for name, est in estimates.items():
+        lo, hi = np.percentile(values[name], q, axis=0)
+        out[name] = np.stack([np.minimum(lo, est), np.maximum(hi, est)])
+    return out
 
 
 def baseline_rows(layout: TokenLayout, radius: int, patch_hw: tuple[int, int]) -> dict[str, dict]:

@@ -22,6 +22,14 @@ def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 110) -> Path:
     return path
 
 
+def error_bars(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """``[2, N]`` distances from each value down to ``lo`` and up to ``hi``, for matplotlib's
+    ``yerr``/``xerr``: clipped at 0, so an interval that does not contain its value (or a value
+    rounded just outside it) draws a one-sided bar instead of raising."""
+    values = np.asarray(values, dtype=np.float64)
+    return np.clip(np.stack([values - np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64) - values]), 0.0, None)
+
+
 def denormalize(image_CHW: torch.Tensor, mean, std) -> np.ndarray:
     """A preprocessed image back to displayable ``[H, W, 3]`` floats in [0, 1]."""
     mean_C11 = torch.tensor(mean).view(3, 1, 1)

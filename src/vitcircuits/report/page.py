@@ -5,6 +5,7 @@ import json
 
 from vitcircuits.models.loading import LoadedModel
 from vitcircuits.report import html
+from vitcircuits.report.first_screen import how_to_read_section, summary_section
 from vitcircuits.report.sae_section import sae_section
 from vitcircuits.report.summary import caveats_section, line_text, number, task_metric_text, verdict_section
 from vitcircuits.report.truth_section import truth_section
@@ -32,6 +33,10 @@ def _figures(run: Run, figures: list) -> str:
     return "".join(html.figure(run.file(path), caption) for path, caption in figures)
 
 
+def _gallery(run: Run, figures: list, title: str) -> str:
+    return html.gallery(title, [(run.file(path), caption) for path, caption in figures])
+
+
 def _ci(row: dict, name: str) -> str:
     return f"{row[name]:.3f} [{row[name + '_lo']:.3f}, {row[name + '_hi']:.3f}]"
 
@@ -57,9 +62,12 @@ def heads_section(run: Run) -> str:
     base = html.table([(name, f"{b['modular_score']:.3f}", f"{b['neighbour_mass']:.3f}", f"{b['mean_distance_px']:.1f}")
                        for name, b in baselines.items()], ("baseline head on this grid", "modular_score", "neighbour mass", "mean dist px"))
     figures = json.loads(run.file("heads/figures.json").read_text())
+    overlays = [f for f in figures if f[0].rsplit("/", 1)[-1].startswith("overlay_")]
     kinds = "Kinds: " + ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items(), key=lambda kv: -kv[1])) + "."
     return html.section("Head atlas", html.paragraph(verdict) + html.paragraph(kinds)
-                        + "<h3>Most modular heads</h3>" + table + "<h3>Baselines</h3>" + base + _figures(run, figures), "heads")
+                        + "<h3>Most modular heads</h3>" + table + "<h3>Baselines</h3>" + base
+                        + _figures(run, [f for f in figures if f not in overlays])
+                        + _gallery(run, overlays, "The most modular heads' attention on images"), "heads")
 
 
 def _circuit_row(c: dict) -> tuple:
@@ -151,6 +159,8 @@ def write_report(run: Run, loaded: LoadedModel) -> None:
     if overview["accuracy"] is not None:
         data_rows.append(("top-1 accuracy", f"{overview['accuracy']:.3f} on {overview['n_labelled']} labelled images"))
     sections = [
+        summary_section(run, loaded.model_id, loaded.random_weights),
+        how_to_read_section(run),
         verdict_section(run),
         html.section("Model", html.table(model_card(loaded)), "model"),
         html.section("Data", html.table(data_rows), "data"),
@@ -168,7 +178,8 @@ def write_report(run: Run, loaded: LoadedModel) -> None:
     sections.append(html.section(
         "Attention maps",
         html.paragraph("Each cell: one head's attention from the outlined query patch to every patch "
-                       "(prefix tokens omitted, scaled to the cell's maximum).") + _figures(run, overview["figures"]),
+                       "(prefix tokens omitted, scaled to the cell's maximum).")
+        + _gallery(run, overview["figures"], "Attention maps of every layer and head"),
         "attention",
     ))
     sections.append(caveats_section(run, loaded))

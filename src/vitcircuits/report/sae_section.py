@@ -56,5 +56,6 @@ def sae_section(run: Run) -> str:
                  "yes" if r["compositional"] else "no") for r in features["top"][:12]]
         body += html.table(rows, ("feature", "density", "drop: neighbours occluded", "drop: neighbours shuffled", "drop: centre occluded",
                                   "drop: circuit − random heads", "compositional score", "compositional"))
-        body += "".join(html.figure(run.file("sae/" + path), caption) for path, caption in features["figures"])
+        body += html.gallery("Feature gallery, mean maps and circuit dependence",
+                             [(run.file("sae/" + path), caption) for path, caption in features["figures"]])
     return html.section("Sparse autoencoder and compositional features", body, "sae")

@@ -10,7 +10,8 @@ from vitcircuits.report import html
 from vitcircuits.runs import Run
 
 
-def _read(run: Run, name: str) -> dict | None:
+def read(run: Run, name: str) -> dict | list | None:
+    """The JSON file ``name`` of the run, or None when the stage did not write it."""
     path = run.file(name)
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -33,13 +34,11 @@ def number(value: float | None, digits: int = 3) -> str:
 
 
 def line_text(line: dict | None, digits: int = 4, floor: bool = False) -> str:
-    """One line of evidence: effect [95% interval] (on its image group) against its null's 95th
-    percentile (and its floor); "not checked" for None."""
+    """One line of evidence: effect [95% interval] against its null's 95th percentile (and its
+    floor); "not checked" for None."""
     if line is None:
         return "not checked"
     text = f"{number(line['effect'], digits)} [{number(line['lo'], digits)}, {number(line['hi'], digits)}]"
-    if line.get("group"):
-        text += f" on {line['group']}"
     if line["null_q95"] is None:
         text += f", below its floor {number(line['floor'], digits)} (no null drawn)"
     else:
@@ -57,6 +56,14 @@ def task_metric_text(task: dict) -> str:
     return "a linear probe's margin" if task.get("probe") else "the logit margin of the model's prediction"
 
 
+def strongest_supported(data: dict) -> dict | None:
+    """The circuit the report leads with: the first supported edge (``circuits.json`` lists them by
+    drop) from a modular or directional sender, else the first supported edge; None without one."""
+    supported = [c for c in data["circuits"] if c["verdict"] == "supported"]
+    local = [c for c in supported if set(c["sender_kinds"]) & {"modular", "directional"}]
+    return (local or supported or [None])[0]
+
+
 def _composition_claim(data: dict) -> tuple:
     claim = "2. Later heads read what those heads wrote (composition)"
     counts, n_edges = data["verdicts"], data["n_edges"]
@@ -65,7 +72,7 @@ def _composition_claim(data: dict) -> tuple:
         checked = " (no task images: no edge was checked for mattering)" if not data.get("task_metric") else ""
         return (claim, "no", f"None of {n_edges} edges both composes and matters{checked}; {counts['weak']} are weak (exactly one of the two).")
     local = [c for c in supported if set(c["sender_kinds"]) & {"modular", "directional"}]
-    c = (local or supported)[0]
+    c = strongest_supported(data)
     e = c["evidence"]
     (sl, sh), (rl, rh) = c["senders"][0], c["receivers"][0]
     composes = "; ".join(f"at {where} queries {e['composes']['metric']} {line_text(e['composes'][where])}" for where in c["read_at"])
@@ -130,36 +137,41 @@ def _features_claim(features: dict, metrics: dict) -> tuple:
     return ("3. Features after the composition layer combine neighbouring parts", "yes" if n else "no", evidence)
 
 
-def verdict_section(run: Run) -> str:
-    claims = []
-    atlas = _read(run, "heads/atlas.json")
+def claims(run: Run) -> list[tuple[str, str, str]]:
+    """(claim, verdict, evidence and baseline) for each claim of the hypothesis the run's files can answer."""
+    out = []
+    atlas = read(run, "heads/atlas.json")
     if atlas:
-        claims.append(_heads_claim(atlas))
-    circuits = _read(run, "composition/circuits.json")
+        out.append(_heads_claim(atlas))
+    circuits = read(run, "composition/circuits.json")
     if circuits:
-        claims.append(_composition_claim(circuits))
+        out.append(_composition_claim(circuits))
         transfer = _transfer_claim(circuits.get("transfer") or {})
         if transfer:
-            claims.append(transfer)
-    necessity = _read(run, "necessity/necessity.json")
+            out.append(transfer)
+    necessity = read(run, "necessity/necessity.json")
     if necessity and "skipped" not in necessity:
-        claims.append(_necessity_claim(necessity))
-    features, metrics = _read(run, "sae/features/features.json"), _read(run, "sae/metrics.json")
+        out.append(_necessity_claim(necessity))
+    features, metrics = read(run, "sae/features/features.json"), read(run, "sae/metrics.json")
     if features and metrics:
-        claims.append(_features_claim(features, metrics))
+        out.append(_features_claim(features, metrics))
+    return out
+
+
+def verdict_section(run: Run) -> str:
     intro = "Each claim of the hypothesis, what this run says, and the evidence with its baseline. Details follow in the sections below."
-    return html.section("Verdicts", html.paragraph(intro) + html.table(claims, ("claim", "verdict", "evidence and baseline")), "verdicts")
+    return html.section("Verdicts", html.paragraph(intro) + html.table(claims(run), ("claim", "verdict", "evidence and baseline")), "verdicts")
 
 
 def caveats_section(run: Run, loaded: LoadedModel) -> str:
     items = []
-    overview = _read(run, "overview/summary.json") or {}
+    overview = read(run, "overview/summary.json") or {}
     n_images = (overview.get("images") or {}).get("n_ok")
     if n_images is not None:
         items.append(f"All numbers come from {n_images} images; intervals are bootstrap intervals over images, not over models or datasets.")
     if loaded.random_weights:
         items.append("The model has random weights: nothing here describes a trained model.")
-    circuits = _read(run, "composition/circuits.json")
+    circuits = read(run, "composition/circuits.json")
     if circuits:
         items += [
             f"Ablation is '{circuits.get('ablation')}'. Mean ablation over images and positions removes position-specific output too; "
@@ -171,11 +183,11 @@ def caveats_section(run: Run, loaded: LoadedModel) -> str:
             "EAP-IG edge attribution is an estimate; it picks the edges checked exactly and is not itself a verdict. "
             "An edge it leaves unchecked can be weak at most.",
         ]
-    necessity = _read(run, "necessity/necessity.json")
+    necessity = read(run, "necessity/necessity.json")
     if necessity and "skipped" not in necessity:
         items.append("Necessity ablates all circuit heads at once: it shows that the model needs those heads, not which edge between them "
                      "matters, and a head can serve other computations too. Task-level path patching (composition section) tests single edges.")
-    if _read(run, "sae/metrics.json"):
+    if read(run, "sae/metrics.json"):
         items += [
             "Occluding patches with the mean colour is off-distribution; the shuffle variant keeps natural patch statistics, and both are reported.",
             "Feature dependence is measured on each feature's top-activating patches, not on all patches where it fires.",

@@ -1,0 +1,76 @@
+"""Small scans work: with one image, two bootstrap replicates or no replicate of positive weight,
+every interval contains its point estimate and the atlas figures draw (issue 13, item 4)."""
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from vitcircuits.cli import app
+from vitcircuits.heads.atlas import AtlasConfig, accumulate, build_atlas, new_accumulator
+from vitcircuits.heads.figures import plot_atlas, plot_distance_vs_layer, plot_modular_scores
+from vitcircuits.heads.metrics import CI_METRICS
+from vitcircuits.report.figures import error_bars
+from vitcircuits.testing.checkpoints import save_timm_folder
+from vitcircuits.testing.planted import PlantedConfig, random_like
+
+PNG = b"\x89PNG"
+
+
+def _estimate(row: dict, name: str) -> float:
+    return row["cls_mass"] + row["dist_mass"] + row["register_mass"] if name == "prefix_mass" else row[name]
+
+
+def assert_intervals_contain_estimates(rows: list[dict]) -> None:
+    for row in rows:
+        for name in CI_METRICS:
+            lo, value, hi = row[f"{name}_lo"], _estimate(row, name), row[f"{name}_hi"]
+            assert lo <= value + 1e-12 and value <= hi + 1e-12, (row["layer"], row["head"], name, lo, value, hi)
+
+
+@pytest.mark.parametrize(("n_images", "n_boot", "seed"), [(1, 50, 0), (8, 2, 0), (3, 2, 0), (1, 2, 2)],
+                         ids=["one_image", "two_replicates", "three_images_two_replicates", "no_replicate_with_weight"])
+def test_small_scan_intervals_contain_estimates_and_figures_draw(tmp_path, n_images, n_boot, seed):
+    cfg = PlantedConfig()
+    model = random_like(cfg).model
+    images = torch.randn(n_images, 3, cfg.grid[0] * cfg.patch_size, cfg.grid[1] * cfg.patch_size, generator=torch.Generator().manual_seed(0))
+    config = AtlasConfig(n_boot=n_boot, seed=seed)
+    acc = new_accumulator(model, config)
+    accumulate(model, acc, images, list(range(n_images)))
+    if seed == 2:  # Poisson draws of image 0 under seed 2 are (0, 0): no replicate has weight
+        assert not (acc.boot_weight_K > 0).any()
+    atlas = build_atlas(model, acc, config, "planted")
+    assert_intervals_contain_estimates(atlas.rows)
+    if seed == 2:
+        assert all(r["modular_score_lo"] == r["modular_score"] == r["modular_score_hi"] for r in atlas.rows)
+    for plot, name in ((plot_atlas, "atlas.png"), (plot_modular_scores, "modular_scores.png"), (plot_distance_vs_layer, "distance.png")):
+        assert plot(atlas, tmp_path / name).read_bytes().startswith(PNG), name
+
+
+def test_error_bars_are_clipped_at_zero():
+    bars = error_bars([0.5, 0.2, float("nan")], [0.6, 0.1, 0.0], [0.7, 0.1, 1.0])
+    assert bars.shape == (2, 3)
+    assert bars[:, 0].tolist() == [0.0, pytest.approx(0.2)] and bars[:, 1].tolist() == [pytest.approx(0.1), 0.0]
+    assert np.isnan(bars[:, 2]).all()
+
+
+@pytest.mark.parametrize("extra", [["--max-images", "1"], ["--n-boot", "2"]], ids=["one_image", "n_boot_2"])
+def test_heads_command_on_a_small_run_writes_the_figures(tmp_path, extra):
+    args = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 3}
+    folder = save_timm_folder(timm.create_model("vit_tiny_patch16_224", pretrained=False, **args), tmp_path / "m", "vit_tiny_patch16_224", args)
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"{i:02d}.png")
+    out = tmp_path / "h"
+    result = CliRunner().invoke(app, ["heads", "--model", str(folder), "--images", str(images), "--device", "cpu", "--out", str(out), *extra])
+    assert result.exit_code == 0, result.output
+    for name in ("atlas.png", "modular_scores.png", "distance_vs_layer.png"):
+        assert (out / name).read_bytes().startswith(PNG), name
+    atlas = json.loads((out / "atlas.json").read_text())
+    assert atlas["rows"][0]["n_images"] == (1 if "--max-images" in extra else 4)
+    assert_intervals_contain_estimates(atlas["rows"])

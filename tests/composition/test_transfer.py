@@ -13,6 +13,7 @@ import torch
 from vitcircuits.composition.ablation import ZStats
 from vitcircuits.composition.transfer import (
     SPLITS,
+    TooFewImages,
     TransferConfig,
     TransferProbe,
     fit_target_basis,
@@ -120,7 +121,7 @@ def test_split_is_by_image_and_independent_of_batching(model, images):
     test_only.update(model, images[order], order)
     assert test_only.n_images == {"fit": 0, "val": 0, "test": len(test)}
     np.testing.assert_allclose(test_only.result(fit_from=full).r2_LO, full.result().r2_LO, atol=1e-8)
-    with pytest.raises(ValueError, match="no training images"):
+    with pytest.raises(TooFewImages, match="training split"):
         test_only.result()
 
 

@@ -61,6 +61,7 @@ def write_composition(folder: Path, result: CompositionResult, n_layers: int, n_
         "transfer": {name: {"layers": r.layer_names, "offsets": [list(o) for o in r.offsets], "r2": r.r2_LO.tolist(),
                             "ring_r2": r.ring_r2_LR().tolist(), "n_test_images": r.n_test_images}
                      for name, r in result.transfer.items()},
+        "transfer_skipped": result.transfer_skipped,
     })
     figures = [(plot_weight_heatmaps(result, folder / "weight_heatmaps.png"),
                 "Weight-based composition z-scores (sender rows × receiver columns) per kind, against random heads.")]

@@ -32,7 +32,7 @@ from vitcircuits.composition.patching import PatchEffects, PatchingConfig, path_
 from vitcircuits.composition.shuffle import shuffle_patches
 from vitcircuits.composition.task_metric import TaskMetric
 from vitcircuits.composition.task_patching import EdgeKey
-from vitcircuits.composition.transfer import TransferConfig, TransferResult, transfer_curves
+from vitcircuits.composition.transfer import TooFewImages, TransferConfig, TransferResult, transfer_curves
 from vitcircuits.composition.weights import CompositionConfig, CompositionScores, composition_scores
 from vitcircuits.heads.atlas import HeadAtlas
 from vitcircuits.models.hooked_vit import HookedViT
@@ -94,6 +94,8 @@ class CompositionResult:
     """Heads patched, in ``effects`` order."""
     transfer: dict[str, TransferResult] = field(default_factory=dict)
     """Receptive-field probes: ``clean`` and with the sender heads / supported receivers ablated."""
+    transfer_skipped: str | None = None
+    """Why there are no transfer probes, if there are none."""
     attribution: np.ndarray | None = None
     """Attributed drops of the task metric ``[sender L, sender H, 3 paths, receiver L, receiver H]``."""
     attribution_direct: np.ndarray | None = None
@@ -185,12 +187,15 @@ def _run(model: HookedViT, image_batches: Callable[[], Iterable[torch.Tensor]], 
         ablations["supported receivers ablated"] = supported
     grid = min(model.layout.rows, model.layout.cols)
     transfer_config = replace(config.transfer, radius=min(config.transfer.radius, (grid - 1) // 2))
-    transfer = {}
+    transfer, transfer_skipped = {}, None if transfer_config.radius >= 1 else f"a patch grid {grid} wide has no ring of neighbours around an inner patch"
     if transfer_config.radius >= 1:
         batches = _Reiterable(_limited(image_batches, config.max_transfer_images))
-        transfer = transfer_curves(model, batches, transfer_config, {k: v for k, v in ablations.items() if v}, stats, config.patching.ablation)
+        try:
+            transfer = transfer_curves(model, batches, transfer_config, {k: v for k, v in ablations.items() if v}, stats, config.patching.ablation)
+        except TooFewImages as err:
+            transfer_skipped = f"too few images for the transfer probes: {err}"
     result = CompositionResult(scores, senders, rows, circuits, {"clean": clean.mean()[: len(heads)].numpy(), "shuffled": shuffled.mean().numpy()},
-                               heads, transfer)
+                               heads, transfer, transfer_skipped)
     if task is not None:
         result.attribution, result.attribution_direct = task.attribution_LHPLH, task.direct_LH
         result.task_effects = {edge: task.drops.mean(edge) for edge in task.checked}

@@ -55,6 +55,10 @@ _NULL_COMPONENT = 1e-9
 """Principal components with variance below this fraction of the largest are dropped."""
 
 
+
+class TooFewImages(ValueError):
+    """The seeded split left a probe without training, validation or test images."""
+
 @dataclass(frozen=True)
 class TransferConfig:
     """Settings of the neighbour → centre transfer probes."""
@@ -137,7 +141,7 @@ def fit_target_basis(model: HookedViT, batches: Iterable[torch.Tensor], config: 
             sum_D += e_nD.sum(0)
             n += len(e_nD)
     if n == 0:
-        raise ValueError("no training images: add images or lower test_fraction")
+        raise TooFewImages("no image fell in the probes' training split: add images or lower test_fraction")
     mean_D = sum_D / n
     variance_D, vectors_DD = torch.linalg.eigh(moment_DD / n - torch.outer(mean_D, mean_D))
     variance_D, vectors_DD = variance_D.flip(0).clamp_min(0), vectors_DD.flip(1)
@@ -267,13 +271,13 @@ class TransferProbe:
     def _fit(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training-set predictors ``[O, E, K]`` of one layer, their ridges ``[O]`` and the target mean ``[O, K]``."""
         if self.gram_SLEE is None or self.n_images["fit"] + self.n_images["val"] == 0:
-            raise ValueError("no training images were added")
+            raise TooFewImages("no image fell in the probes' training split")
         grid_OG = torch.tensor(self.config.ridges, dtype=torch.float64, device=self.gram_SLEE.device).expand(len(self.offsets), -1)
         if len(self.config.ridges) == 1:
             ridges_O = grid_OG[:, 0]
         else:
             if not (self.n_images["fit"] and self.n_images["val"]):
-                raise ValueError("choosing the ridge needs both fit and val images: add images or give one ridge")
+                raise TooFewImages("choosing the ridge needs images in both the fit and the val split: add images or give one ridge")
             a_OGEK, _ = self._predictors(layer, grid_OG, "fit")
             best_O = self._sse(a_OGEK, *self._stats(layer, "val")).argmin(-1)
             ridges_O = grid_OG[0, best_O]
@@ -285,7 +289,7 @@ class TransferProbe:
         evaluated on this probe's test images; ``ablation`` labels the result."""
         reference = self if fit_from is None else fit_from
         if self.gram_SLEE is None or self.n_images["test"] == 0:
-            raise ValueError("no test images were added")
+            raise TooFewImages("no image fell in the probes' test split")
         r2_LO, ridges_LO = [], []
         for layer in range(len(self.layer_names)):
             a_OEK, ridges_O, y_mean_OK = reference._fit(layer)

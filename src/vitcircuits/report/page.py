@@ -1,15 +1,13 @@
 """``report.html`` of a hunt run, built only from the files the stages wrote."""
 from __future__ import annotations
 
-import json
-
 from vitcircuits.models.loading import LoadedModel
 from vitcircuits.report import html
 from vitcircuits.report.first_screen import how_to_read_section, summary_section
 from vitcircuits.report.sae_section import sae_section
 from vitcircuits.report.summary import caveats_section, line_text, number, task_metric_text, verdict_section
 from vitcircuits.report.truth_section import truth_section
-from vitcircuits.runs import Run, write_text
+from vitcircuits.runs import Run, read_json, write_text
 
 
 def model_card(loaded: LoadedModel) -> list[tuple[str, str]]:
@@ -38,11 +36,15 @@ def _gallery(run: Run, figures: list, title: str) -> str:
 
 
 def _ci(row: dict, name: str) -> str:
-    return f"{row[name]:.3f} [{row[name + '_lo']:.3f}, {row[name + '_hi']:.3f}]"
+    return f"{number(row[name])} [{number(row[name + '_lo'])}, {number(row[name + '_hi'])}]"
+
+
+def _total(*values: float | None) -> float | None:
+    return None if any(v is None for v in values) else sum(values)
 
 
 def heads_section(run: Run) -> str:
-    atlas = json.loads(run.file("heads/atlas.json").read_text())
+    atlas = read_json(run.file("heads/atlas.json"))
     rows, baselines = atlas["rows"], atlas["baselines"]
     modular = sorted((r for r in rows if r["kind"] == "modular"), key=lambda r: -r["modular_score"])
     top = sorted(rows, key=lambda r: -r["modular_score"])[:8]
@@ -53,15 +55,15 @@ def heads_section(run: Run) -> str:
                + ", ".join(f"L{r['layer']}H{r['head']}" for r in modular) if modular
                else f"No head of {len(rows)} meets the modular criteria.")
     table = html.table(
-        [(f"L{r['layer']}H{r['head']}", r["kind"], _ci(r, "modular_score"), _ci(r, "neighbour_mass"), f"{r['self_mass']:.3f}",
-          f"{r['cls_mass'] + r['dist_mass'] + r['register_mass']:.3f}", r["direction_coverage"], f"{r['mean_distance_px']:.1f}",
-          f"{r['content_dependence']:.3f}", f"{r['positional_agreement']:.3f}") for r in top],
+        [(f"L{r['layer']}H{r['head']}", r["kind"], _ci(r, "modular_score"), _ci(r, "neighbour_mass"), number(r["self_mass"]),
+          number(_total(r["cls_mass"], r["dist_mass"], r["register_mass"])), r["direction_coverage"], number(r["mean_distance_px"], 1),
+          number(r["content_dependence"]), number(r["positional_agreement"])) for r in top],
         ("head", "kind", "modular_score [95% CI]", "neighbour mass [95% CI]", "self", "CLS/reg", "directions", "mean dist px",
          "content dep.", "positional agreement"),
     )
-    base = html.table([(name, f"{b['modular_score']:.3f}", f"{b['neighbour_mass']:.3f}", f"{b['mean_distance_px']:.1f}")
+    base = html.table([(name, number(b["modular_score"]), number(b["neighbour_mass"]), number(b["mean_distance_px"], 1))
                        for name, b in baselines.items()], ("baseline head on this grid", "modular_score", "neighbour mass", "mean dist px"))
-    figures = json.loads(run.file("heads/figures.json").read_text())
+    figures = read_json(run.file("heads/figures.json"))
     overlays = [f for f in figures if f[0].rsplit("/", 1)[-1].startswith("overlay_")]
     kinds = "Kinds: " + ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items(), key=lambda kv: -kv[1])) + "."
     return html.section("Head atlas", html.paragraph(verdict) + html.paragraph(kinds)
@@ -85,7 +87,7 @@ def _circuit_row(c: dict) -> tuple:
 
 
 def composition_section(run: Run, n_rows: int = 15) -> str:
-    data = json.loads(run.file("composition/circuits.json").read_text())
+    data = read_json(run.file("composition/circuits.json"))
     circuits, counts, task = data["circuits"], data["verdicts"], data.get("task_metric") or {}
     ablation = f" ({data['ablation']} ablation of the sender)" if data["ablation"] else ""
     summary = (f"Every edge sender → later receiver → Q/K/V gets a verdict{ablation}: of {data['n_edges']} edges, {counts['supported']} are "
@@ -109,7 +111,7 @@ def composition_section(run: Run, n_rows: int = 15) -> str:
               "exactly, supported first, by drop.")
     reading = ("Shuffle reading: 'positional' = the receiver attends the same way when the patches are shuffled (attention "
                "follows position, so on shuffled images it moves unrelated content); 'content-matching' = its attention changes.")
-    figures = json.loads(run.file("composition/figures.json").read_text())
+    figures = read_json(run.file("composition/figures.json"))
     named = [f"L{c['senders'][0][0]}H{c['senders'][0][1]} → L{c['receivers'][0][0]}H{c['receivers'][0][1]} "
              f"({c['kind'].upper()}, {c['shuffle_reading']})" for c in circuits if c["verdict"] == "supported"][:8]
     verdict_line = "Supported: " + "; ".join(named) if named else "No edge is supported."
@@ -149,7 +151,7 @@ def necessity_section(data: dict) -> str:
 
 
 def write_report(run: Run, loaded: LoadedModel) -> None:
-    overview = json.loads(run.file("overview/summary.json").read_text())
+    overview = read_json(run.file("overview/summary.json"))
     images = overview["images"]
     data_rows = [
         ("source", images["source"]),
@@ -172,7 +174,7 @@ def write_report(run: Run, loaded: LoadedModel) -> None:
         if run.file("truth.json").exists():
             sections.append(truth_section(run))
     if run.file("necessity/necessity.json").exists():
-        sections.append(necessity_section(json.loads(run.file("necessity/necessity.json").read_text())))
+        sections.append(necessity_section(read_json(run.file("necessity/necessity.json"))))
     if run.file("sae/metrics.json").exists():
         sections.append(sae_section(run))
     sections.append(html.section(

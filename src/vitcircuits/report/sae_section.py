@@ -1,10 +1,8 @@
 """The report's SAE section: held-out metrics, downstream fidelity and compositional features."""
 from __future__ import annotations
 
-import json
-
 from vitcircuits.report import html
-from vitcircuits.runs import Run
+from vitcircuits.runs import Run, read_json
 
 
 def _fmt(value, spec: str = ".3f") -> str:
@@ -30,7 +28,10 @@ def _fidelity_rows(fidelity: dict) -> list[tuple]:
 
 
 def sae_section(run: Run) -> str:
-    metrics = json.loads(run.file("sae/metrics.json").read_text())
+    metrics = read_json(run.file("sae/metrics.json"))
+    if "skipped" in metrics:
+        return html.section("Sparse autoencoder and compositional features",
+                            html.paragraph(f"The SAE stage was skipped: {metrics['skipped']}."), "sae")
     held = metrics["held_out"]
     sae = metrics["sae"]
     intro = (f"A {sae['architecture']} SAE with {sae['d_sae']} latents (k = {sae['k']}) on {metrics['hook']}, "
@@ -45,7 +46,7 @@ def sae_section(run: Run) -> str:
     body = html.paragraph(intro) + table
     features_path = run.file("sae/features/features.json")
     if features_path.exists():
-        features = json.loads(features_path.read_text())
+        features = read_json(features_path)
         heads = ", ".join(f"L{layer}H{head}" for layer, head in features["circuit_heads"]) or "none (no supported circuit up to this layer)"
         body += html.paragraph(
             f"{features['n_compositional']} of {features['n_features_analysed']} analysed features are compositional: their activation at a "

@@ -2,18 +2,17 @@
 baseline and interval, and the caveats that bound what the run shows."""
 from __future__ import annotations
 
-import json
 import math
 
 from vitcircuits.models.loading import LoadedModel
 from vitcircuits.report import html
-from vitcircuits.runs import Run
+from vitcircuits.runs import Run, read_json
 
 
 def read(run: Run, name: str) -> dict | list | None:
     """The JSON file ``name`` of the run, or None when the stage did not write it."""
     path = run.file(name)
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json(path) if path.exists() else None
 
 
 def _heads_claim(atlas: dict) -> tuple:
@@ -91,7 +90,9 @@ def _composition_claim(data: dict) -> tuple:
     return (claim, answer, evidence)
 
 
-def _transfer_claim(transfer: dict) -> tuple | None:
+def _transfer_claim(transfer: dict, skipped: str | None) -> tuple | None:
+    if skipped:
+        return ("2b. The centre token gains its neighbours' features", "not measured", f"The transfer probes were skipped: {skipped}.")
     clean = transfer.get("clean")
     if not clean or len(clean["ring_r2"][0]) < 2:
         return None
@@ -146,7 +147,7 @@ def claims(run: Run) -> list[tuple[str, str, str]]:
     circuits = read(run, "composition/circuits.json")
     if circuits:
         out.append(_composition_claim(circuits))
-        transfer = _transfer_claim(circuits.get("transfer") or {})
+        transfer = _transfer_claim(circuits.get("transfer") or {}, circuits.get("transfer_skipped"))
         if transfer:
             out.append(transfer)
     necessity = read(run, "necessity/necessity.json")
@@ -187,7 +188,7 @@ def caveats_section(run: Run, loaded: LoadedModel) -> str:
     if necessity and "skipped" not in necessity:
         items.append("Necessity ablates all circuit heads at once: it shows that the model needs those heads, not which edge between them "
                      "matters, and a head can serve other computations too. Task-level path patching (composition section) tests single edges.")
-    if read(run, "sae/metrics.json"):
+    if "held_out" in (read(run, "sae/metrics.json") or {}):
         items += [
             "Occluding patches with the mean colour is off-distribution; the shuffle variant keeps natural patch statistics, and both are reported.",
             "Feature dependence is measured on each feature's top-activating patches, not on all patches where it fires.",

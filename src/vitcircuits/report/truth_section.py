@@ -6,11 +6,9 @@ whether they count as causal (:func:`vitcircuits.testing.organism_benchmark.trut
 """
 from __future__ import annotations
 
-import json
-
 from vitcircuits.report import html
 from vitcircuits.report.summary import number
-from vitcircuits.runs import Run
+from vitcircuits.runs import Run, read_json
 
 
 def _edge(e: list) -> str:
@@ -37,8 +35,8 @@ def compare(truth: dict, circuits: list[dict]) -> dict:
 
 
 def truth_section(run: Run) -> str:
-    truth = json.loads(run.file("truth.json").read_text())
-    circuits = json.loads(run.file("composition/circuits.json").read_text())["circuits"]
+    truth = read_json(run.file("truth.json"))
+    circuits = read_json(run.file("composition/circuits.json"))["circuits"]
     result = compare(truth, circuits)
     intro = (f"Known causal edges ({truth['source']}): {result['n_causal']} edges whose path ablation alone lowers the true "
              f"class's logit margin by at least {truth['threshold']} ({truth['images']}). "

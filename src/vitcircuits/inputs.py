@@ -8,6 +8,7 @@ import torch
 
 from vitcircuits.data.images import BadImage, SkippedImage, resolve_source
 from vitcircuits.data.loader import ImageBatches, ImageDataset, iter_batches
+from vitcircuits.data.names import display_id
 from vitcircuits.data.transforms import PreprocessConfig
 from vitcircuits.models.loading import LoadedModel, load_model
 
@@ -90,13 +91,22 @@ def preprocess_config(loaded: LoadedModel) -> PreprocessConfig:
 
 
 def images_manifest(batches: ImageBatches) -> dict:
-    """The manifest's ``images`` section: source, counts, list hash, skipped inputs with reasons."""
+    """The manifest's ``images`` section: source, counts, list hash, where labels come from and the
+    class names, files the source ignored (counted), and skipped inputs with reasons.
+
+    Every string is printable and strict UTF-8 whatever the file names: ids, the source and class
+    names are stored escaped (:func:`~vitcircuits.data.names.display_id`), reasons one line."""
     summary = batches.summary()
+    ignored = summary.ignored
     return {
-        "source": summary.spec,
+        "source": display_id(summary.spec),
         "n_total": summary.n_total,
         "n_ok": summary.n_ok,
         "n_skipped": len(summary.skipped),
         "image_list_sha256": summary.image_list_sha256,
+        "labels": summary.labels,
+        "classes": None if summary.classes is None else list(summary.classes),
+        "ignored": {"n": ignored.n, "hidden": ignored.hidden, "extensions": ignored.extensions,
+                    "repeated_folders": ignored.repeated_folders, "unreadable_folders": ignored.unreadable_folders},
         "skipped": [{"id": s.id, "reason": s.reason} for s in summary.skipped],
     }

@@ -399,6 +399,7 @@ def test_hf_imagefolder_streaming(hf_imagefolder):
         range(7)
     )
     assert [item.label for item in source.items] == [0, 0, 0, 1, 1, 1, 1]
+    assert source.labels == "dataset" and source.classes == ("cat", "dog")
     assert open_item(source.items[0]).getpixel((0, 0)) == (255, 0, 0)
     assert open_item(source.items[3]).getpixel((0, 0)) == (0, 255, 0)
     with pytest.raises(BadImage, match="not a recognised image format"):

@@ -77,7 +77,9 @@ def test_batches_order_values_labels_and_summary(folder, caplog):
     assert result[1][3] is None and result[2][3] is None  # no label in the batch
 
     messages = [r.getMessage() for r in caplog.records if r.name == "vitcircuits.data"]
-    assert messages == [f"skipped image {name}: {reason}" for name, reason in BAD.items()]
+    assert messages == [f"skipped image {name}: {reason}" for name, reason in BAD.items()] + [
+        f"skipped 3 of 10 images in {folder}; the list with reasons is in the run manifest (images.skipped)"
+    ]
     summary = batches.summary()
     assert (summary.spec, summary.n_total, summary.n_ok) == (str(folder), 10, 7)
     assert [(s.index, s.id, s.reason) for s in summary.skipped] == [
@@ -87,17 +89,31 @@ def test_batches_order_values_labels_and_summary(folder, caplog):
 
 
 def test_workers_give_same_batches_and_report_each_failure_once(folder, caplog):
-    source = resolve_source(str(folder))
-    serial = collect(iter_batches(source, CONFIG, batch_size=3, num_workers=0, progress=False))
-    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="vitcircuits.data"):
-        batches = iter_batches(source, CONFIG, batch_size=3, num_workers=2, progress=False)
+        batches = iter_batches(resolve_source(str(folder)), CONFIG, batch_size=3, num_workers=2, progress=False)
         parallel = collect(batches)
+    serial = collect(iter_batches(resolve_source(str(folder)), CONFIG, batch_size=3, num_workers=0, progress=False))
     assert [r[:2] for r in parallel] == [r[:2] for r in serial]
     assert all(torch.equal(a[2], b[2]) for a, b in zip(parallel, serial, strict=True))
     messages = [r.getMessage() for r in caplog.records if r.name == "vitcircuits.data"]
-    assert messages == [f"skipped image {name}: {reason}" for name, reason in BAD.items()]
+    assert messages[:-1] == [f"skipped image {name}: {reason}" for name, reason in BAD.items()]
     assert batches.summary().n_ok == 7 and len(batches.summary().skipped) == 3
+
+
+def test_every_stage_rereading_the_source_warns_each_skip_once(folder, caplog):
+    """`hunt` resolves and reads the images again in every stage: the warnings come once per process,
+    with one summary line; each pass still records every skip for its manifest."""
+    with caplog.at_level(logging.WARNING, logger="vitcircuits.data"):
+        passes = []
+        for _ in range(7):
+            batches = iter_batches(resolve_source(str(folder)), CONFIG, batch_size=4, progress=False)
+            list(batches)
+            passes.append(batches.summary())
+    messages = [r.getMessage() for r in caplog.records if r.name == "vitcircuits.data"]
+    assert len(messages) == len(BAD) + 1
+    assert sorted(messages[:-1]) == sorted(f"skipped image {name}: {reason}" for name, reason in BAD.items())
+    assert messages[-1].startswith("skipped 3 of 10 images") and "images.skipped" in messages[-1]
+    assert all(len(summary.skipped) == 3 for summary in passes)
 
 
 def test_all_bad_batch_not_yielded_but_counted(folder):

@@ -1,7 +1,9 @@
 """Image sources, safe decoding to RGB, and the bad-input policy.
 
 A *source spec* is one string resolved by :func:`resolve_source` into an :class:`ImageSource`, an
-ordered tuple of :class:`ImageItem` (the order is deterministic, see the function docstring).
+ordered tuple of :class:`ImageItem` (the order is deterministic, see the function docstring). What a
+folder source lists and ignores is described in :mod:`vitcircuits.data.listing`; how file names
+become printable ids in :mod:`vitcircuits.data.names`.
 
 Decoding (:func:`open_image`) never trusts the file: anything that cannot become a sane RGB image
 raises :class:`BadImage` with a one-line reason. The policy for bad inputs is *skip and warn once*:
@@ -15,21 +17,21 @@ import csv
 import glob
 import importlib.resources
 import io
-import itertools
 import os
 import random
+import stat
 import warnings
-from collections.abc import Iterator
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
-)
-LABELS_FILE = "labels.tsv"
+from vitcircuits.data.listing import IMAGE_EXTENSIONS, LABELS_FILE, IgnoredFiles, extension, folder_classes, list_folder
+from vitcircuits.data.names import display_id, printable_text
+
 # Same as PIL's hard limit (2 * PIL.Image.MAX_IMAGE_PIXELS with the default setting).
 DEFAULT_MAX_PIXELS = 178_956_970
 DEFAULT_MIN_SIZE = 8
@@ -38,10 +40,11 @@ _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 
 
 class BadImage(Exception):
-    """An input that cannot be decoded into a usable RGB image; ``str(exc)`` is the one-line reason."""
+    """An input that cannot be decoded into a usable RGB image; ``str(exc)`` is the one-line reason
+    (whitespace collapsed, non-printable characters escaped: see :func:`~vitcircuits.data.names.printable_text`)."""
 
     def __init__(self, reason: str) -> None:
-        super().__init__(" ".join(reason.split()))
+        super().__init__(printable_text(reason))
 
 
 @dataclass(frozen=True)
@@ -50,14 +53,20 @@ class ImageItem:
 
     Attributes:
         index: position in the full deterministic order of the source (kept after subsampling).
-        id: stable string id: posix path relative to the source root, or ``hf:NAME:SPLIT/ROW``.
+        id: stable printable id, :func:`~vitcircuits.data.names.display_id` of ``name``; the form
+            shown and stored everywhere (logs, batches, figures, manifests, JSON).
+        name: the raw id: posix path relative to the source root as the OS gave it (undecodable
+            bytes as ``surrogateescape`` surrogates), or ``hf:NAME:SPLIT/ROW``; hashed by its bytes,
+            never printed.
         path: file to decode, or None when the encoded bytes are held in ``data``.
         data: encoded image bytes (HuggingFace rows), or None for files.
-        label: class index from ``labels.tsv`` / the dataset's ``label`` column, None if unknown.
+        label: class index from ``labels.tsv``, the ImageFolder layout or the dataset's ``label``
+            column; None if unknown.
     """
 
     index: int
     id: str
+    name: str
     path: Path | None = None
     data: bytes | None = field(default=None, repr=False)
     label: int | None = None
@@ -69,8 +78,8 @@ class SkippedImage:
 
     Attributes:
         index: ``ImageItem.index`` of the input.
-        id: ``ImageItem.id`` of the input.
-        reason: one-line human-readable reason.
+        id: ``ImageItem.id`` of the input (printable).
+        reason: one-line printable reason.
     """
 
     index: int
@@ -83,12 +92,21 @@ class ImageSource:
     """A resolved, ordered list of images.
 
     Attributes:
-        spec: the source spec string it was resolved from.
+        spec: the source spec string it was resolved from (as given, not escaped).
         items: the selected items, in deterministic order.
+        ignored: files under a folder or glob source that it does not list (always empty for
+            list files, single files and ``hf:`` sources).
+        labels: where ``ImageItem.label`` comes from: ``labels.tsv``, ``folders`` (the ImageFolder
+            layout), ``dataset`` (an ``hf:`` label column), or None (no labels).
+        classes: class names by class index (printable) when the source names them: the class
+            folders of the ImageFolder layout or an ``hf:`` ``ClassLabel``; else None.
     """
 
     spec: str
     items: tuple[ImageItem, ...]
+    ignored: IgnoredFiles = field(default_factory=IgnoredFiles)
+    labels: str | None = None
+    classes: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -111,6 +129,7 @@ def open_image(
 ) -> Image.Image:
     """Decode a file (or encoded bytes) into a fully loaded RGB image, or raise :class:`BadImage`.
 
+    * Only regular files are opened (a FIFO or device named ``x.jpg`` is rejected, not read).
     * EXIF orientation is applied (``ImageOps.exif_transpose``); animated images give frame 0.
     * Images whose header declares more than ``max_pixels`` pixels are rejected before decoding.
       PIL's own check is muted but its hard limit (``2 * PIL.Image.MAX_IMAGE_PIXELS``) still
@@ -121,20 +140,28 @@ def open_image(
     Truncated files are rejected unless someone set PIL's global ``ImageFile.LOAD_TRUNCATED_IMAGES``.
     """
     if isinstance(source, bytes):
-        data = source
-    else:
-        try:
-            data = Path(source).read_bytes()
-        except FileNotFoundError:
-            raise BadImage("file not found") from None
-        except OSError as exc:
-            raise BadImage(f"cannot read file: {exc.strerror or exc}") from None
-    if not data:
-        raise BadImage("empty file (0 bytes)")
+        if not source:
+            raise BadImage("empty file (0 bytes)")
+        return _decode(io.BytesIO(source), max_pixels, min_size)
+    try:
+        info = os.stat(source)
+        if not stat.S_ISREG(info.st_mode):
+            raise BadImage("not a regular file")
+        if info.st_size == 0:
+            raise BadImage("empty file (0 bytes)")
+        with open(source, "rb") as handle:
+            return _decode(handle, max_pixels, min_size)
+    except FileNotFoundError:
+        raise BadImage("file not found") from None
+    except OSError as exc:
+        raise BadImage(f"cannot read file: {exc.strerror or type(exc).__name__}") from None
+
+
+def _decode(handle: BinaryIO, max_pixels: int, min_size: int) -> Image.Image:
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore")  # PIL warns about odd but decodable files; the policy is ours
         try:
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(handle)
         except UnidentifiedImageError:
             raise BadImage("not a recognised image format") from None
         except Image.DecompressionBombError as exc:
@@ -153,10 +180,12 @@ def open_image(
             image = ImageOps.exif_transpose(image)
         except Exception as exc:  # truncated / corrupt data surfaces as OSError, SyntaxError, ValueError...
             raise BadImage(f"corrupt or truncated image: {type(exc).__name__}: {exc}") from None
-    try:
-        return to_rgb(image)
-    except ValueError as exc:
-        raise BadImage(f"cannot convert mode {image.mode} to RGB: {exc}") from None
+        try:
+            return to_rgb(image)
+        except BadImage:
+            raise
+        except Exception as exc:  # a mode PIL decodes but cannot convert
+            raise BadImage(f"cannot convert mode {image.mode} to RGB: {type(exc).__name__}: {exc}") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -200,23 +229,28 @@ def open_item(
 def read_labels(folder: str | os.PathLike) -> dict[str, int] | None:
     """Read ``folder/labels.tsv`` into ``{relative posix path: class index}``; None if absent.
 
-    The file is tab-separated with a header row that must contain ``filename`` and ``index``
-    columns; other columns (``label``, ``wnid``, ...) are ignored.
+    The file is UTF-8 and tab-separated with a header row that must contain ``filename`` and
+    ``index`` columns; other columns (``label``, ``wnid``, ...) are ignored. A file whose name is
+    not UTF-8 can be labelled under its escaped id (:func:`~vitcircuits.data.names.display_id`).
     """
     path = Path(folder) / LABELS_FILE
     if not path.is_file():
         return None
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        rows = csv.DictReader(handle, delimiter="\t")
-        missing = {"filename", "index"} - set(rows.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path}: header lacks column(s) {sorted(missing)}")
-        labels = {}
-        for row in rows:
-            try:
-                labels[row["filename"]] = int(row["index"])
-            except (TypeError, ValueError):
-                raise ValueError(f"{path} line {rows.line_num}: bad index {row['index']!r}") from None
+    shown = display_id(str(path))
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{shown}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    rows = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t")
+    missing = {"filename", "index"} - set(rows.fieldnames or ())
+    if missing:
+        raise ValueError(f"{shown}: header lacks column(s) {sorted(missing)}")
+    labels = {}
+    for row in rows:
+        try:
+            labels[row["filename"]] = int(row["index"])
+        except (TypeError, ValueError):
+            raise ValueError(f"{shown} line {rows.line_num}: bad index {row['index']!r}") from None
     return labels
 
 
@@ -227,20 +261,28 @@ def resolve_source(
 
     Specs, tried in this order:
 
+    * ``hf:DATASET[:SPLIT]``: a HuggingFace ``datasets`` split (default ``train``), streamed in
+      dataset order; needs the optional ``datasets`` package (see :mod:`vitcircuits.data.hf`);
     * ``bundled:NAME``: images shipped in ``vitcircuits/assets/images/NAME/`` (a folder source);
       ``bundled:`` alone raises an error listing the available names;
-    * ``hf:DATASET[:SPLIT]``: a HuggingFace ``datasets`` split (default ``train``), streamed in
-      dataset order; needs the optional ``datasets`` package;
-    * an existing folder: every image file below it (extension in ``IMAGE_EXTENSIONS``, hidden files
-      and folders skipped), sorted by relative posix path;
+    * an existing folder: every image file below it, sorted by relative posix path; hidden entries
+      and other extensions are ignored and counted, symlinked folders followed (see
+      :mod:`vitcircuits.data.listing`);
     * an existing ``.txt`` file: a list file, one path per line, in file order; relative paths are
       resolved against the list file's folder; blank lines and lines starting with ``#`` are ignored;
+      bytes that are not UTF-8 name files by those bytes;
     * any other existing file: that single image (a non-image is reported as bad at load time);
-    * a glob pattern (contains ``*``, ``?`` or ``[``; ``**`` recurses): matching image files,
-      sorted by path relative to the pattern's fixed leading folder.
+    * a glob pattern (contains ``*``, ``?`` or ``[``; ``**`` recurses): matching files with an image
+      extension, sorted by path relative to the pattern's fixed leading folder; matching files with
+      other extensions are counted as ignored.
 
-    Ids are posix paths relative to the source root (the folder; the list file's, single file's or
-    pattern's folder); labels come from ``labels.tsv`` in that root (see :func:`read_labels`).
+    Names are posix paths relative to the source root (the folder; the list file's, single file's
+    or pattern's folder); ids are their printable form (:mod:`vitcircuits.data.names`).
+
+    Labels: ``labels.tsv`` in the root when present (see :func:`read_labels`); otherwise, for a
+    folder in the ImageFolder layout (``class_name/xxx.png``, see
+    :func:`~vitcircuits.data.listing.folder_classes`), the index of the image's class folder among
+    the sorted class folders, as torchvision assigns it.
 
     Selection: ``max_images`` keeps the first N items; with ``sample_seed`` it instead keeps N items
     drawn uniformly with that seed (still in source order). ``ImageItem.index`` stays the position
@@ -251,58 +293,59 @@ def resolve_source(
     if sample_seed is not None and max_images is None:
         raise ValueError("sample_seed needs max_images (the sample size)")
     if spec.startswith("hf:"):
-        return ImageSource(spec, _resolve_hf(spec, max_images, sample_seed))
-    if spec.startswith("bundled:"):
-        root, rel_paths = _bundled_root(spec.removeprefix("bundled:")), None
+        from vitcircuits.data.hf import resolve_hf  # imports this module
+
+        return resolve_hf(spec, max_images, sample_seed)
+    root = _bundled_root(spec.removeprefix("bundled:")) if spec.startswith("bundled:") else Path(spec)
+    classes = None
+    if spec.startswith("bundled:") or root.is_dir():
+        listing = list_folder(root)
+        if not listing.names:
+            raise FileNotFoundError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {display_id(str(root))}")
+        names, ignored, classes = listing.names, listing.ignored, folder_classes(listing)
     else:
-        root, rel_paths = _resolve_path_spec(spec)
-    if rel_paths is None:
-        rel_paths = _list_folder(root)
+        root, names, ignored = _resolve_file_spec(spec)
     root = Path(os.path.abspath(root))
-    labels = read_labels(root) or {}
+    table = read_labels(root)
+    if table is not None:
+        kind, classes = LABELS_FILE, None
+        labels = [table.get(name, table.get(display_id(name))) for name in names]
+    elif classes is not None:
+        kind, class_index = "folders", {name: i for i, name in enumerate(classes)}
+        labels = [class_index[name.partition("/")[0]] for name in names]
+    else:
+        kind, labels = None, [None] * len(names)
     items = [
-        ImageItem(index=i, id=rel, path=root / rel, label=labels.get(rel)) for i, rel in enumerate(rel_paths)
+        ImageItem(index=i, id=display_id(name), name=name, path=root / name, label=label)
+        for i, (name, label) in enumerate(zip(names, labels))
     ]
-    return ImageSource(spec, tuple(_select(items, max_images, sample_seed)))
+    shown_classes = None if classes is None else tuple(display_id(name) for name in classes)
+    return ImageSource(spec, tuple(_select(items, max_images, sample_seed)), ignored, kind, shown_classes)
 
 
-def _resolve_path_spec(spec: str) -> tuple[Path, list[str] | None]:
-    """Root folder and relative paths for a path-like spec (None: list the whole folder)."""
+def _resolve_file_spec(spec: str) -> tuple[Path, list[str], IgnoredFiles]:
+    """Root folder, relative names and ignored files for a list file, single file or glob spec."""
     path = Path(spec)
-    if path.is_dir():
-        return path, None
     if path.is_file() and path.suffix.lower() == ".txt":
-        return path.parent, _read_list_file(path)
+        return path.parent, _read_list_file(path), IgnoredFiles()
     if path.is_file():
-        return path.parent, [path.name]
+        return path.parent, [path.name], IgnoredFiles()
     if _GLOB_CHARS & set(spec):
         return _resolve_glob(spec)
-    raise FileNotFoundError(f"image source not found: {spec}")
-
-
-def _list_folder(root: Path) -> list[str]:
-    rel_paths = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                rel_paths.append((Path(dirpath) / name).relative_to(root).as_posix())
-    if not rel_paths:
-        raise FileNotFoundError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
-    return sorted(rel_paths)
+    raise FileNotFoundError(f"image source not found: {display_id(spec)}")
 
 
 def _read_list_file(list_path: Path) -> list[str]:
     root = list_path.parent
     entries = []
-    for line in list_path.read_text(encoding="utf-8-sig").splitlines():
+    for line in list_path.read_text(encoding="utf-8-sig", errors="surrogateescape").splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
-            entries.append(_relative_id(root / line, root))
+            entries.append(_relative_name(root / line, root))
     return entries
 
 
-def _relative_id(path: Path, root: Path) -> str:
+def _relative_name(path: Path, root: Path) -> str:
     """Normalised posix path relative to ``root``, or the absolute posix path if outside it."""
     absolute = Path(os.path.abspath(path))
     try:
@@ -311,18 +354,21 @@ def _relative_id(path: Path, root: Path) -> str:
         return absolute.as_posix()
 
 
-def _resolve_glob(pattern: str) -> tuple[Path, list[str]]:
+def _resolve_glob(pattern: str) -> tuple[Path, list[str], IgnoredFiles]:
     parts = Path(pattern).parts
     n_fixed = next(i for i, part in enumerate(parts) if _GLOB_CHARS & set(part))
     root = Path(*parts[:n_fixed]) if n_fixed else Path(".")
-    matches = [
-        Path(m).relative_to(root).as_posix()
-        for m in glob.glob(pattern, recursive=True)
-        if os.path.isfile(m) and Path(m).suffix.lower() in IMAGE_EXTENSIONS
-    ]
+    matches, other = [], Counter()
+    for match in glob.glob(pattern, recursive=True):
+        if os.path.isdir(match):
+            continue
+        if extension(match) in IMAGE_EXTENSIONS:
+            matches.append(Path(match).relative_to(root).as_posix())
+        else:
+            other[display_id(extension(match))] += 1
     if not matches:
-        raise FileNotFoundError(f"image source not found: no image files match {pattern}")
-    return root, sorted(matches)
+        raise FileNotFoundError(f"image source not found: no image files match {display_id(pattern)}")
+    return root, sorted(matches), IgnoredFiles(extensions=dict(sorted(other.items())))
 
 
 def _bundled_root(name: str) -> Path:
@@ -343,61 +389,3 @@ def _select(items: list[ImageItem], max_images: int | None, sample_seed: int | N
         return items[:max_images]
     keep = sorted(random.Random(sample_seed).sample(range(len(items)), max_images))
     return [items[i] for i in keep]
-
-
-def _resolve_hf(spec: str, max_images: int | None, sample_seed: int | None) -> tuple[ImageItem, ...]:
-    try:
-        import datasets
-    except ImportError:
-        raise ImportError(
-            f"source {spec!r} needs the optional 'datasets' package: pip install 'vitcircuits[datasets]'"
-        ) from None
-    name, _, split = spec.removeprefix("hf:").partition(":")
-    if not name:
-        raise ValueError(f"bad source spec {spec!r}: expected hf:DATASET[:SPLIT]")
-    split = split or "train"
-    stream = datasets.load_dataset(name, split=split, streaming=True)
-    features = stream.features or {}
-    image_columns = [col for col, feature in features.items() if isinstance(feature, datasets.Image)]
-    if not image_columns:
-        raise ValueError(f"source {spec!r}: no image column among features {sorted(features)}")
-    column = image_columns[0]
-    stream = stream.cast_column(column, datasets.Image(decode=False))
-    rows = _hf_rows(stream, column, f"hf:{name}:{split}")
-    if sample_seed is None:
-        return tuple(itertools.islice(rows, max_images))
-    return tuple(_reservoir_sample(rows, max_images, sample_seed))
-
-
-def _hf_rows(stream, column: str, prefix: str) -> Iterator[ImageItem]:
-    from datasets.utils.file_utils import xopen
-
-    for row_index, row in enumerate(stream):
-        encoded = row[column] or {}
-        label = row.get("label")
-        label = int(label) if isinstance(label, (int, np.integer)) and not isinstance(label, bool) else None
-        item_id = f"{prefix}/{row_index}"
-        if encoded.get("bytes") is not None:
-            yield ImageItem(index=row_index, id=item_id, data=encoded["bytes"], label=label)
-        elif encoded.get("path") and os.path.isfile(encoded["path"]):
-            yield ImageItem(index=row_index, id=item_id, path=Path(encoded["path"]), label=label)
-        elif encoded.get("path"):
-            with xopen(encoded["path"], "rb") as handle:
-                data = handle.read()
-            yield ImageItem(index=row_index, id=item_id, data=data, label=label)
-        else:
-            yield ImageItem(index=row_index, id=item_id, data=b"", label=label)
-
-
-def _reservoir_sample(rows: Iterator[ImageItem], k: int, seed: int) -> list[ImageItem]:
-    """Seeded uniform sample of ``k`` rows from a stream of unknown length, in stream order."""
-    rng = random.Random(seed)
-    reservoir: list[ImageItem] = []
-    for n_seen, item in enumerate(rows):
-        if n_seen < k:
-            reservoir.append(item)
-        else:
-            slot = rng.randrange(n_seen + 1)
-            if slot < k:
-                reservoir[slot] = item
-    return sorted(reservoir, key=lambda item: item.index)

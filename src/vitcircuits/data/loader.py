@@ -3,7 +3,9 @@
 Decoding and preprocessing run in the :class:`ImageDataset` (so in DataLoader worker processes when
 ``num_workers > 0``). A bad input becomes a :class:`SkippedImage` record that travels back inside
 its batch; only the main process (:class:`ImageBatches`) warns about it and records it, so each
-failure is reported exactly once however many workers there are.
+failure is reported once however many workers there are, and once per process however many
+passes (stages of a run) read the source: after a pass that warned, one summary line says how
+many were skipped and that the list is in the run manifest (``images.skipped``).
 
 Typical use::
 
@@ -37,9 +39,13 @@ from vitcircuits.data.images import (
     SkippedImage,
     open_item,
 )
+from vitcircuits.data.listing import IgnoredFiles
+from vitcircuits.data.names import display_id, name_bytes
 from vitcircuits.data.transforms import PreprocessConfig, preprocess_image
 
 logger = logging.getLogger("vitcircuits.data")
+# (source spec, id, reason) of every skipped input already warned about in this process.
+_WARNED: set[tuple[str, str, str]] = set()
 
 
 @dataclass(frozen=True)
@@ -83,11 +89,14 @@ class LoadSummary:
     """What a pass over a source produced, for the run manifest.
 
     Attributes:
-        spec: the source spec.
+        spec: the source spec (as given, not escaped).
         n_total: number of selected inputs (after ``max_images`` / sampling).
         n_ok: inputs decoded and yielded in batches.
         skipped: inputs dropped by the bad-input policy, sorted by index.
         image_list_sha256: :func:`image_list_sha256` of the selected inputs.
+        ignored: ``ImageSource.ignored`` (files the source does not list).
+        labels: ``ImageSource.labels`` (where the labels come from, or None).
+        classes: ``ImageSource.classes`` (class names by index, or None).
     """
 
     spec: str
@@ -95,20 +104,36 @@ class LoadSummary:
     n_ok: int
     skipped: tuple[SkippedImage, ...]
     image_list_sha256: str
+    ignored: IgnoredFiles
+    labels: str | None
+    classes: tuple[str, ...] | None
 
 
 class SkipLog:
-    """Collects skipped inputs and warns exactly once per input (keyed by ``index``)."""
+    """Collects the skipped inputs of one pass (keyed by ``index``) and warns about each once per
+    process (keyed by source spec, id and reason), so the stages of a run that each re-read the
+    source do not repeat the warnings.
 
-    def __init__(self) -> None:
+    Attributes:
+        spec: the source spec the inputs come from.
+        n_warned: inputs this log warned about (not already warned about in this process).
+    """
+
+    def __init__(self, spec: str = "") -> None:
+        self.spec = spec
+        self.n_warned = 0
         self._by_index: dict[int, SkippedImage] = {}
 
     def record(self, skipped: SkippedImage) -> None:
-        """Warn on logger ``vitcircuits.data`` and remember ``skipped``, unless already recorded."""
+        """Remember ``skipped`` and warn on logger ``vitcircuits.data`` unless already warned about."""
         if skipped.index in self._by_index:
             return
         self._by_index[skipped.index] = skipped
-        logger.warning("skipped image %s: %s", skipped.id, skipped.reason)
+        key = (self.spec, skipped.id, skipped.reason)
+        if key not in _WARNED:
+            _WARNED.add(key)
+            self.n_warned += 1
+            logger.warning("skipped image %s: %s", skipped.id, skipped.reason)
 
     @property
     def skipped(self) -> tuple[SkippedImage, ...]:
@@ -120,8 +145,9 @@ class SkipLog:
 
 
 def image_list_sha256(source: ImageSource) -> str:
-    """SHA-256 hex digest of the ordered item ids joined by newlines (UTF-8)."""
-    return hashlib.sha256("\n".join(source.ids).encode("utf-8")).hexdigest()
+    """SHA-256 hex digest of the ordered item names, as bytes (:func:`~vitcircuits.data.names.name_bytes`:
+    UTF-8 names as UTF-8, undecodable bytes as themselves), joined by newlines."""
+    return hashlib.sha256(b"\n".join(name_bytes(item.name) for item in source.items)).hexdigest()
 
 
 class ImageDataset(Dataset):
@@ -147,9 +173,21 @@ class ImageDataset(Dataset):
         item = self.items[position]
         try:
             image = open_item(item, max_pixels=self.max_pixels, min_size=self.min_size)
+            check_resize(image.size, self.config, self.max_pixels)
         except BadImage as exc:
             return SkippedImage(index=item.index, id=item.id, reason=str(exc))
         return LoadedImage(item.index, item.id, item.label, preprocess_image(image, self.config))
+
+
+def check_resize(size: tuple[int, int], config: PreprocessConfig, max_pixels: int) -> None:
+    """Raise :class:`BadImage` when resizing an image of ``size`` (W, H) before the crop would give
+    more than ``max_pixels`` pixels or an empty side (extreme aspect ratios such as 8 x 100000)."""
+    height, width = config.resized_hw(*size)
+    if min(height, width) < 1 or height * width > max_pixels:
+        raise BadImage(
+            f"extreme aspect ratio: {size[0]}x{size[1]} would be resized to {width}x{height} before cropping "
+            f"(limit: sides >= 1 and max_pixels {max_pixels})"
+        )
 
 
 def collate_records(
@@ -204,7 +242,7 @@ class ImageBatches:
         self.source = source
         self.loader = loader
         self.progress = progress
-        self.skip_log = SkipLog()
+        self.skip_log = SkipLog(source.spec)
         self.n_ok = 0
 
     def __len__(self) -> int:
@@ -212,18 +250,25 @@ class ImageBatches:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[ImageBatch]:
-        self.skip_log = SkipLog()
+        self.skip_log = SkipLog(self.source.spec)
         self.n_ok = 0
         columns = (TextColumn("images"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=Console(stderr=True), disable=not self.progress) as bar:
-            task = bar.add_task("images", total=len(self.source))
-            for batch in self.loader:
-                for skipped in batch.skipped:
-                    self.skip_log.record(skipped)
-                self.n_ok += len(batch.indices)
-                bar.advance(task, len(batch.indices) + len(batch.skipped))
-                if batch.indices:
-                    yield batch
+        try:
+            with Progress(*columns, console=Console(stderr=True), disable=not self.progress) as bar:
+                task = bar.add_task("images", total=len(self.source))
+                for batch in self.loader:
+                    for skipped in batch.skipped:
+                        self.skip_log.record(skipped)
+                    self.n_ok += len(batch.indices)
+                    bar.advance(task, len(batch.indices) + len(batch.skipped))
+                    if batch.indices:
+                        yield batch
+        finally:
+            if self.skip_log.n_warned:
+                logger.warning(
+                    "skipped %d of %d images in %s; the list with reasons is in the run manifest (images.skipped)",
+                    len(self.skip_log), len(self.source), display_id(self.source.spec),
+                )
 
     def summary(self) -> LoadSummary:
         """Counts, skipped inputs and image list hash of the latest pass."""
@@ -233,6 +278,9 @@ class ImageBatches:
             n_ok=self.n_ok,
             skipped=self.skip_log.skipped,
             image_list_sha256=image_list_sha256(self.source),
+            ignored=self.source.ignored,
+            labels=self.source.labels,
+            classes=self.source.classes,
         )
 
 
@@ -246,7 +294,8 @@ def iter_batches(
     min_size: int = DEFAULT_MIN_SIZE,
     progress: bool = True,
 ) -> ImageBatches:
-    """Batches of preprocessed images in source order, bad inputs skipped with one warning each.
+    """Batches of preprocessed images in source order, bad inputs skipped with one warning each
+    (per process: see :class:`SkipLog`).
 
     ``num_workers > 0`` decodes in worker processes. ``progress`` shows a rich progress bar (stderr).
     Batches whose inputs all failed are not yielded. Call ``.summary()`` on the result afterwards.

@@ -119,6 +119,20 @@ class PreprocessConfig:
             math.floor(self.input_size[1] / self.crop_pct),
         )
 
+    def resized_hw(self, width: int, height: int) -> tuple[int, int]:
+        """``(H, W)`` a ``width`` x ``height`` image is resized to before the crop (step 1)."""
+        scale_hw = self.scale_size
+        if self.crop_mode == "squash":
+            return scale_hw
+        if self.crop_mode == "border":
+            return _keep_ratio_size(width, height, scale_hw, fit_inside=True)
+        if scale_hw[0] != scale_hw[1]:
+            return _keep_ratio_size(width, height, scale_hw, fit_inside=False)
+        # torchvision's resize to a shortest edge: the long edge is truncated, not rounded
+        short, long = sorted((width, height))
+        new_long = int(scale_hw[0] * long / short)
+        return (scale_hw[0], new_long) if width >= height else (new_long, scale_hw[0])
+
 
 def _as_hw(img_size: int | tuple[int, int]) -> tuple[int, int]:
     if isinstance(img_size, int):
@@ -128,11 +142,11 @@ def _as_hw(img_size: int | tuple[int, int]) -> tuple[int, int]:
     raise ValueError(f"img_size must be an int or (H, W), got {img_size!r}")
 
 
-def _keep_ratio_size(width: int, height: int, target_hw: tuple[int, int], fit_inside: bool) -> list[int]:
-    """Aspect-preserving ``[H, W]`` covering (``fit_inside=False``) or inside ``target_hw``."""
+def _keep_ratio_size(width: int, height: int, target_hw: tuple[int, int], fit_inside: bool) -> tuple[int, int]:
+    """Aspect-preserving ``(H, W)`` covering (``fit_inside=False``) or inside ``target_hw``."""
     ratio_h, ratio_w = height / target_hw[0], width / target_hw[1]
     ratio = max(ratio_h, ratio_w) if fit_inside else min(ratio_h, ratio_w)
-    return [round(height / ratio), round(width / ratio)]
+    return (round(height / ratio), round(width / ratio))
 
 
 def _center_crop_or_pad(image: Image.Image, size_hw: tuple[int, int], fill: list[int]) -> Image.Image:
@@ -154,22 +168,10 @@ def preprocess_image(image: Image.Image, config: PreprocessConfig) -> torch.Tens
     if image.mode != "RGB":
         raise ValueError(f"expected an RGB image, got mode {image.mode!r} (use vitcircuits.data.open_image)")
     interpolation = INTERPOLATIONS[config.interpolation]
-    scale_hw = config.scale_size
-    width, height = image.size
-    if config.crop_mode == "squash":
-        image = TF.resize(image, list(scale_hw), interpolation)
-        image = TF.center_crop(image, list(config.input_size))
-    elif config.crop_mode == "border":
-        image = TF.resize(image, _keep_ratio_size(width, height, scale_hw, fit_inside=True), interpolation)
-        fill = [round(255 * v) for v in config.mean]
-        image = _center_crop_or_pad(image, config.input_size, fill)
+    image = TF.resize(image, list(config.resized_hw(*image.size)), interpolation)
+    if config.crop_mode == "border":
+        image = _center_crop_or_pad(image, config.input_size, [round(255 * v) for v in config.mean])
     else:
-        if scale_hw[0] == scale_hw[1]:
-            image = TF.resize(image, scale_hw[0], interpolation)
-        else:
-            image = TF.resize(
-                image, _keep_ratio_size(width, height, scale_hw, fit_inside=False), interpolation
-            )
         image = TF.center_crop(image, list(config.input_size))
     # Same float32 operations as TF.to_tensor + TF.normalize (bitwise equal), done in numpy so
     # per-image work does not go through torch's intra-op thread pool.

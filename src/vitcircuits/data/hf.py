@@ -1,0 +1,86 @@
+"""HuggingFace ``datasets`` sources (``hf:DATASET[:SPLIT]``), streamed without decoding."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from vitcircuits.data.images import ImageItem, ImageSource
+from vitcircuits.data.names import display_id
+
+
+def resolve_hf(spec: str, max_images: int | None, sample_seed: int | None) -> ImageSource:
+    """The :class:`ImageSource` of ``hf:DATASET[:SPLIT]`` (see ``resolve_source``).
+
+    Labels come from an integer ``label`` column; class names from its ``ClassLabel`` names.
+    """
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            f"source {spec!r} needs the optional 'datasets' package: pip install 'vitcircuits[datasets]'"
+        ) from None
+    name, _, split = spec.removeprefix("hf:").partition(":")
+    if not name:
+        raise ValueError(f"bad source spec {spec!r}: expected hf:DATASET[:SPLIT]")
+    split = split or "train"
+    stream = datasets.load_dataset(name, split=split, streaming=True)
+    features = stream.features or {}
+    image_columns = [col for col, feature in features.items() if isinstance(feature, datasets.Image)]
+    if not image_columns:
+        raise ValueError(f"source {spec!r}: no image column among features {sorted(features)}")
+    column = image_columns[0]
+    stream = stream.cast_column(column, datasets.Image(decode=False))
+    rows = _hf_rows(stream, column, f"hf:{name}:{split}")
+    if sample_seed is None:
+        items = tuple(itertools.islice(rows, max_images))
+    else:
+        items = tuple(_reservoir_sample(rows, max_images, sample_seed))
+    label_feature = features.get("label")
+    classes = getattr(label_feature, "names", None) if isinstance(label_feature, datasets.ClassLabel) else None
+    return ImageSource(
+        spec,
+        items,
+        labels="dataset" if "label" in features else None,
+        classes=None if classes is None else tuple(display_id(str(c)) for c in classes),
+    )
+
+
+def _hf_rows(stream, column: str, prefix: str) -> Iterator[ImageItem]:
+    from datasets.utils.file_utils import xopen
+
+    for row_index, row in enumerate(stream):
+        encoded = row[column] or {}
+        label = row.get("label")
+        label = int(label) if isinstance(label, (int, np.integer)) and not isinstance(label, bool) else None
+        name = f"{prefix}/{row_index}"
+        ids = {"index": row_index, "id": display_id(name), "name": name, "label": label}
+        if encoded.get("bytes") is not None:
+            yield ImageItem(**ids, data=encoded["bytes"])
+        elif encoded.get("path") and os.path.isfile(encoded["path"]):
+            yield ImageItem(**ids, path=Path(encoded["path"]))
+        elif encoded.get("path"):
+            with xopen(encoded["path"], "rb") as handle:
+                data = handle.read()
+            yield ImageItem(**ids, data=data)
+        else:
+            yield ImageItem(**ids, data=b"")
+
+
+def _reservoir_sample(rows: Iterator[ImageItem], k: int, seed: int) -> list[ImageItem]:
+    """Seeded uniform sample of ``k`` rows from a stream of unknown length, in stream order."""
+    rng = random.Random(seed)
+    reservoir: list[ImageItem] = []
+    for n_seen, item in enumerate(rows):
+        if n_seen < k:
+            reservoir.append(item)
+        else:
+            slot = rng.randrange(n_seen + 1)
+            if slot < k:
+                reservoir[slot] = item
+    return sorted(reservoir, key=lambda item: item.index)

@@ -103,3 +103,12 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(inputs, case):
 def test_debug_shows_the_traceback(inputs):
     result = CliRunner().invoke(app, ["--debug", "info", str(inputs["truncated"])])
     assert result.exit_code != 0 and not isinstance(result.exception, SystemExit)
+
+
+def test_an_hf_source_offline_fails_before_any_hub_request(inputs, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    result = CliRunner().invoke(app, ["heads", "--model", str(inputs["good"]), "--images", "hf:cifar10", "--device", "cpu",
+                                      "--out", str(inputs["root"] / "hf")])
+    assert result.exit_code == 2 and "hub is not reachable" in result.output and "Traceback" not in result.output

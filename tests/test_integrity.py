@@ -117,7 +117,7 @@ def test_unfinished_stage_with_the_same_inputs_resumes_in_place(tmp_path):
 
 def _cache(model, images, out, *extra):
     return CliRunner().invoke(app, ["cache", "--model", str(model), "--images", str(images), "--out", str(out), "--hooks",
-                                    "blocks.1.hook_resid_post", "--shard-rows", "256", "--device", "cpu", *extra])
+                                    "blocks.1.hook_resid_post", "--shard-rows", "256", "--batch-size", "4", "--device", "cpu", *extra])
 
 
 def test_cache_resume_with_other_images_is_refused(setup, tmp_path):
@@ -160,3 +160,18 @@ def test_json_is_strict_and_files_follow_the_umask(tmp_path):
         assert (write_json(tmp_path / "z.json", {}).stat().st_mode & 0o777) == 0o600
     finally:
         os.umask(old)
+
+
+def test_class_folders_that_are_not_the_models_classes_are_warned(caplog):
+    from types import SimpleNamespace
+
+    from vitcircuits.inputs import check_folder_classes
+
+    model = SimpleNamespace(label_names=["cat", "dog"])
+    same = SimpleNamespace(source=SimpleNamespace(labels="folders", classes=("Cat", "dog")))
+    other = SimpleNamespace(source=SimpleNamespace(labels="folders", classes=("dog", "fox")))
+    with caplog.at_level("WARNING", logger="vitcircuits"):
+        check_folder_classes(model, same)
+        assert not caplog.records
+        check_folder_classes(model, other)
+    assert len(caplog.records) == 1 and "not the model's 2 class names" in caplog.records[0].getMessage()

@@ -23,7 +23,7 @@ from vitcircuits.cli_options import (
     WorkersOpt,
 )
 from vitcircuits.cli_sae import read_circuits
-from vitcircuits.inputs import ImageOptions, ModelOptions, images_manifest
+from vitcircuits.inputs import ImageOptions, ModelOptions, check_folder_classes, images_manifest
 from vitcircuits.runs import Run, write_json
 
 
@@ -85,6 +85,7 @@ def necessity_cmd(
     groups = parse_groups(group, loaded.label_names) if group else dict(loaded.pretrained_cfg.get("class_groups") or {})
     run.write_manifest(model=loaded.manifest(), seed=seed)
     batches = image_opts.batches(loaded)
+    check_folder_classes(loaded, batches)
     with run.timed("necessity"):
         report = necessity_report(loaded.model, LabelledBatches(batches), chosen, groups, config)
     write_json(run.file("necessity.json"), report)

@@ -25,7 +25,7 @@ from vitcircuits.composition.scan import ComposeConfig, run_composition
 from vitcircuits.composition.task_metric import TaskMetric, fit_probe
 from vitcircuits.heads.atlas import AtlasConfig, HeadAtlas
 from vitcircuits.heads.scan import scan_heads, summarize, write_heads_outputs
-from vitcircuits.inputs import ImageOptions, ModelOptions, images_manifest, preprocess_config
+from vitcircuits.inputs import ImageOptions, ModelOptions, check_folder_classes, images_manifest, preprocess_config
 from vitcircuits.models.loading import LoadedModel
 from vitcircuits.report.attention_maps import default_queries, patch_attention, plot_head_grid
 from vitcircuits.report.figures import denormalize
@@ -75,6 +75,7 @@ def run_overview(run: Run, loaded: LoadedModel, images: ImageOptions, config: Hu
     """Predictions (and accuracy where labels exist) over all images, and attention-map grids."""
     model = loaded.model
     batches = images.batches(loaded)
+    check_folder_classes(loaded, batches)
     rows, to_draw = [], []
     for batch in batches:
         out = model(batch.images_BCHW)

@@ -1,6 +1,7 @@
 """The model and images a command works on, from the options every command shares."""
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -88,6 +89,20 @@ class ImageOptions:
 def preprocess_config(loaded: LoadedModel) -> PreprocessConfig:
     """The model's eval preprocessing (its pretrained_cfg) at the model's input size."""
     return PreprocessConfig.from_pretrained_cfg(loaded.pretrained_cfg, img_size=loaded.model.cfg.img_size)
+
+
+def check_folder_classes(loaded: LoadedModel, batches: ImageBatches) -> None:
+    """Warn once when class folders (labelled by their sorted order) are not the model's classes by
+    name: the labels may then not be the model's class indices."""
+    source = batches.source
+    names = loaded.label_names
+    if source.labels != "folders" or not names or source.classes is None:
+        return
+    wanted = [display_id(str(name)).lower() for name in names]
+    if [c.lower() for c in source.classes] != wanted:
+        logging.getLogger("vitcircuits").warning(
+            "the %d class folders (%s …) are not the model's %d class names (%s …); labels are the folders' sorted order",
+            len(source.classes), ", ".join(source.classes[:3]), len(names), ", ".join(wanted[:3]))
 
 
 def images_manifest(batches: ImageBatches) -> dict:

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
 import timm
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from vitcircuits.hub import hub_offline
 from vitcircuits.models.families import hf_vit, timm_vit
 from vitcircuits.models.hooked_vit import HookedViT
 from vitcircuits.runs import read_json
@@ -104,30 +103,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _endpoint_reachable(timeout_s: float = 3.0) -> bool:
-    """One TCP connect to the hub endpoint; huggingface_hub itself retries for ~25 s when offline."""
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
-        return True
-    except OSError:
-        return False
-
-
 def hub_file(repo_id: str, filename: str) -> Path:
     """One file of a hub repository: from the HF cache if there, else downloaded. Fails within
     seconds when offline (``HF_HUB_OFFLINE=1`` or no route to the endpoint)."""
-    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         return Path(hf_hub_download(repo_id, filename, local_files_only=True))
     except LocalEntryNotFoundError as err:
         failure = err
-    if not constants.HF_HUB_OFFLINE and _endpoint_reachable():
+    if not hub_offline():
         try:
             return Path(hf_hub_download(repo_id, filename, etag_timeout=5))
         except EntryNotFoundError as err:

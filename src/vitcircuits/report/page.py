@@ -157,7 +157,13 @@ def write_report(run: Run, loaded: LoadedModel) -> None:
         ("source", images["source"]),
         ("images used / skipped", f"{images['n_ok']} / {images['n_skipped']}"),
         ("image list sha256", images["image_list_sha256"]),
+        ("labels", images.get("labels") or "none"),
     ]
+    ignored = images.get("ignored")
+    if ignored:
+        extensions = ", ".join(f"{ext} ×{n}" for ext, n in ignored["extensions"].items()) or "none"
+        data_rows.append(("files not listed", f"{ignored['n']} (hidden {ignored['hidden']}; other extensions: {extensions}; symlinked "
+                                              f"folders not followed {ignored['repeated_folders']}; unreadable folders {ignored['unreadable_folders']})"))
     if overview["accuracy"] is not None:
         data_rows.append(("top-1 accuracy", f"{overview['accuracy']:.3f} on {overview['n_labelled']} labelled images"))
     sections = [

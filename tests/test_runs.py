@@ -19,6 +19,15 @@ def test_non_empty_folder_needs_force_or_resume(tmp_path):
         Run.create(tmp_path / "file", "x", {})
 
 
+def test_force_never_reuses_a_folder_that_is_not_a_run(tmp_path):
+    (tmp_path / "heads").mkdir()
+    (tmp_path / "heads" / "my_notes.txt").write_text("keep me")
+    for flags in ({"force": True}, {"resume": True}):
+        with pytest.raises(RunFolderError, match="not a run folder"):
+            Run.create(tmp_path, "x", {}, **flags)
+    assert (tmp_path / "heads" / "my_notes.txt").read_text() == "keep me"
+
+
 def test_manifest_has_versions_config_seed_and_timings(tmp_path):
     run = Run.create(tmp_path / "r", "info", {"a": 1})
     with run.timed("stage"):

@@ -28,7 +28,7 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda if present,
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="images per forward pass")]
 MaxImagesOpt = Annotated[Optional[int], typer.Option("--max-images", min=1, help="use the first N images")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="seed for everything random")]
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, help="seed for everything random")]
 WorkersOpt = Annotated[int, typer.Option("--num-workers", min=0, help="image-decoding worker processes")]
 RandomOpt = Annotated[bool, typer.Option("--random-weights", help="use seeded random weights (stated in the manifest)")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="write into a non-empty --out folder")]

@@ -1,8 +1,9 @@
 """Run folders: creation rules, atomic writes and ``manifest.json``.
 
-Every command writes into one run folder. A non-empty folder is refused unless ``force``
-(start over, keeping nothing the command would overwrite) or ``resume`` (keep what is there; the
-manifest keeps the sections of the stages that are not run again). All files are written
+Every command writes into one run folder. A non-empty folder is refused unless it is a run folder
+(it has a ``manifest.json``) and ``force`` (start over, keeping nothing the command would
+overwrite) or ``resume`` (keep what is there; the manifest keeps the sections of the stages that
+are not run again) is given. All files are written
 atomically: to a temporary file in the same folder, then renamed, with the permissions the umask
 gives a new file. JSON is strict: a non-finite float is written as ``null``, never ``NaN``.
 """
@@ -147,8 +148,11 @@ class Run:
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise RunFolderError(f"{path}: exists and is not a folder")
-        if path.is_dir() and any(path.iterdir()) and not (force or resume):
-            raise RunFolderError(f"{path}: folder is not empty; pass --force to overwrite or --resume to continue")
+        if path.is_dir() and any(path.iterdir()):
+            if not (force or resume):
+                raise RunFolderError(f"{path}: folder is not empty; pass --force to overwrite or --resume to continue")
+            if not (path / "manifest.json").is_file():
+                raise RunFolderError(f"{path}: not a run folder (no manifest.json); --force and --resume only reuse run folders")
         path.mkdir(parents=True, exist_ok=True)
         run = cls(path=path, command=command, config=config)
         manifest = path / "manifest.json"

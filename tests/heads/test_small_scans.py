@@ -74,3 +74,13 @@ def test_heads_command_on_a_small_run_writes_the_figures(tmp_path, extra):
     atlas = json.loads((out / "atlas.json").read_text())
     assert atlas["rows"][0]["n_images"] == (1 if "--max-images" in extra else 4)
     assert_intervals_contain_estimates(atlas["rows"])
+
+
+def test_no_head_is_local_on_a_grid_where_uniform_attention_already_is():
+    from vitcircuits.heads.kinds import classify
+
+    head = {"cls_mass": 0.0, "dist_mass": 0.0, "register_mass": 0.0, "self_mass": 0.1, "peak_dy": 0, "peak_dx": 1, "peak_mass": 0.2,
+            "neighbour_mass": 0.9, "direction_coverage": 8, "direction_entropy": 0.95, "top_direction_share": 0.2,
+            "mean_distance_patches": 1.0}
+    assert classify(head, {"neighbour_mass": 0.2, "mean_distance_patches": 3.0}) == "modular"
+    assert classify(head, {"neighbour_mass": 0.56, "mean_distance_patches": 1.2}) == "global"  # a 3x3 grid at radius 1

@@ -136,18 +136,18 @@ def build_atlas(model: HookedViT, acc: HeadStatsAccumulator, config: AtlasConfig
     """Metrics, kinds and positional comparison from accumulated statistics."""
     rows = head_metrics(acc, config.coverage_share)
     baselines = baseline_rows(model.layout, config.radius, model.cfg.patch_size)
-    uniform_distance = baselines["uniform"]["mean_distance_patches"]
+    uniform = dict(baselines["uniform"])
     positional = positional_accumulator(model, config.radius)
     positional_rows = head_metrics(positional, config.coverage_share)
     empirical_LHPP = acc.pattern_sum_LHPP / acc.n_images
     agreement = pattern_agreement(empirical_LHPP, positional.pattern_sum_LHPP)
     for row, prow in zip(rows, positional_rows):
-        row["kind"] = classify(row, uniform_distance, config.thresholds)
+        row["kind"] = classify(row, uniform, config.thresholds)
         row["positional_agreement"] = float(agreement[row["layer"], row["head"]])
         row["positional_modular_score"] = prow["modular_score"]
-        row["positional_kind"] = classify(prow, uniform_distance, config.thresholds)
+        row["positional_kind"] = classify(prow, uniform, config.thresholds)
     for name, base in baselines.items():
-        base["kind"] = classify(base, uniform_distance, config.thresholds)
+        base["kind"] = classify(base, uniform, config.thresholds)
     return HeadAtlas(
         model_id=model_id, layout=model.layout, patch_size=model.cfg.patch_size, config=config, rows=rows,
         kernels_LHYX=mean_kernels(acc), raw_kernels_LHYX=mean_kernels(acc, raw=True),

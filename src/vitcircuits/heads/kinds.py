@@ -10,6 +10,11 @@ Rules, applied in order (first match wins); all masses are from :mod:`vitcircuit
 5. ``directional``: neighbour mass ≥ ``local_mass`` and one direction holds ≥ ``directional_share``.
 6. ``global``: mean distance ≥ ``global_distance`` × the uniform-attention baseline's distance.
 7. ``mixed``: anything else.
+
+Rules 4 and 5 call a head local, which means something only when attention spread uniformly over
+the grid is not local already: on a grid so small that the uniform baseline's neighbour mass
+reaches ``local_mass`` (a 3 × 3 grid at radius 1, where every patch is a neighbour of the
+centre), they never apply.
 """
 from __future__ import annotations
 
@@ -40,19 +45,20 @@ class KindThresholds:
     """Fraction of the uniform-attention mean distance above which a head is global."""
 
 
-def classify(row: dict, uniform_distance: float, t: KindThresholds = KindThresholds()) -> str:
-    """The kind of one head from its metrics row."""
+def classify(row: dict, uniform: dict, t: KindThresholds = KindThresholds()) -> str:
+    """The kind of one head from its metrics row; ``uniform`` is the metrics row of uniform
+    attention on the same grid."""
     if row["cls_mass"] + row["dist_mass"] + row["register_mass"] >= t.sink_mass:
         return "cls/sink"
     if row["self_mass"] >= t.self_mass:
         return "self"
     if (row["peak_dy"], row["peak_dx"]) != (0, 0) and row["peak_mass"] >= t.shift_mass:
         return "directional"
-    if row["neighbour_mass"] >= t.local_mass:
+    if row["neighbour_mass"] >= t.local_mass > uniform["neighbour_mass"]:
         if row["direction_coverage"] >= t.modular_directions and row["direction_entropy"] >= t.modular_entropy:
             return "modular"
         if row["top_direction_share"] >= t.directional_share:
             return "directional"
-    if row["mean_distance_patches"] >= t.global_distance * uniform_distance:
+    if row["mean_distance_patches"] >= t.global_distance * uniform["mean_distance_patches"]:
         return "global"
     return "mixed"

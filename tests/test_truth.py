@@ -1,5 +1,6 @@
 """Setting a run's verdicts against known causal edges: the truth file, the comparison, the CLI check."""
 import json
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
@@ -45,16 +46,23 @@ def test_compare_counts_supported_verdicts_against_causal_edges():
 
 def test_copy_truth_validates_and_records(tmp_path):
     run = Run.create(tmp_path / "run", "hunt", {})
+    loaded = SimpleNamespace(model=SimpleNamespace(cfg=SimpleNamespace(n_layers=3, n_heads=4)))
     good = tmp_path / "truth.json"
     good.write_text(json.dumps(_truth([((0, 1, 2, 0, "k"), 1.0), ((0, 2, 1, 0, "q"), 0.0)])))
-    copy_truth(run, good)
+    copy_truth(run, good, loaded)
     assert json.loads(run.file("truth.json").read_text()) == json.loads(good.read_text()) and run.manifest["truth"]["n_causal"] == 1
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"edges": []}))
-    with pytest.raises(ValueError, match=r"bad.json: not a truth file \(missing source, images, threshold\)"):
-        copy_truth(run, bad)
-    with pytest.raises(ValueError, match="missing.json: not a truth file"):
-        copy_truth(run, tmp_path / "missing.json")
+    with pytest.raises(ValueError, match=r"bad.json: not a truth file for this model \(missing source, images, threshold\)"):
+        copy_truth(run, bad, loaded)
+    with pytest.raises(FileNotFoundError, match="missing.json: not found"):
+        copy_truth(run, tmp_path / "missing.json", loaded)
+    for edge, drop in (((7, 9, 11, 3, "k"), 1.0), ((0, 1, 2, 0, "x"), 1.0), ((2, 1, 1, 0, "q"), 1.0), ((0, 1, 2, 0, "k"), "lots")):
+        document = _truth([((0, 1, 2, 0, "k"), 1.0)])
+        document["edges"].append({"edge": list(edge), "margin_drop": drop, "causal": True})
+        bad.write_text(json.dumps(document))
+        with pytest.raises(ValueError, match="edge 1 is not .* of this 3-layer, 4-head model"):
+            copy_truth(run, bad, loaded)
 
 
 def test_hunt_rejects_a_bad_truth_file_before_any_stage(tmp_path):
@@ -62,5 +70,5 @@ def test_hunt_rejects_a_bad_truth_file_before_any_stage(tmp_path):
     bad.write_text("[not json")
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["hunt", "--model", "bundled:shapes-vit", "--images", "bundled:shapes", "--out", str(out), "--truth", str(bad)])
-    assert result.exit_code == 2 and "bad.json: not a truth file" in result.output
+    assert result.exit_code == 2 and "bad.json: not valid JSON" in result.output
     assert not (out / "stages.json").exists()

@@ -185,17 +185,36 @@ def run_features(run: Run, loaded: LoadedModel, images: ImageOptions, config: An
     run.write_manifest(features={"n_analysed": summary["n_features_analysed"], "n_compositional": summary["n_compositional"]})
 
 
-def copy_truth(run: Run, truth: str | Path) -> None:
-    """Validate a known-circuit file (the ``truth.json`` layout of
-    :func:`vitcircuits.testing.organism_benchmark.truth_document`) and copy it into the run."""
+def check_truth(data: object, n_layers: int, n_heads: int) -> int:
+    """Validate a known-circuit document (the ``truth.json`` layout of
+    :func:`vitcircuits.testing.organism_benchmark.truth_document`) against the model's shape;
+    return its number of causal edges. Raises ValueError naming what is wrong."""
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    missing = [key for key in ("source", "images", "threshold", "edges") if key not in data]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    if not isinstance(data["edges"], list):
+        raise ValueError("'edges' is not a list")
+    for i, row in enumerate(data["edges"]):
+        edge = row.get("edge") if isinstance(row, dict) else None
+        ok = (isinstance(edge, list) and len(edge) == 5 and all(isinstance(v, int) and not isinstance(v, bool) for v in edge[:4])
+              and edge[4] in ("q", "k", "v") and 0 <= edge[0] < edge[2] < n_layers and 0 <= edge[1] < n_heads and 0 <= edge[3] < n_heads
+              and isinstance(row.get("margin_drop"), (int, float)) and not isinstance(row.get("margin_drop"), bool)
+              and isinstance(row.get("causal"), bool))
+        if not ok:
+            raise ValueError(f"edge {i} is not [sender layer, sender head, receiver layer, receiver head, q|k|v] of this "
+                             f"{n_layers}-layer, {n_heads}-head model with a numeric margin_drop and a true/false causal")
+    return sum(row["causal"] for row in data["edges"])
+
+
+def copy_truth(run: Run, truth: str | Path, loaded: LoadedModel) -> None:
+    """Validate a known-circuit file against the model and copy it into the run."""
+    data = read_json(truth)
     try:
-        data = read_json(Path(truth))
-        missing = [key for key in ("source", "images", "threshold", "edges") if key not in data]
-        if missing:
-            raise ValueError(f"missing {', '.join(missing)}")
-        n_causal = sum(bool(row["causal"]) for row in data["edges"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{truth}: not a truth file ({err})") from None
+        n_causal = check_truth(data, loaded.model.cfg.n_layers, loaded.model.cfg.n_heads)
+    except ValueError as err:
+        raise ValueError(f"{truth}: not a truth file for this model ({err})") from None
     run.write_manifest(truth={"file": str(truth), "n_causal": n_causal})
     write_json(run.file("truth.json"), data)
 
@@ -209,10 +228,10 @@ def hunt(out: str, model: ModelOptions, images: ImageOptions, config: HuntConfig
     if force:
         run.file("stages.json").unlink(missing_ok=True)
         run.file("truth.json").unlink(missing_ok=True)
-    if truth is not None:
-        copy_truth(run, truth)
     with run.timed("load_model"):
         loaded = model.load()
+    if truth is not None:
+        copy_truth(run, truth, loaded)
     run.write_manifest(model=loaded.manifest(), seed=model.seed)
     stages = StageRunner(run)
     image_list = images.batches(loaded, progress=False).summary().image_list_sha256

@@ -100,6 +100,14 @@ def test_stage_with_other_inputs_clears_its_outputs_and_manifest_sections(tmp_pa
     assert not (tmp_path / "stage").exists() and "section" not in run.manifest
 
 
+def test_a_finished_stage_whose_outputs_were_deleted_runs_again(tmp_path):
+    run = Run.create(tmp_path, "test", {})
+    write = lambda: (tmp_path / "out.txt").write_text("x")  # noqa: E731
+    assert StageRunner(run).stage("s", {"v": 1}, write, outputs=["out.txt"])
+    (tmp_path / "out.txt").unlink()
+    assert StageRunner(run).stage("s", {"v": 1}, write, outputs=["out.txt"]) and (tmp_path / "out.txt").exists()
+
+
 def test_unfinished_stage_with_the_same_inputs_resumes_in_place(tmp_path):
     run = Run.create(tmp_path, "test", {})
 

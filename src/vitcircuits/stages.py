@@ -3,8 +3,8 @@
 A stage records in ``stages.json`` a hash of everything it depends on when it starts and when it
 finishes. A later run:
 
-- skips a finished stage whose hash is unchanged (unless an earlier stage ran again, since then
-  its inputs changed);
+- skips a finished stage whose hash is unchanged and whose outputs are all there (unless an
+  earlier stage ran again, since then its inputs changed);
 - resumes an unfinished stage with the same hash, keeping its outputs: a stage that can resume
   (the activation harvest, SAE checkpoints) checks its own artefacts' keys;
 - otherwise deletes the stage's outputs and the manifest sections it wrote, then runs it, so
@@ -43,7 +43,7 @@ class StageRunner:
         digest = config_hash(depends_on)
         previous = self.done.get(name) or {}
         same = previous.get("hash") == digest and not self.upstream_changed
-        if same and previous.get("finished"):
+        if same and previous.get("finished") and all(self.run.file(o).exists() for o in outputs):
             self.console.print(f"stage {name}: already done, skipped")
             return False
         self.upstream_changed = True

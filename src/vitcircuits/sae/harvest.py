@@ -7,11 +7,12 @@ out for evaluation (with all their views), so no evaluation row shares an image 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from vitcircuits.runs import read_json
 from vitcircuits.sae.train import ShuffleBuffer
@@ -55,16 +56,28 @@ class ShardReader:
 
     @property
     def width(self) -> int:
-        with safe_open(str(self.folder / self.index["shards"][0]["file"]), "pt") as f:
+        with self._open(0) as f:
             return f.get_slice(self.hook).get_shape()[1]
+
+    @contextmanager
+    def _open(self, i: int):
+        """Shard ``i``; a missing, truncated or corrupt shard raises one line naming it."""
+        path = self.folder / self.index["shards"][i]["file"]
+        try:
+            with safe_open(str(path), "pt") as f:
+                yield f
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{path}: unreadable activation shard ({err}); rerun with --force") from None
 
     def rows(self, order: list[int] | None = None) -> Iterator[HarvestRows]:
         """Shard by shard (in ``order`` if given), as float32."""
         shards = self.index["shards"]
         for i in order if order is not None else range(len(shards)):
-            with safe_open(str(self.folder / shards[i]["file"]), "pt") as f:
+            with self._open(i) as f:
                 acts_ND = f.get_tensor(self.hook).float()
                 positions = [f.get_tensor(k) if k in f.keys() else torch.zeros(acts_ND.shape[0], dtype=torch.long) for k in POSITION_KEYS]
+            if acts_ND.shape[0] != shards[i]["rows"]:
+                raise ValueError(f"{self.folder / shards[i]['file']}: {acts_ND.shape[0]} rows, the index says {shards[i]['rows']}; rerun with --force")
             yield HarvestRows(acts_ND, *positions)
 
     def split(self, held_out: bool, holdout_every: int, order: list[int] | None = None) -> Iterator[HarvestRows]:

@@ -6,7 +6,8 @@ import torch
 from typer.testing import CliRunner
 
 from vitcircuits.cli import app
-from vitcircuits.models.loading import bundled_model_folder, bundled_model_names, sha256_file
+from vitcircuits.models.checkpoints import sha256_file
+from vitcircuits.models.loading import bundled_model_folder, bundled_model_names
 
 pytestmark = pytest.mark.skipif("cifar10-vit" not in bundled_model_names(), reason="bundled organism checkpoint missing")
 

@@ -178,8 +178,8 @@ def compose(
     force: ForceOpt = False,
 ) -> None:
     """Composition: a verdict for every edge (composes and matters, each against its null), weights, shuffle control."""
+    from vitcircuits.composition.config import ComposeConfig
     from vitcircuits.composition.patching import PatchingConfig
-    from vitcircuits.composition.scan import ComposeConfig
     from vitcircuits.heads.atlas import AtlasConfig
     from vitcircuits.hunt import run_compose, run_heads
 

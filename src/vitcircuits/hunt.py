@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from vitcircuits.composition.circuits import VERDICTS
+from vitcircuits.composition.config import ComposeConfig
 from vitcircuits.composition.necessity import LabelledBatches, NecessityConfig, circuit_heads, necessity_report
 from vitcircuits.composition.outputs import write_composition
-from vitcircuits.composition.scan import ComposeConfig, run_composition
+from vitcircuits.composition.scan import run_composition
 from vitcircuits.composition.task_metric import TaskMetric, fit_probe
 from vitcircuits.heads.atlas import AtlasConfig, HeadAtlas
 from vitcircuits.heads.scan import scan_heads, summarize, write_heads_outputs

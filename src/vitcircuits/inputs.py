@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from vitcircuits.data.images import BadImage, SkippedImage, resolve_source
+from vitcircuits.data.images import BadImage, resolve_source
+from vitcircuits.data.items import SkippedImage
 from vitcircuits.data.loader import ImageBatches, ImageDataset, iter_batches
 from vitcircuits.data.names import display_id
 from vitcircuits.data.transforms import PreprocessConfig

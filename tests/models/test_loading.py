@@ -10,7 +10,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from vitcircuits.models.loading import StateDictMismatchError, load_model
+from vitcircuits.models.checkpoints import StateDictMismatchError
+from vitcircuits.models.loading import load_model
 from vitcircuits.testing.checkpoints import populate_hf_cache, save_timm_folder
 
 REF_ID = "timm/vit_base_patch32_224.augreg_in21k_ft_in1k"

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from vitcircuits.composition.ablation import ZStats
 from vitcircuits.composition.circuits import verdict
+from vitcircuits.composition.config import ComposeConfig
 from vitcircuits.composition.edge_attribution import EdgeAttribution, attribution_chunk, edge_attribution_batch, spearman
 from vitcircuits.composition.evidence import MIN_NULL, Line, below_floor, bootstrap_intervals, fill_count, judge
 from vitcircuits.composition.patching import METRICS, PATHS, QUERY_SETS, VERDICT_METRIC, PatchEffects
@@ -19,9 +19,6 @@ from vitcircuits.composition.task_metric import TaskMetric
 from vitcircuits.composition.task_patching import EdgeDrops, EdgeKey, all_edges, edge_drops
 from vitcircuits.composition.weights import CompositionScores
 from vitcircuits.models.hooked_vit import HookedViT
-
-if TYPE_CHECKING:
-    from vitcircuits.composition.scan import ComposeConfig
 
 Steps = Callable[[str, int], Callable[[], None]]
 """``steps(description, total)`` starts a progress bar and returns its ``advance()``."""

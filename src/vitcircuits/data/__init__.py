@@ -12,20 +12,8 @@
   policy (:class:`SkipLog`, logger ``vitcircuits.data``) and :class:`LoadSummary`.
 """
 
-from vitcircuits.data.images import (
-    DEFAULT_MAX_PIXELS,
-    DEFAULT_MIN_SIZE,
-    IMAGE_EXTENSIONS,
-    BadImage,
-    ImageItem,
-    ImageSource,
-    SkippedImage,
-    open_image,
-    open_item,
-    read_labels,
-    resolve_source,
-    to_rgb,
-)
+from vitcircuits.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE, IMAGE_EXTENSIONS, BadImage, open_image, open_item, read_labels, resolve_source, to_rgb
+from vitcircuits.data.items import ImageItem, ImageSource, SkippedImage
 from vitcircuits.data.listing import IgnoredFiles, folder_classes, list_folder
 from vitcircuits.data.loader import (
     ImageBatch,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitcircuits.data.images import ImageItem, ImageSource
+from vitcircuits.data.items import ImageItem, ImageSource
 from vitcircuits.data.names import display_id
 from vitcircuits.hub import hub_offline
 
@@ -30,7 +30,7 @@ def resolve_hf(spec: str, max_images: int | None, sample_seed: int | None) -> Im
     if not name:
         raise ValueError(f"bad source spec {spec!r}: expected hf:DATASET[:SPLIT]")
     split = split or "train"
-    if hub_offline():
+    if not Path(name).exists() and hub_offline():
         raise ValueError(f"source {spec!r}: the HuggingFace hub is not reachable (offline), and hf: sources stream from it; "
                          "save the images to a folder on a machine with network and pass that folder")
     stream = datasets.load_dataset(name, split=split, streaming=True)

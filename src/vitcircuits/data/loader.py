@@ -30,15 +30,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch.utils.data import DataLoader, Dataset
 
-from vitcircuits.data.images import (
-    DEFAULT_MAX_PIXELS,
-    DEFAULT_MIN_SIZE,
-    BadImage,
-    ImageItem,
-    ImageSource,
-    SkippedImage,
-    open_item,
-)
+from vitcircuits.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE, BadImage, open_item
+from vitcircuits.data.items import ImageItem, ImageSource, SkippedImage
 from vitcircuits.data.listing import IgnoredFiles
 from vitcircuits.data.names import display_id, name_bytes
 from vitcircuits.data.transforms import PreprocessConfig, preprocess_image

@@ -3,38 +3,36 @@
 Rules:
 - Every parameter comes from the checkpoint. Missing or unexpected keys are an error that
   lists them; random weights only with ``random_weights=True``.
-- Hub files come through huggingface_hub, so its cache and ``HF_HUB_OFFLINE`` apply. Without
-  network or cache the error names the repository and how to provide the weights.
+- Hub files come through huggingface_hub (:mod:`vitcircuits.models.checkpoints`), so its cache
+  and ``HF_HUB_OFFLINE`` apply. Without network or cache the error names the repository and how
+  to provide the weights.
 - The family (timm or transformers) is read from the folder's ``config.json``: timm's hub layout
   has ``architecture``, transformers' has ``model_type``.
 """
 from __future__ import annotations
 
-import hashlib
-import pickle
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
-from vitcircuits.hub import hub_offline
-from vitcircuits.models.families import hf_vit, timm_vit
+from vitcircuits.models.checkpoints import (
+    StateDictMismatchError,
+    WeightsNotFoundError,
+    folder_weights,
+    hub_file,
+    hub_weights,
+    read_state_dict,
+    sha256_file,
+)
+from vitcircuits.models.families import UnsupportedModelError, hf_vit, timm_vit
 from vitcircuits.models.hooked_vit import HookedViT
 from vitcircuits.runs import read_json
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class WeightsNotFoundError(RuntimeError):
-    """The weights for a model id are neither cached nor downloadable."""
-
-
-class StateDictMismatchError(RuntimeError):
-    """A checkpoint's keys or shapes do not match the architecture."""
 
 
 @dataclass
@@ -74,82 +72,6 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Weights from ``.safetensors`` or, with ``weights_only=True``, a torch pickle (never plain
-    pickle). A truncated, corrupt or non-weights file raises one line naming it."""
-    path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"{path}: not readable as weights ({type(err).__name__}: {reason})") from None
-    for wrapper in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise StateDictMismatchError(f"{path}: not a state dict of tensors")
-    return state
-
-
-def hub_file(repo_id: str, filename: str) -> Path:
-    """One file of a hub repository: from the HF cache if there, else downloaded. Fails within
-    seconds when offline (``HF_HUB_OFFLINE=1`` or no route to the endpoint)."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(hf_hub_download(repo_id, filename, local_files_only=True))
-    except LocalEntryNotFoundError as err:
-        failure = err
-    if not hub_offline():
-        try:
-            return Path(hf_hub_download(repo_id, filename, etag_timeout=5))
-        except EntryNotFoundError as err:
-            if not isinstance(err, LocalEntryNotFoundError):
-                raise
-            failure = err
-        except (HfHubHTTPError, OSError, ValueError) as err:
-            failure = err
-    raise WeightsNotFoundError(
-        f"cannot get {filename} of hub repository {repo_id!r} (offline, or not in the HF cache): {type(failure).__name__}. "
-        f"Provide the weights by pre-downloading on a machine with network "
-        f"(`hf download {repo_id}`, then copy its HF cache and point HF_HOME at it) "
-        f"or by passing --model with a folder holding that repository's config.json and model.safetensors."
-    ) from failure
-
-
-def _hub_weights(repo_id: str) -> Path:
-    from huggingface_hub.errors import EntryNotFoundError
-
-    failures: list[Exception] = []
-    for filename in WEIGHT_FILES:
-        try:
-            return hub_file(repo_id, filename)
-        except (EntryNotFoundError, WeightsNotFoundError) as err:
-            failures.append(err)
-    offline = [f for f in failures if isinstance(f, WeightsNotFoundError)]
-    if offline:
-        raise offline[0]
-    raise WeightsNotFoundError(f"hub repository {repo_id!r} has none of {', '.join(WEIGHT_FILES)}")
-
-
-def _folder_weights(folder: Path) -> Path:
-    for filename in WEIGHT_FILES:
-        if (folder / filename).is_file():
-            return folder / filename
-    raise WeightsNotFoundError(f"{folder}: none of {', '.join(WEIGHT_FILES)} found")
 
 
 def load_into(model: HookedViT, state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -295,9 +217,9 @@ def _load(spec: str, arch: str | None, img_size, random_weights: bool, seed: int
             raise FileNotFoundError(f"{path}: no config.json (expected timm hub or transformers layout)")
         config = read_json(config_path)
         if "architecture" in config:
-            weights = None if random_weights else _folder_weights(path)
+            weights = None if random_weights else folder_weights(path)
             return _load_timm(config, weights, str(path), img_size, seed)
-        return hf_vit.load_hf(str(path), img_size=img_size, random_weights=random_weights, seed=seed)
+        return _load_transformers(str(path), img_size=img_size, random_weights=random_weights, seed=seed)
     if path.is_file():
         if arch is None:
             raise ValueError(f"{path}: loading a weights file needs --arch (a timm architecture name)")
@@ -315,6 +237,60 @@ def _load(spec: str, arch: str | None, img_size, random_weights: bool, seed: int
         repo_id = config["hub_id"]
     config = read_json(hub_file(repo_id, "config.json"))
     if "architecture" in config:
-        weights = None if random_weights else _hub_weights(repo_id)
+        weights = None if random_weights else hub_weights(repo_id)
         return _load_timm(config, weights, repo_id, img_size, seed)
-    return hf_vit.load_hf(repo_id, img_size=img_size, random_weights=random_weights, seed=seed)
+    return _load_transformers(repo_id, img_size=img_size, random_weights=random_weights, seed=seed)
+
+
+def _read_processor(spec: str) -> dict:
+    """The repository's ``preprocessor_config.json``, or ``{}`` (defaults, with a warning)."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    folder = Path(spec)
+    try:
+        path = folder / "preprocessor_config.json" if folder.is_dir() else hub_file(spec, "preprocessor_config.json")
+        return read_json(path)
+    except (FileNotFoundError, EntryNotFoundError, WeightsNotFoundError):
+        logger.warning("%s: no preprocessor_config.json; using ViT defaults (mean/std 0.5, bilinear resize)", spec)
+        return {}
+
+
+def _load_transformers(spec: str, *, img_size=None, random_weights: bool = False, seed: int = 0):
+    """Load a transformers ViT/DeiT/CLIP checkpoint (folder or hub id) as a HookedViT."""
+    try:
+        import transformers
+    except ImportError as err:
+        raise ImportError(f"{spec} is a transformers model; install the extra: pip install 'vitcircuits[hf]'") from err
+
+    try:
+        hf_cfg = transformers.AutoConfig.from_pretrained(spec)
+    except OSError as err:
+        raise WeightsNotFoundError(f"cannot read the transformers config of {spec!r}: {err}") from err
+    if hf_cfg.model_type not in hf_vit.CONVERTERS:
+        raise UnsupportedModelError(f"{spec}: transformers model_type {hf_cfg.model_type!r} is not supported (vit, deit, clip)")
+    architecture = (hf_cfg.architectures or ["AutoModel"])[0]
+    model_cls = getattr(transformers, architecture, transformers.AutoModel)
+    if random_weights:
+        torch.manual_seed(seed)
+        hf_model = model_cls(hf_cfg)
+    else:
+        try:
+            hf_model = model_cls.from_pretrained(spec, **({"add_pooling_layer": False} if hf_cfg.model_type == "vit" and architecture == "ViTModel" else {}))
+        except OSError as err:
+            raise WeightsNotFoundError(f"cannot load weights of {spec!r}: {err}") from err
+    cfg, state = hf_vit.convert(hf_model.float().eval(), hf_cfg.model_type, img_size)
+    model = HookedViT(cfg)
+    load_into(model, {k: v.detach() for k, v in state.items()}, spec)
+    sha = None
+    if not random_weights:
+        sha = sha256_file(folder_weights(Path(spec)) if Path(spec).is_dir() else hub_weights(spec))
+    return LoadedModel(
+        model=model,
+        model_id=spec,
+        family=f"transformers:{hf_cfg.model_type}",
+        pretrained_cfg=hf_vit.pretrained_cfg_from_processor(_read_processor(spec), cfg),
+        weights_sha256=sha,
+        random_weights=random_weights,
+        label_names=[hf_cfg.id2label[i] for i in sorted(hf_cfg.id2label)] if cfg.n_classes and getattr(hf_cfg, "id2label", None) else None,
+        arch=architecture,
+    )

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from vitcircuits.models.loading import read_state_dict
+from vitcircuits.models.checkpoints import read_state_dict
 from vitcircuits.runs import read_json
 from vitcircuits.sae.model import SAE, SAEConfig
 

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from vitcircuits.composition.circuits import edge_key
-from vitcircuits.composition.scan import ComposeConfig, CompositionResult, run_composition
+from vitcircuits.composition.config import ComposeConfig
+from vitcircuits.composition.scan import CompositionResult, run_composition
 from vitcircuits.composition.task_patching import EdgeKey
 from vitcircuits.heads.atlas import AtlasConfig, HeadAtlas, accumulate, build_atlas, new_accumulator
 from vitcircuits.testing.planted_family import FamilyConfig, FamilyMember, build_family_member

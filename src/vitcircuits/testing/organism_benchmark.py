@@ -25,7 +25,8 @@ import torch
 
 from vitcircuits.composition.ablation import ZStats
 from vitcircuits.composition.circuits import edge_key
-from vitcircuits.composition.scan import ComposeConfig, run_composition
+from vitcircuits.composition.config import ComposeConfig
+from vitcircuits.composition.scan import run_composition
 from vitcircuits.composition.task_patching import EdgeKey, all_edges, task_edge_effects
 from vitcircuits.heads.atlas import AtlasConfig
 from vitcircuits.heads.scan import scan_heads

@@ -1,25 +1,19 @@
-"""transformers ViT, DeiT and CLIP-vision → HookedViT.
-
-The checkpoint is loaded with transformers itself (its cache, offline rules and key
-migrations apply), then its modules are read by role. Both the transformers 5 module layout
+"""transformers ViT, DeiT and CLIP-vision → HookedViT: :func:`convert` reads a loaded transformers
+model's modules by role and returns ``(ViTConfig, state_dict)``, and nothing else (loading,
+hashing and the hub are :mod:`vitcircuits.models.loading`'s). Both the transformers 5 module layout
 (``attention.q_proj``, ``mlp.fc1``) and the 4.x one (``attention.attention.query``,
 ``intermediate.dense``) are understood.
 """
 from __future__ import annotations
-
-import logging
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from vitcircuits.models.config import ViTConfig
 from vitcircuits.models.families import UnsupportedModelError
-from vitcircuits.models.families.timm_vit import _resample_pos_embed
-from vitcircuits.runs import read_json
+from vitcircuits.models.families.timm_vit import resample_pos_embed
 
 _ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "quick_gelu": "quick_gelu"}
-logger = logging.getLogger(__name__)
 _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 _ROLES = {
     "q": ("attention.q_proj", "attention.attention.query", "self_attn.q_proj"),
@@ -113,7 +107,7 @@ def convert_vit_or_deit(model: nn.Module, img_size) -> tuple[ViTConfig, dict[str
     )
     state = {
         "cls_token": emb.cls_token,
-        "pos_embed": _resample_pos_embed(emb.position_embeddings, cfg, (hf_cfg.image_size, hf_cfg.image_size)),
+        "pos_embed": resample_pos_embed(emb.position_embeddings, cfg, (hf_cfg.image_size, hf_cfg.image_size)),
         **_linear_state("embed.proj", emb.patch_embeddings.projection),
         **_blocks_state(_layers(backbone)),
         **_linear_state("ln_final", backbone.layernorm),
@@ -144,7 +138,7 @@ def convert_clip_vision(model: nn.Module, img_size) -> tuple[ViTConfig, dict[str
     )
     state = {
         "cls_token": emb.class_embedding.view(1, 1, -1),
-        "pos_embed": _resample_pos_embed(emb.position_embedding.weight[None], cfg, (hf_cfg.image_size, hf_cfg.image_size)),
+        "pos_embed": resample_pos_embed(emb.position_embedding.weight[None], cfg, (hf_cfg.image_size, hf_cfg.image_size)),
         **_linear_state("embed.proj", emb.patch_embedding),
         **_linear_state("ln_pre", vision.pre_layrnorm),
         **_blocks_state(_layers(vision.encoder)),
@@ -156,6 +150,14 @@ def convert_clip_vision(model: nn.Module, img_size) -> tuple[ViTConfig, dict[str
 
 
 CONVERTERS = {"vit": convert_vit_or_deit, "deit": convert_vit_or_deit, "clip_vision_model": convert_clip_vision, "clip": convert_clip_vision}
+"""transformers ``model_type`` → converter."""
+
+
+def convert(model: nn.Module, model_type: str, img_size) -> tuple[ViTConfig, dict[str, torch.Tensor]]:
+    """A transformers model of ``model_type`` as ``(ViTConfig, HookedViT state dict)``."""
+    if model_type not in CONVERTERS:
+        raise UnsupportedModelError(f"transformers model_type {model_type!r} is not supported (vit, deit, clip)")
+    return CONVERTERS[model_type](model, img_size)
 
 
 def pretrained_cfg_from_processor(processor: dict, cfg: ViTConfig) -> dict:
@@ -170,61 +172,3 @@ def pretrained_cfg_from_processor(processor: dict, cfg: ViTConfig) -> dict:
         "mean": list(processor.get("image_mean", (0.5, 0.5, 0.5))),
         "std": list(processor.get("image_std", (0.5, 0.5, 0.5))),
     }
-
-
-def _read_processor(spec: str) -> dict:
-    """The repository's ``preprocessor_config.json``, or ``{}`` (defaults, with a warning)."""
-    from huggingface_hub.errors import EntryNotFoundError
-
-    from vitcircuits.models.loading import WeightsNotFoundError, hub_file
-
-    folder = Path(spec)
-    try:
-        path = folder / "preprocessor_config.json" if folder.is_dir() else hub_file(spec, "preprocessor_config.json")
-        return read_json(path)
-    except (FileNotFoundError, EntryNotFoundError, WeightsNotFoundError):
-        logger.warning("%s: no preprocessor_config.json; using ViT defaults (mean/std 0.5, bilinear resize)", spec)
-        return {}
-
-
-def load_hf(spec: str, *, img_size=None, random_weights: bool = False, seed: int = 0):
-    """Load a transformers ViT/DeiT/CLIP checkpoint (folder or hub id) as a HookedViT."""
-    try:
-        import transformers
-    except ImportError as err:
-        raise ImportError(f"{spec} is a transformers model; install the extra: pip install 'vitcircuits[hf]'") from err
-    from vitcircuits.models.hooked_vit import HookedViT
-    from vitcircuits.models.loading import LoadedModel, WeightsNotFoundError, _folder_weights, _hub_weights, load_into, sha256_file
-
-    try:
-        hf_cfg = transformers.AutoConfig.from_pretrained(spec)
-    except OSError as err:
-        raise WeightsNotFoundError(f"cannot read the transformers config of {spec!r}: {err}") from err
-    if hf_cfg.model_type not in CONVERTERS:
-        raise UnsupportedModelError(f"{spec}: transformers model_type {hf_cfg.model_type!r} is not supported (vit, deit, clip)")
-    architecture = (hf_cfg.architectures or ["AutoModel"])[0]
-    model_cls = getattr(transformers, architecture, transformers.AutoModel)
-    if random_weights:
-        torch.manual_seed(seed)
-        hf_model = model_cls(hf_cfg)
-    else:
-        try:
-            hf_model = model_cls.from_pretrained(spec, **({"add_pooling_layer": False} if hf_cfg.model_type == "vit" and architecture == "ViTModel" else {}))
-        except OSError as err:
-            raise WeightsNotFoundError(f"cannot load weights of {spec!r}: {err}") from err
-    cfg, state = CONVERTERS[hf_cfg.model_type](hf_model.float().eval(), img_size)
-    model = HookedViT(cfg)
-    load_into(model, {k: v.detach() for k, v in state.items()}, spec)
-    sha = None
-    if not random_weights:
-        sha = sha256_file(_folder_weights(Path(spec)) if Path(spec).is_dir() else _hub_weights(spec))
-    return LoadedModel(
-        model=model,
-        model_id=spec,
-        family=f"transformers:{hf_cfg.model_type}",
-        pretrained_cfg=pretrained_cfg_from_processor(_read_processor(spec), cfg),
-        weights_sha256=sha,
-        random_weights=random_weights,
-        label_names=[hf_cfg.id2label[i] for i in sorted(hf_cfg.id2label)] if cfg.n_classes and getattr(hf_cfg, "id2label", None) else None,
-        arch=architecture,
-    )

@@ -107,12 +107,15 @@ def convert_state_dict(
         for pattern, repl in _KEY_RULES:
             new_key = re.sub(pattern, repl, new_key)
         if new_key == "pos_embed":
-            value = _resample_pos_embed(value, cfg, source_img_size)
+            value = resample_pos_embed(value, cfg, source_img_size)
         out[new_key] = value
     return out
 
 
-def _resample_pos_embed(pos: torch.Tensor, cfg: ViTConfig, source_img_size: tuple[int, int] | None) -> torch.Tensor:
+def resample_pos_embed(pos: torch.Tensor, cfg: ViTConfig, source_img_size: tuple[int, int] | None) -> torch.Tensor:
+    """Position embeddings ``[1, prefix + grid, D]`` resampled to ``cfg``'s grid as timm does
+    (bicubic, antialiased, prefix tokens kept); ``source_img_size`` is the resolution they were
+    trained at (a square grid is assumed when it is None or does not fit)."""
     n_prefix = cfg.n_prefix if cfg.pos_embed_prefix else 0
     old_grid = None
     if source_img_size is not None:

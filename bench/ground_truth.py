@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from vitcircuits.runs import write_json
+from vitcircuits.files import write_json
 from vitcircuits.testing.ground_truth import benchmark_configs, format_report, run_benchmark
 from vitcircuits.testing.organism_benchmark import SHAPES_ORGANISMS, OrganismBenchConfig, format_organism, format_organisms, run_organism
 

@@ -12,7 +12,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from vitcircuits.cli import app
-from vitcircuits.runs import Run, write_json
+from vitcircuits.files import write_json
+from vitcircuits.runs import Run
 from vitcircuits.sae.model import SAEConfig
 from vitcircuits.sae.train import TrainConfig, train_sae
 from vitcircuits.stages import StageRunner

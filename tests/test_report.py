@@ -6,10 +6,11 @@ import copy
 import json
 from types import SimpleNamespace
 
+from vitcircuits.files import write_json
 from vitcircuits.report.page import composition_section
 from vitcircuits.report.summary import caveats_section, verdict_section
 from vitcircuits.report.truth_section import truth_section
-from vitcircuits.runs import Run, write_json
+from vitcircuits.runs import Run
 
 
 def _line(effect: float, q95: float | None, floor: float, beyond: bool, degenerate: bool = False) -> dict:

@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from vitcircuits.runs import Run, RunFolderError, atomic_path, write_json
+from vitcircuits.files import atomic_path, write_json
+from vitcircuits.runs import Run, RunFolderError
 
 
 def test_non_empty_folder_needs_force_or_resume(tmp_path):

@@ -24,10 +24,10 @@ from safetensors.torch import save_file
 
 from vitcircuits.data.augment import AugmentConfig, with_views
 from vitcircuits.data.loader import ImageBatch, ImageBatches
+from vitcircuits.files import read_json, write_json, write_with
 from vitcircuits.inputs import preprocess_config
 from vitcircuits.models.hooked_vit import HookedViT
 from vitcircuits.models.loading import LoadedModel
-from vitcircuits.runs import read_json, write_json, write_with
 
 PER_TOKEN_SUFFIXES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
                       "hook_normalized", "hook_q", "hook_k", "hook_v", "hook_z", "hook_pre", "hook_post", "hook_result")

@@ -23,8 +23,9 @@ from vitcircuits.cli_options import (
     WorkersOpt,
 )
 from vitcircuits.cli_sae import read_circuits
+from vitcircuits.files import write_json
 from vitcircuits.inputs import ImageOptions, ModelOptions, check_folder_classes, images_manifest
-from vitcircuits.runs import Run, write_json
+from vitcircuits.runs import Run
 
 
 def parse_heads(text: str) -> list[tuple[int, int]]:

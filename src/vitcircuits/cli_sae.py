@@ -25,8 +25,9 @@ from vitcircuits.cli_options import (
     Typer,
     WorkersOpt,
 )
+from vitcircuits.files import read_json
 from vitcircuits.inputs import ImageOptions, ModelOptions
-from vitcircuits.runs import Run, read_json
+from vitcircuits.runs import Run
 
 sae_app = Typer(add_completion=False, no_args_is_help=True, help="Sparse autoencoders: train at a hook, analyse features.")
 CircuitsOpt = Annotated[Optional[Path], typer.Option("--circuits", help="a compose or hunt run whose circuits.json names the circuit heads")]

@@ -24,6 +24,7 @@ from vitcircuits.composition.necessity import LabelledBatches, NecessityConfig, 
 from vitcircuits.composition.outputs import write_composition
 from vitcircuits.composition.scan import run_composition
 from vitcircuits.composition.task_metric import TaskMetric, fit_probe
+from vitcircuits.files import read_json, write_json, write_text
 from vitcircuits.heads.atlas import AtlasConfig, HeadAtlas
 from vitcircuits.heads.scan import scan_heads, summarize, write_heads_outputs
 from vitcircuits.inputs import ImageOptions, ModelOptions, check_folder_classes, images_manifest, preprocess_config
@@ -31,7 +32,7 @@ from vitcircuits.models.loading import LoadedModel
 from vitcircuits.report.attention_maps import default_queries, patch_attention, plot_head_grid
 from vitcircuits.report.figures import denormalize
 from vitcircuits.report.page import write_report
-from vitcircuits.runs import Run, read_json, write_json, write_text
+from vitcircuits.runs import Run
 from vitcircuits.sae.dependence import DependenceConfig
 from vitcircuits.sae.stage import AnalyzeConfig, SAEStageConfig, TooFewRows, choose_hook, run_sae_analyze, run_sae_train
 from vitcircuits.stages import StageRunner

@@ -20,7 +20,8 @@ from collections.abc import Callable, Sequence
 
 from rich.console import Console
 
-from vitcircuits.runs import Run, read_json, write_json
+from vitcircuits.files import read_json, write_json
+from vitcircuits.runs import Run
 
 
 def config_hash(obj: object) -> str:

@@ -10,7 +10,7 @@ from vitcircuits.composition.figures import plot_circuit_graph, plot_patch_heatm
 from vitcircuits.composition.scan import CompositionResult
 from vitcircuits.composition.transfer import plot_receptive_field
 from vitcircuits.composition.weights import COMPOSITION_COLUMNS
-from vitcircuits.runs import write_json, write_text
+from vitcircuits.files import write_json, write_text
 
 EDGE_COLUMNS = (
     "verdict", "composes", "read_at", "patch_metric", "patch_effect", "patch_lo", "patch_hi", "patch_null_q95", "patch_z",

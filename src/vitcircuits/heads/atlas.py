@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vitcircuits.files import read_json, write_json, write_npz, write_text
 from vitcircuits.heads.kinds import KindThresholds, classify
 from vitcircuits.heads.metrics import COVERAGE_SHARE, baseline_rows, head_metrics, mean_kernels
 from vitcircuits.heads.offsets import HeadStatsAccumulator
 from vitcircuits.heads.positional import pattern_agreement, positional_accumulator
 from vitcircuits.models.config import TokenLayout
 from vitcircuits.models.hooked_vit import HookedViT
-from vitcircuits.runs import read_json, write_json, write_npz, write_text
 
 HEADS_COLUMNS = (
     "layer", "head", "kind", "modular_score", "modular_score_lo", "modular_score_hi",

@@ -18,6 +18,7 @@ from pathlib import Path
 import timm
 import torch
 
+from vitcircuits.files import read_json
 from vitcircuits.models.checkpoints import (
     StateDictMismatchError,
     WeightsNotFoundError,
@@ -29,7 +30,6 @@ from vitcircuits.models.checkpoints import (
 )
 from vitcircuits.models.families import UnsupportedModelError, hf_vit, timm_vit
 from vitcircuits.models.hooked_vit import HookedViT
-from vitcircuits.runs import read_json
 
 logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from vitcircuits.runs import write_with  # noqa: E402
+from vitcircuits.files import write_with  # noqa: E402
 
 HEATMAP = "viridis"
 

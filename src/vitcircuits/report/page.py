@@ -1,13 +1,14 @@
 """``report.html`` of a hunt run, built only from the files the stages wrote."""
 from __future__ import annotations
 
+from vitcircuits.files import read_json, write_text
 from vitcircuits.models.loading import LoadedModel
 from vitcircuits.report import html
 from vitcircuits.report.first_screen import how_to_read_section, summary_section
 from vitcircuits.report.sae_section import sae_section
 from vitcircuits.report.summary import caveats_section, line_text, number, task_metric_text, verdict_section
 from vitcircuits.report.truth_section import truth_section
-from vitcircuits.runs import Run, read_json, write_text
+from vitcircuits.runs import Run
 
 
 def model_card(loaded: LoadedModel) -> list[tuple[str, str]]:

@@ -1,8 +1,9 @@
 """The report's SAE section: held-out metrics, downstream fidelity and compositional features."""
 from __future__ import annotations
 
+from vitcircuits.files import read_json
 from vitcircuits.report import html
-from vitcircuits.runs import Run, read_json
+from vitcircuits.runs import Run
 
 
 def _fmt(value, spec: str = ".3f") -> str:

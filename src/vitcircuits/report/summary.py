@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 
+from vitcircuits.files import read_json
 from vitcircuits.models.loading import LoadedModel
 from vitcircuits.report import html
-from vitcircuits.runs import Run, read_json
+from vitcircuits.runs import Run
 
 
 def read(run: Run, name: str) -> dict | list | None:

@@ -6,9 +6,10 @@ whether they count as causal (:func:`vitcircuits.testing.organism_benchmark.trut
 """
 from __future__ import annotations
 
+from vitcircuits.files import read_json
 from vitcircuits.report import html
 from vitcircuits.report.summary import number
-from vitcircuits.runs import Run, read_json
+from vitcircuits.runs import Run
 
 
 def _edge(e: list) -> str:

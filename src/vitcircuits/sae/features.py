@@ -24,7 +24,7 @@ import torch
 from rich.progress import Progress
 from safetensors.torch import load_file
 
-from vitcircuits.runs import read_json, write_json
+from vitcircuits.files import read_json, write_json
 from vitcircuits.sae.io import atomic_save_safetensors
 from vitcircuits.sae.model import SAE
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from vitcircuits.runs import read_json
+from vitcircuits.files import read_json
 from vitcircuits.sae.train import ShuffleBuffer
 
 POSITION_KEYS = ("image_index", "view", "row", "col")

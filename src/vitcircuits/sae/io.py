@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from vitcircuits.files import read_json
 from vitcircuits.models.checkpoints import read_state_dict
-from vitcircuits.runs import read_json
 from vitcircuits.sae.model import SAE, SAEConfig
 
 CFG_FILE = "cfg.json"

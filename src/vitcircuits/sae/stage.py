@@ -17,9 +17,9 @@ import torch
 from vitcircuits.cache import CacheConfig, check_hooks, provenance, write_cache
 from vitcircuits.composition.ablation import ZStats
 from vitcircuits.data.augment import AugmentConfig
+from vitcircuits.files import read_json, write_json, write_text
 from vitcircuits.inputs import ImageOptions, preprocess_config
 from vitcircuits.models.loading import LoadedModel
-from vitcircuits.runs import read_json, write_json, write_text
 from vitcircuits.sae.dependence import DependenceConfig, circuit_dependence, circuit_heads_from, hook_layer
 from vitcircuits.sae.features import FeatureStatsConfig, feature_stats
 from vitcircuits.sae.fidelity import FidelityConfig, downstream_fidelity

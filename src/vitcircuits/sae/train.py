@@ -31,7 +31,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file
 
-from vitcircuits.runs import read_json, write_json
+from vitcircuits.files import read_json, write_json
 from vitcircuits.sae.io import atomic_save_safetensors, save_sae
 from vitcircuits.sae.metrics import explained_variance
 from vitcircuits.sae.model import SAE, SAEConfig

@@ -52,7 +52,7 @@ from rich.progress import (
 from safetensors.torch import save_file
 from timm.optim import create_optimizer_v2
 
-from vitcircuits.runs import write_bytes, write_json, write_text, write_with
+from vitcircuits.files import write_bytes, write_json, write_text, write_with
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)

@@ -36,9 +36,9 @@ from safetensors.torch import save_file
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.optim import create_optimizer_v2
 
+from vitcircuits.files import write_json, write_with
 from vitcircuits.models.organisms import shapes_task
 from vitcircuits.models.organisms.cifar import TIMM_ARCHITECTURE, CifarOrganismConfig, lr_factor, normalize_images, timm_hub_config, train_loop
-from vitcircuits.runs import write_json, write_with
 
 _ASSETS = Path(__file__).resolve().parents[2] / "assets"
 BUNDLED_MODEL_DIR = _ASSETS / "organisms" / "shapes-vit"

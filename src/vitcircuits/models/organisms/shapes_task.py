@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vitcircuits.runs import write_text, write_with
+from vitcircuits.files import write_text, write_with
 
 IMAGE_SIZE = 32
 PATCH = 4

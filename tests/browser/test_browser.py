@@ -1,15 +1,17 @@
 """The report and the explorer in a real (headless) Chromium: no console errors, sections and
-images present, clicking a patch renders live attention, traversal refused, atlas hover."""
+images present, clicking a patch renders live attention, traversal refused, atlas hover, and no
+script from a run folder's own HTML or SVG."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import threading
+import time
 
 import pytest
 
-from tests.serve.demo_run import demo_run
+from tests.serve.demo_run import add_hostile_files, demo_run
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright; the browser is the system chromium)")
 
@@ -72,6 +74,14 @@ def test_report_renders_without_errors(page, run_dir):
     assert page.errors == []
 
 
+def wait_until(page, expression: str) -> None:
+    """Poll ``expression`` until true. The explorer's policy forbids eval, which ``page.wait_for_function`` needs."""
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"timed out waiting for {expression}"
+        page.wait_for_timeout(100)
+
+
 def _click_patch(page, row: int, col: int, rows: int, cols: int) -> None:
     canvas = page.locator("#image-canvas")
     box = canvas.bounding_box()
@@ -82,7 +92,7 @@ def _click_patch(page, row: int, col: int, rows: int, cols: int) -> None:
 
 def test_clicking_a_patch_shows_live_attention(page, server_url):
     page.goto(server_url)
-    page.wait_for_function("document.querySelectorAll('#image-select option').length > 0")
+    page.wait_for_selector("#image-select option", state="attached")
     run = json.loads(page.request.get(server_url + "api/run").text())
     rows, cols = run["rows"], run["cols"]
     assert page.locator("#image-select option").count() == len(run["images"])
@@ -115,6 +125,17 @@ def test_traversal_is_refused_from_the_browser(page, server_url):
     assert page.request.get(server_url + "files/manifest.json").status == 200
 
 
+def test_run_folder_html_and_svg_run_no_script(page, run_dir, server_url):
+    add_hostile_files(run_dir)
+    for name, shown in (("hostile/page.html", "p"), ("hostile/image.svg", "circle")):
+        page.goto(server_url + "files/" + name)
+        page.wait_for_load_state("load")
+        page.wait_for_timeout(500)  # time for the script's fetch, had it run
+        assert page.locator(shown).count() == 1, name  # rendered in the browser, not downloaded
+        assert page.evaluate("window.name") == "", name  # the hostile script sets it
+        assert page.evaluate("self.origin") == "null", name  # sandboxed: an opaque origin, not the explorer's
+
+
 def test_hovering_an_atlas_cell_shows_its_kernel_and_kind(page, server_url):
     page.goto(server_url)
     page.wait_for_selector("#atlas-grid td.atlas-cell")
@@ -135,7 +156,7 @@ def test_hovering_an_atlas_cell_shows_its_kernel_and_kind(page, server_url):
     assert "null q95" in page.locator("#circuits-table").text_content() and "NaN" not in page.locator("#circuits-table").text_content()
     if run["features"]:
         assert page.locator("#features-table tr").count() == len(run["features"]["top"]) + 1
-        page.wait_for_function("Array.from(document.querySelectorAll('#features-figures img')).every(i => i.complete && i.naturalWidth > 0)")
+        wait_until(page, "Array.from(document.querySelectorAll('#features-figures img')).every(i => i.complete && i.naturalWidth > 0)")
     assert page.errors == []
 
 

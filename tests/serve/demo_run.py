@@ -53,3 +53,22 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             torch.set_num_threads(threads)
         _RUN["run"] = out
     return _RUN["run"]
+
+
+SCRIPT = "window.name = 'pwned'; fetch('/api/run').then((r) => r.text()).then((t) => { window.name = 'pwned: ' + t.length; });"
+HOSTILE_FILES = {
+    "hostile/page.html": f"<!doctype html><title>hostile</title><p>hostile page</p><script>{SCRIPT}</script>",
+    "hostile/image.svg": f'<svg xmlns="http://www.w3.org/2000/svg" onload="{SCRIPT}"><script>{SCRIPT}</script><circle r="4"/></svg>',
+    "hostile/doc.xml": f'<?xml version="1.0"?><html xmlns="http://www.w3.org/1999/xhtml"><script>{SCRIPT}</script></html>',
+    "hostile/doc.xhtml": f'<html xmlns="http://www.w3.org/1999/xhtml"><script>{SCRIPT}</script></html>',
+    "hostile/code.js": SCRIPT,
+    "hostile/page.htm": f"<script>{SCRIPT}</script>",
+    "hostile/noext": f"<script>{SCRIPT}</script>",
+}
+"""Files an untrusted run folder could hold, each trying to run script on the explorer's origin."""
+
+
+def add_hostile_files(run: Path) -> None:
+    for name, text in HOSTILE_FILES.items():
+        (run / name).parent.mkdir(exist_ok=True)
+        (run / name).write_text(text)

@@ -1,13 +1,20 @@
 """`vitcircuits serve` over HTTP (no browser): the run summary, live attention, images, the file
-route's path safety, errors and methods."""
+route's path safety, security headers on every response, over-long requests, strict JSON, errors
+and methods."""
 from __future__ import annotations
 
+import base64
 import csv
+import hashlib
 import http.client
 import inspect
 import io
 import json
+import logging
+import re
+import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -15,9 +22,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from tests.serve.demo_run import demo_run
+from tests.serve.demo_run import HOSTILE_FILES, add_hostile_files, demo_run
 from vitcircuits.serve import RunState, make_server, serve
-from vitcircuits.serve.server import PAGE_CSP
+from vitcircuits.serve.server import MAX_PATH_CHARS, MAX_QUERY_CHARS
 
 SECRET = "TOP-SECRET-do-not-serve-7f3a"
 
@@ -44,6 +51,7 @@ def run_dir(tmp_path_factory):
     for link, target in (("outside_link.txt", outside / "secret.txt"), ("outside_dir", outside), ("inside_link.json", run / "manifest.json")):
         if not (run / link).is_symlink():
             (run / link).symlink_to(target)
+    add_hostile_files(run)
     return run
 
 
@@ -69,11 +77,42 @@ def get(server, path: str, method: str = "GET", headers: dict | None = None) -> 
         conn.close()
 
 
+def raw(server, request: bytes) -> tuple[int, dict, bytes]:
+    """Send ``request`` byte for byte (what http.client refuses to send) and read the whole answer."""
+    with socket.create_connection(server.server_address[:2], timeout=60) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("iso-8859-1").split("\r\n")
+    return int(status_line.split()[1]), {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}, body
+
+
+def strict_json(body: bytes):
+    """``body`` parsed as strict JSON: NaN, Infinity and -Infinity are errors."""
+    def refuse(constant):
+        raise AssertionError(f"{constant} in JSON")
+    return json.loads(body, parse_constant=refuse)
+
+
+def csp_directives(csp: str) -> dict[str, str]:
+    return {name: value for name, _, value in (d.strip().partition(" ") for d in csp.split(";"))}
+
+
+def assert_locked_down(headers: dict) -> None:
+    """What every response but the page carries: nosniff, and a policy with no script and an opaque origin."""
+    directives = csp_directives(headers["content-security-policy"])
+    assert headers["x-content-type-options"] == "nosniff"
+    assert directives["default-src"] == directives["frame-ancestors"] == "'none'" and "script-src" not in directives
+    assert directives["sandbox"] == ""  # no allow-scripts, no allow-same-origin
+
+
 def get_json(server, path: str) -> dict:
     status, headers, body = get(server, path)
     assert status == 200, body
     assert headers["content-type"] == "application/json"
-    return json.loads(body)
+    return strict_json(body)
 
 
 def test_binds_loopback_by_default(server):
@@ -89,7 +128,15 @@ def test_page_is_self_contained(server):
     status, headers, body = get(server, "/")
     page = body.decode()
     assert status == 200 and headers["content-type"].startswith("text/html")
-    assert headers["content-security-policy"] == PAGE_CSP
+    csp = headers["content-security-policy"]
+    assert csp == server.page_csp and headers["x-content-type-options"] == "nosniff"
+    scripts = re.findall(r"<script>(.*?)</script>", page, flags=re.DOTALL)
+    assert len(scripts) == page.count("<script") == 1
+    digest = base64.b64encode(hashlib.sha256(scripts[0].encode()).digest()).decode()
+    directives = csp_directives(csp)
+    assert directives["script-src"] == f"'sha256-{digest}'"  # the page's own script only: no 'unsafe-inline'
+    assert directives["default-src"] == directives["frame-ancestors"] == directives["base-uri"] == "'none'"
+    assert directives["connect-src"] == "'self'"
     for element in ('id="image-select"', 'id="image-canvas"', 'id="attention-panel"', 'id="query-label"', 'id="atlas-grid"',
                     'id="kernel-box"', 'id="circuits-table"', 'id="features-table"', 'id="error"'):
         assert element in page
@@ -187,6 +234,73 @@ def test_files_route_serves_run_files_with_content_types(server, run_dir):
     status, _, body = get(server, "/files/no/such/file.png")
     assert status == 404 and "error" in json.loads(body)
     assert get(server, "/files/heads")[0] == 404  # a folder: no listing
+
+
+@pytest.mark.parametrize("name", HOSTILE_FILES)
+def test_run_files_that_could_run_script_are_sandboxed(server, run_dir, name):
+    status, headers, body = get(server, "/files/" + name)
+    assert status == 200 and body == (run_dir / name).read_bytes()
+    assert_locked_down(headers)
+    expected = {".html": "text/html", ".svg": "image/svg+xml"}.get(name[name.rfind("."):], "application/octet-stream")
+    assert headers["content-type"].startswith(expected)  # no type guessed: .xml, .xhtml, .js … are bytes to download
+
+
+@pytest.mark.parametrize("path, status", [
+    ("/api/run", 200), ("/api/image?index=0", 200), ("/api/attention?index=0&row=1&col=1", 200), ("/files/manifest.json", 200),
+    ("/files/heads/atlas.png", 200), ("/files/report.html", 200), ("/files/no/such.png", 404), ("/files/../secret.txt", 403),
+    ("/nowhere", 404), ("/api/attention?index=abc&row=1&col=1", 400), ("/files/" + "a" * 2000, 404),
+])
+def test_every_response_but_the_page_is_locked_down(server, path, status):
+    got, headers, _ = get(server, path)
+    assert got == status
+    assert_locked_down(headers)
+
+
+def test_errors_outside_routing_are_locked_down_too(server):
+    for status, headers, body in (get(server, "/api/run", method="POST"), get(server, "/api/run", headers={"Host": "attacker.example"}),
+                                  raw(server, b"GET / HTTP/banana\r\n\r\n"), raw(server, b"NONSENSE\r\n\r\n")):
+        assert status in (400, 403, 405) and set(strict_json(body)) == {"error"}
+        assert_locked_down(headers)
+    status, headers, body = raw(server, b"GET /api/run\r\nHost: 127.0.0.1\r\n\r\n")  # HTTP/0.9: http.server would send no headers
+    assert status == 200 and strict_json(body)["run"] == "demo"
+    assert_locked_down(headers)
+
+
+@pytest.mark.parametrize("path, status", [
+    ("/files/" + "a" * 300, 404),  # one name longer than the file system allows
+    ("/files/" + "a/" * 3000, 404),  # a path longer than the file system allows
+    ("/files/" + "%61" * 2000, 404), ("/" + "x" * (MAX_PATH_CHARS + 1), 404),
+    ("/api/run?" + "x=1&" * MAX_QUERY_CHARS, 414), ("/api/attention?index=0&row=1&col=1&pad=" + "x" * MAX_QUERY_CHARS, 414),
+])
+def test_over_long_paths_and_queries_are_refused_quickly(server, path, status):
+    start_s = time.monotonic()
+    got, headers, body = get(server, path)
+    assert got == status and time.monotonic() - start_s < 5
+    error = strict_json(body)["error"]
+    assert "\n" not in error and "internal error" not in error and len(error) < 300
+    assert_locked_down(headers)
+
+
+@pytest.mark.parametrize("target", [b"http://[x/api/run", b"//[x/api/run", b"/files/%zz", b"*"])
+def test_request_targets_that_do_not_parse_as_urls_are_404(server, target):
+    status, headers, body = raw(server, b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert 400 <= status < 500 and "internal error" not in strict_json(body)["error"]
+    assert_locked_down(headers)
+
+
+def test_json_is_strict_even_for_non_finite_numbers(server, monkeypatch):
+    monkeypatch.setattr(server.state, "attention", lambda index, row, col: {"attention": [float("nan"), float("inf"), -float("inf"), np.float32("nan"), 0.5]})
+    status, _, body = get(server, "/api/attention?index=0&row=1&col=1")
+    assert status == 200 and strict_json(body) == {"attention": [None, None, None, None, 0.5]}
+
+
+def test_request_lines_are_logged_escaped_and_cut(server, monkeypatch, caplog):
+    monkeypatch.setattr(server, "quiet", False)
+    with caplog.at_level(logging.INFO, logger="vitcircuits.serve.server"):
+        raw(server, b"GET /\x1b[31mred\x07\x1b[0m" + b"y" * 5000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages and all("\x1b" not in m and "\x07" not in m and len(m) < 400 for m in messages)
+    assert any("\\x1b[31mred\\x07" in m for m in messages)
 
 
 @pytest.mark.parametrize("path", [

@@ -9,6 +9,22 @@ Routes (GET only; every other method gets 405):
 * ``/files/<path>``: a file inside the run folder, nothing outside it.
 
 Every error is ``{"error": "one line"}`` with a 4xx/5xx status; tracebacks go to the log only.
+JSON is strict: a non-finite number is sent as ``null``, never as ``NaN`` or ``Infinity``.
+
+Every response carries ``X-Content-Type-Options: nosniff`` and a Content-Security-Policy. The page
+gets :func:`page_csp`: scripts only by the hash of its own inline script, requests to this server
+only. Every other response (API, images, errors, run files) gets :data:`SANDBOX_CSP`: no script
+at all, and ``sandbox``, which gives a document an opaque origin of its own.
+
+Run files are served in the browser under that sandbox, not as attachments. A run folder may come
+from someone else, and its ``.html``, ``.svg`` or ``.xml`` could carry script. Sandboxed, such a
+file renders but runs nothing and cannot act as this origin, so it cannot read the API. Sending
+files as attachments would be just as safe, but then the report and the figures that the page
+links would download instead of opening. Types not in :data:`CONTENT_TYPES` are sent as
+``application/octet-stream``; the server does not guess them.
+
+Paths longer than :data:`MAX_PATH_CHARS` are answered 404 and query strings longer than
+:data:`MAX_QUERY_CHARS` 414, before any file system call.
 
 Why the standard library (``http.server``) and not a web framework: no new dependency to install
 or keep updated, a small attack surface that fits in this file, and a local single-user tool needs
@@ -16,28 +32,37 @@ nothing more. It binds 127.0.0.1 by default and answers loopback ``Host`` header
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import ipaddress
 import json
 import logging
-import mimetypes
+import os
 import re
 import webbrowser
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote
 
-from vitcircuits.serve.state import RunState, Unavailable
+from vitcircuits.serve.state import RunState, Unavailable, finite, one_line
 
 log = logging.getLogger(__name__)
 
 CONTENT_TYPES = {
     ".png": "image/png", ".json": "application/json", ".csv": "text/csv; charset=utf-8", ".html": "text/html; charset=utf-8",
-    ".txt": "text/plain; charset=utf-8", ".svg": "image/svg+xml", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".tsv": "text/tab-separated-values",
+    ".txt": "text/plain; charset=utf-8", ".md": "text/plain; charset=utf-8", ".log": "text/plain; charset=utf-8", ".svg": "image/svg+xml",
+    ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".tsv": "text/tab-separated-values; charset=utf-8",
 }
-PAGE_CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' blob: data:; connect-src 'self'"
+"""The types run files are sent as, by suffix; any other file is ``application/octet-stream``."""
+LOCKED = "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+SANDBOX_CSP = f"default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; {LOCKED}; sandbox"
+"""Every response but the page: no script, no requests but images, and an opaque origin."""
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+MAX_PATH_CHARS = 1024
+MAX_QUERY_CHARS = 1024
+LOG_CHARS = 300
 
 
 class HTTPError(Exception):
@@ -50,6 +75,13 @@ class HTTPError(Exception):
 
 def page_html() -> str:
     return resources.files("vitcircuits.serve").joinpath("page.html").read_text(encoding="utf-8")
+
+
+def page_csp(page: str) -> str:
+    """The page's policy: its inline scripts allowed by their sha256, nothing else run or fetched but this server's routes."""
+    hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
+                      for body in re.findall(r"<script>(.*?)</script>", page, flags=re.DOTALL))
+    return f"default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; img-src 'self' blob: data:; connect-src 'self'; {LOCKED}"
 
 
 def int_param(params: dict[str, list[str]], name: str, upper: int | None) -> int:
@@ -73,7 +105,7 @@ def safe_run_file(root: Path, raw: str) -> Path:
 
     Refused with 403: backslashes (raw or encoded), NUL, absolute or drive paths, any ``..``
     segment (raw or encoded), and anything whose resolved path (symlinks followed) is not inside
-    the resolved ``root``. Missing files and folders are 404."""
+    the resolved ``root``. Missing files and folders, and names too long for the file system, are 404."""
     if "\\" in raw or "%5c" in raw.lower():
         raise HTTPError(403, "backslashes are not allowed in file paths")
     try:
@@ -94,7 +126,11 @@ def safe_run_file(root: Path, raw: str) -> Path:
         raise HTTPError(403, f"cannot resolve the path ({type(err).__name__})") from None
     if not resolved.is_relative_to(root):
         raise HTTPError(403, "the path leaves the run folder")
-    if not resolved.is_file():
+    try:
+        found = resolved.is_file()
+    except OSError:  # a name too long for the file system …
+        found = False
+    if not found:
         raise HTTPError(404, f"no such file in the run folder: {rel[:200]}")
     return resolved
 
@@ -107,7 +143,8 @@ class ExplorerServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], state: RunState, quiet: bool = False) -> None:
         self.state = state
         self.quiet = quiet
-        self.page = page_html().encode("utf-8")
+        page = page_html()
+        self.page, self.page_csp = page.encode("utf-8"), page_csp(page)
         super().__init__(address, ExplorerHandler)
 
     @property
@@ -119,6 +156,7 @@ class ExplorerServer(ThreadingHTTPServer):
 class ExplorerHandler(BaseHTTPRequestHandler):
     server: ExplorerServer
     server_version = "vitcircuits-serve"
+    timeout = 60  # seconds a connection may stay silent before it is dropped
     sys_version = ""
     error_content_type = "application/json"
 
@@ -142,15 +180,20 @@ class ExplorerHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
         if not self.server.quiet:
-            log.info("%s %s", self.address_string(), format % args)
+            log.info("%s %s", self.address_string(), one_line((format % args)[:LOG_CHARS]))
 
     def do_GET(self) -> None:
         try:
             self._check_host()
-            parts = urlsplit(self.path)
-            path, params = parts.path, parse_qs(parts.query, keep_blank_values=True)
+            # Split by hand: urlsplit reads a leading '//' as a host name and raises on '//['.
+            path, _, query = self.path.partition("?")
+            if len(path) > MAX_PATH_CHARS:
+                raise HTTPError(404, f"no such route or file: the path is longer than {MAX_PATH_CHARS} characters")
+            if len(query) > MAX_QUERY_CHARS:
+                raise HTTPError(414, f"the query string is longer than {MAX_QUERY_CHARS} characters")
+            params = parse_qs(query, keep_blank_values=True)
             if path == "/":
-                self._send(self.server.page, "text/html; charset=utf-8", extra={"Content-Security-Policy": PAGE_CSP})
+                self._send(self.server.page, "text/html; charset=utf-8", csp=self.server.page_csp)
             elif path == "/api/run":
                 self._send_json(self.server.state.summary)
             elif path == "/api/image":
@@ -161,9 +204,8 @@ class ExplorerHandler(BaseHTTPRequestHandler):
                 row, col = int_param(params, "row", summary["rows"]), int_param(params, "col", summary["cols"])
                 self._send_json(self.server.state.attention(index, row, col))
             elif path.startswith("/files/"):
-                # urlsplit leaves the path percent-encoded and un-normalised: safe_run_file judges what was sent.
-                target = safe_run_file(self.server.state.root, path[len("/files/"):])
-                self._send(target.read_bytes(), CONTENT_TYPES.get(target.suffix.lower()) or _guess_type(target))
+                # The path is still percent-encoded and un-normalised: safe_run_file judges what was sent.
+                self._send_file(safe_run_file(self.server.state.root, path[len("/files/"):]))
             else:
                 raise HTTPError(404, f"no such route: {path[:200]}")
         except HTTPError as err:
@@ -173,7 +215,7 @@ class ExplorerHandler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass
         except Exception as err:  # noqa: BLE001 - the client gets one line; the traceback goes to the log
-            log.exception("error answering GET %s", self.path)
+            log.exception("error answering GET %s", one_line(self.path[:LOG_CHARS]))
             self._send_json({"error": f"internal error ({type(err).__name__}); details are in the server log"}, 500)
 
     def _check_host(self) -> None:
@@ -198,27 +240,43 @@ class ExplorerHandler(BaseHTTPRequestHandler):
         return index
 
     def _send_json(self, obj: object, status: int = 200, extra: dict | None = None) -> None:
-        self._send(json.dumps(obj, allow_nan=False).encode("utf-8"), "application/json", status, extra)
+        self._send(json.dumps(finite(obj), allow_nan=False).encode("utf-8"), "application/json", status, extra)
 
-    def _send(self, body: bytes, content_type: str, status: int = 200, extra: dict | None = None) -> None:
+    def _send_file(self, path: Path) -> None:
+        """A run file, streamed (shards and checkpoints can be large), as its type from :data:`CONTENT_TYPES`."""
         try:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.send_header("X-Content-Type-Options", "nosniff")
-            for key, value in (extra or {}).items():
-                self.send_header(key, value)
-            self.end_headers()
+            file = path.open("rb")
+        except OSError as err:
+            raise HTTPError(403 if isinstance(err, PermissionError) else 404, f"cannot read the file ({err.strerror or type(err).__name__})") from None
+        with file:
+            size = os.fstat(file.fileno()).st_size
+            try:
+                self._send_head(200, CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream"), size)
+                self.connection.sendfile(file, 0, size)  # never more than Content-Length, even if the file grows meanwhile
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+    def _send(self, body: bytes, content_type: str, status: int = 200, extra: dict | None = None, csp: str = SANDBOX_CSP) -> None:
+        try:
+            self._send_head(status, content_type, len(body), csp, extra)
             if self.command != "HEAD":
                 self.wfile.write(body)
         except (BrokenPipeError, ConnectionResetError):
             pass
 
-
-def _guess_type(path: Path) -> str:
-    guessed, _ = mimetypes.guess_type(path.name)
-    return guessed or "application/octet-stream"
+    def _send_head(self, status: int, content_type: str, length: int, csp: str = SANDBOX_CSP, extra: dict | None = None) -> None:
+        """The status line and headers that every response carries (a policy, nosniff, no caching) plus ``extra``."""
+        if self.request_version == "HTTP/0.9":  # http.server would send the body alone, without these headers
+            self.request_version = "HTTP/1.0"
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(length))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Content-Security-Policy", csp)
+        for key, value in (extra or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
 
 
 def make_server(state: RunState, host: str = "127.0.0.1", port: int = 8765, quiet: bool = False) -> ExplorerServer:

@@ -1,5 +1,11 @@
 """What ``vitcircuits serve`` knows about a run: its files (read once at start) and, when it can be
-loaded, the run's model and image loader for live attention (loaded once, used under a lock)."""
+loaded, the run's model and image loader for live attention (loaded once, used under a lock).
+
+A run file that cannot be read as this tool wrote it (not JSON, JSON of the wrong shape, a bad
+value, a truncated ``kernels.npz``) refuses the whole run at start with :class:`DamagedRunFolder`:
+one line naming the file and the reason, never an explorer that shows part of a run as if it were
+all of it. ``NaN`` and ``Infinity`` in a run's JSON are read (older runs wrote them) and served as
+``null``. A model that cannot be loaded only turns live attention off, with the reason shown."""
 from __future__ import annotations
 
 import csv
@@ -8,7 +14,9 @@ import json
 import logging
 import math
 import threading
+import zipfile
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,28 +38,84 @@ CIRCUIT_LIMIT = 200
 FEATURE_COLUMNS = ("feature", "compositional", "compositional_score", "neighbour_drop", "circuit_excess", "drop_centre", "density", "act_clean")
 
 
+DAMAGE = (OSError, ValueError, TypeError, AttributeError, KeyError, IndexError, EOFError, csv.Error, zipfile.BadZipFile)
+"""What reading a damaged run file raises (``json.JSONDecodeError`` and ``UnicodeDecodeError`` are ``ValueError``)."""
+JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean", type(None): "null"}
+
+
 class Unavailable(RuntimeError):
     """Live model features are not available; ``str(err)`` says why."""
 
 
-def _read_json(path: Path) -> dict | list | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+class DamagedRunFolder(ValueError):
+    """A run file cannot be read; ``str(err)`` is one line: the file, then the reason."""
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters (newlines included) escaped, so that it prints as one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, json.JSONDecodeError):
+        return f"not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
+    if isinstance(err, UnicodeDecodeError):
+        return f"not UTF-8 text (byte {err.start})"
+    if isinstance(err, KeyError):
+        return f"missing key {err.args[0]!r}" if err.args else "missing key"
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, (AttributeError, TypeError, IndexError)):
+        return f"unexpected content ({text})"
+    return text
+
+
+@contextmanager
+def reading(path: Path):
+    """Raise any sign of damage met while reading ``path`` as :class:`DamagedRunFolder` naming it."""
+    try:
+        yield
+    except DamagedRunFolder:
+        raise
+    except DAMAGE as err:
+        raise DamagedRunFolder(one_line(f"{path}: {_reason(err)}; the run folder is damaged")) from err
+
+
+def read_json(path: Path, kinds: tuple[type, ...] = (dict,)) -> dict | list | None:
+    """The JSON in ``path`` (None when there is no such file), which must be one of ``kinds``."""
+    if not path.is_file():
+        return None
+    with reading(path):
+        data = json.loads(path.read_bytes())
+        if not isinstance(data, kinds):
+            expected = " or ".join(JSON_TYPES[kind] for kind in kinds)
+            raise ValueError(f"expected {expected}, got {JSON_TYPES.get(type(data), type(data).__name__)}")
+    return data
+
+
+def object_at(data: dict, dotted: str) -> dict:
+    """``data[a][b]`` for ``dotted`` ``"a.b"`` (``{}`` where missing); ValueError if one is not an object."""
+    keys = dotted.split(".")
+    for i, key in enumerate(keys):
+        data = data.get(key, {})
+        if not isinstance(data, dict):
+            raise ValueError(f"{'.'.join(keys[:i + 1])} is {JSON_TYPES.get(type(data), type(data).__name__)}, expected an object")
+    return data
 
 
 def _first_existing(root: Path, *names: str) -> Path | None:
     return next((root / n for n in names if (root / n).exists()), None)
 
 
-def _finite(value):
+def finite(value):
     """JSON-safe values, recursively: NaN/inf become None, numpy scalars Python ones, tuples lists."""
     if isinstance(value, (float, np.floating)):
         return float(value) if math.isfinite(value) else None
     if isinstance(value, np.integer):
         return int(value)
     if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
+        return {str(k): finite(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [finite(v) for v in value]
     return value
 
 
@@ -62,7 +126,11 @@ class RunState:
         if not Path(run_dir).is_dir():
             raise FileNotFoundError(f"{run_dir}: no such run folder")
         self.root = Path(run_dir).resolve(strict=True)
-        self.manifest = _read_json(self.root / "manifest.json") or {}
+        manifest = self.root / "manifest.json"
+        self.manifest = read_json(manifest) or {}
+        with reading(manifest):
+            for dotted in ("config.model", "config.images", "model.config"):
+                object_at(self.manifest, dotted)
         self.lock = threading.Lock()
         self.loaded = None
         self.reason = ""
@@ -70,13 +138,16 @@ class RunState:
         self.image_opts: ImageOptions | None = None
         self.own_images = images is not None
         self._image_cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        # The run's files first: a damaged run is refused before a model is loaded for it.
+        atlas, predictions = self._atlas(), self._predictions()
+        panels = {**(atlas or {"atlas": [], "kernels": None}), **self._composition(), "features": self._features(), "files": self._files()}
         self._open_model(model, images, device)
-        self.summary = _finite(self._summarise())
+        self.summary = finite(self._summarise(atlas, predictions, panels))
         self.image_indices = {row["index"] for row in self.summary["images"]}
 
     # -- the model ---------------------------------------------------------------------------
     def _open_model(self, model: str | None, images: str | None, device: str) -> None:
-        config = self.manifest.get("config", {})
+        config = object_at(self.manifest, "config")
         try:
             if model is None and "model" not in config:
                 raise Unavailable("the run's manifest.json records no model; pass --model")
@@ -145,9 +216,8 @@ class RunState:
                 "attention": maps_LHRC.reshape(L, H, rows * cols).tolist()}
 
     # -- the run's files ---------------------------------------------------------------------
-    def _summarise(self) -> dict:
-        atlas = self._atlas()
-        model_cfg = self.manifest.get("model", {}).get("config", {})
+    def _summarise(self, atlas: dict | None, predictions: list[dict] | None, panels: dict) -> dict:
+        model_cfg = object_at(self.manifest, "model.config")
         if self.live:
             cfg, layout = self.loaded.model.cfg, self.loaded.model.layout
             grid, n_layers, n_heads, model_id = (layout.rows, layout.cols), cfg.n_layers, cfg.n_heads, self.loaded.model_id
@@ -155,52 +225,63 @@ class RunState:
             layout = (atlas or {}).get("layout", {})
             grid = (layout.get("rows"), layout.get("cols"))
             n_layers, n_heads = model_cfg.get("n_layers"), model_cfg.get("n_heads")
-            model_id = self.manifest.get("model", {}).get("model_id") or self.manifest.get("config", {}).get("model", {}).get("model")
+            model_id = object_at(self.manifest, "model").get("model_id") or object_at(self.manifest, "config.model").get("model")
         return {
             "run": self.root.name, "model_id": model_id, "rows": grid[0], "cols": grid[1], "n_layers": n_layers, "n_heads": n_heads,
-            "live": self.live, "reason": self.reason, "images": self._images(), **(atlas or {"atlas": [], "kernels": None}),
-            **self._composition(), "features": self._features(), "files": self._files(),
+            "live": self.live, "reason": self.reason, "images": self._images(predictions), **panels,
         }
 
-    def _images(self) -> list[dict]:
-        names = (self.loaded.label_names if self.live else None) or []
-        name = lambda i: names[i] if 0 <= i < len(names) else None  # noqa: E731
+    def _predictions(self) -> list[dict] | None:
+        """The first images of ``overview/predictions.csv`` (index, id, label, prediction); None without
+        the file or with ``--images`` (the run's predictions describe the run's images only)."""
         path = self.root / "overview" / "predictions.csv"
+        if not path.is_file() or self.own_images:
+            return None
         out = []
-        if path.is_file() and not self.own_images:  # the run's predictions describe the run's images only
-            for rec in csv.DictReader(io.StringIO(path.read_text())):
+        with reading(path):
+            for rec in csv.DictReader(io.StringIO(path.read_bytes().decode("utf-8"))):
                 label = int(rec["label"]) if rec.get("label") not in (None, "", "-1") else None
                 pred = int(rec["prediction"]) if rec.get("prediction") not in (None, "", "None") else None
-                out.append({"index": int(rec["image_index"]), "id": rec["image"], "label": label, "prediction": pred,
-                            "label_name": name(label) if label is not None else None,
-                            "prediction_name": name(pred) if pred is not None else None})
+                out.append({"index": int(rec["image_index"]), "id": rec["image"], "label": label, "prediction": pred})
                 if len(out) >= MAX_IMAGES:
                     break
-        elif self.live:
+        return out
+
+    def _images(self, predictions: list[dict] | None) -> list[dict]:
+        """The listed images with their label and prediction names: the run's predictions, else (live) the image source's first."""
+        names = (self.loaded.label_names if self.live else None) or []
+        name = lambda i: names[i] if i is not None and 0 <= i < len(names) else None  # noqa: E731
+        if predictions is None and self.live:
             from vitcircuits.data.images import resolve_source
 
             source = resolve_source(self.image_opts.images, max_images=self.image_opts.max_images)
-            out = [{"index": it.index, "id": it.id, "label": it.label, "prediction": None, "prediction_name": None,
-                    "label_name": name(it.label) if it.label is not None else None}
-                   for it in source.items[:MAX_IMAGES]]
-        return out
+            predictions = [{"index": it.index, "id": it.id, "label": it.label, "prediction": None} for it in source.items[:MAX_IMAGES]]
+        return [{**row, "label_name": name(row["label"]), "prediction_name": name(row["prediction"])} for row in predictions or []]
 
     def _atlas(self) -> dict | None:
         from vitcircuits.heads.atlas import HeadAtlas
 
-        folder = _first_existing(self.root, "heads/atlas.json", "atlas.json")
-        if folder is None:
+        path = _first_existing(self.root, "heads/atlas.json", "atlas.json")
+        if path is None:
             return None
-        try:
-            atlas = HeadAtlas.load(folder.parent)
-        except Exception as err:  # noqa: BLE001 - a damaged atlas leaves the atlas panel empty, with the reason logged
-            log.warning("cannot read the head atlas in %s: %s", folder.parent, err)
-            return None
-        radius = max(0, min(KERNEL_RADIUS, atlas.layout.rows - 1, atlas.layout.cols - 1))
-        window = atlas.window(radius)
-        kernels = [[[[_finite(v) for v in line] for line in window[layer, head]] for head in range(atlas.n_heads)]
-                   for layer in range(atlas.n_layers)]
-        rows = [{k: _finite(v) for k, v in r.items()} for r in atlas.rows]
+        read_json(path)
+        arrays = path.parent / "kernels.npz"
+        with reading(arrays):
+            if not arrays.is_file():
+                raise ValueError("no such file; the head atlas writes it beside atlas.json")
+            with np.load(arrays) as npz:  # decompress each array here, so that damage in it is named
+                for key in npz.files:
+                    npz[key]
+        with reading(path):
+            atlas = HeadAtlas.load(path.parent)
+            grid = (atlas.layout.rows, atlas.layout.cols)
+            if not all(isinstance(n, int) and n > 0 for n in grid):
+                raise ValueError(f"layout: rows and cols must be positive integers, got {grid}")
+            radius = max(0, min(KERNEL_RADIUS, atlas.layout.rows - 1, atlas.layout.cols - 1))
+            window = atlas.window(radius)
+            kernels = [[[[finite(v) for v in line] for line in window[layer, head]] for head in range(atlas.n_heads)]
+                       for layer in range(atlas.n_layers)]
+            rows = [{k: finite(v) for k, v in r.items()} for r in atlas.rows]
         return {"atlas": rows, "kernels": kernels, "kernel_radius": radius,
                 "layout": {"rows": atlas.layout.rows, "cols": atlas.layout.cols}}
 
@@ -208,10 +289,18 @@ class RunState:
         """The listed edges (supported, weak or checked exactly) with each part of their verdict,
         and the verdict counts over all edges."""
         path = _first_existing(self.root, "composition/circuits.json", "circuits.json")
-        data = (_read_json(path) if path else None) or {}
+        data = (read_json(path) if path else None) or {}
+        with reading(path):  # without the file, data is empty and nothing below can fail
+            return self._read_composition(data)
+
+    @staticmethod
+    def _read_composition(data: dict) -> dict:
         circuits, out = data.get("circuits", []), []
         for c in circuits[:CIRCUIT_LIMIT]:
             e = c.get("evidence", {})
+            for key in ("senders", "sender_kinds", "receivers", "read_at"):
+                if not isinstance(c.get(key) or [], list):
+                    raise ValueError(f"circuit {len(out)}: {key} is {JSON_TYPES.get(type(c[key]), 'not an array')}, expected an array")
             read_at, composes = c.get("read_at") or [], e.get("composes") or {}
             where = next((w for w in ("patch", "prefix") if w in read_at), "patch")
             line, matters = composes.get(where) or {}, e.get("matters") or {}
@@ -227,16 +316,20 @@ class RunState:
 
     def _features(self) -> dict | None:
         path = _first_existing(self.root, "sae/features/features.json", "features/features.json")
-        data = _read_json(path) if path else None
+        data = read_json(path) if path else None
         if not data:
             return None
+        with reading(path):
+            return self._read_features(path, data)
+
+    def _read_features(self, path: Path, data: dict) -> dict:
         figures = []
         for name, caption in data.get("figures", []):
             # Figure paths are relative to the SAE folder (the parent of features/); accept the features folder too.
-            found = next((f for f in (path.parent.parent / name, path.parent / name) if f.is_file() and f.resolve().is_relative_to(self.root)), None)
+            found = next((f for f in (path.parent.parent / name, path.parent / name) if self._inside(f)), None)
             if found is not None:
                 figures.append({"path": found.resolve().relative_to(self.root).as_posix(), "caption": caption})
-        top = [{k: _finite(v) for k, v in row.items()} for row in data.get("top", [])]
+        top = [{k: finite(v) for k, v in row.items()} for row in data.get("top", [])]
         first = [k for k in FEATURE_COLUMNS if top and k in top[0]]
         columns = (first + [k for k in (top[0] if top else {}) if k not in first])[:10]
         return {"hook": data.get("hook"), "n_features_analysed": data.get("n_features_analysed"), "n_compositional": data.get("n_compositional"),
@@ -246,7 +339,13 @@ class RunState:
         """Figures and outputs of the run worth linking, as run-relative paths."""
         out = [{"path": name, "caption": name} for name in ("report.html", "manifest.json") if (self.root / name).is_file()]
         for listing in ("overview/summary.json", "heads/figures.json", "composition/figures.json"):
-            data = _read_json(self.root / listing)
-            figures = data.get("figures", []) if isinstance(data, dict) else data or []
-            out += [{"path": p, "caption": caption} for p, caption in figures if (self.root / p).is_file()]
+            path = self.root / listing
+            data = read_json(path, (dict, list))
+            with reading(path):
+                figures = data.get("figures", []) if isinstance(data, dict) else data or []
+                out += [{"path": p, "caption": caption} for p, caption in figures if self._inside(self.root / p)]
         return out
+
+    def _inside(self, path: Path) -> bool:
+        """Whether ``path`` is a file inside the run folder (symlinks followed)."""
+        return path.is_file() and path.resolve().is_relative_to(self.root)

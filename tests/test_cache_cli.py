@@ -36,8 +36,9 @@ def test_cache_shards_match_run_with_cache_and_resume(tiny_model_and_images, tmp
             "--batch-size", "2", "--shard-rows", "40", "--device", "cpu"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    index = json.loads((out / "index.json").read_text())
-    shards = [load_file(str(out / s["file"])) for s in index["shards"]]
+    shards_dir = out / "activations"
+    index = json.loads((shards_dir / "index.json").read_text())
+    shards = [load_file(str(shards_dir / s["file"])) for s in index["shards"]]
     rows = {k: torch.cat([s[k] for s in shards]) for k in shards[0]}
     assert rows["image_index"].tolist() == sorted(rows["image_index"].tolist())
     assert set(rows["image_index"].tolist()) == {1, 2, 3, 4, 5}  # broken.jpg is item 0 and skipped
@@ -57,12 +58,12 @@ def test_cache_shards_match_run_with_cache_and_resume(tiny_model_and_images, tmp
 
     # a killed run: drop the last shard, resume, and get the same rows back
     last = index["shards"].pop()
-    (out / "index.json").write_text(json.dumps(index))
-    (out / last["file"]).unlink()
+    (shards_dir / "index.json").write_text(json.dumps(index))
+    (shards_dir / last["file"]).unlink()
     result = CliRunner().invoke(app, args + ["--resume"])
     assert result.exit_code == 0, result.output
-    index2 = json.loads((out / "index.json").read_text())
-    again = torch.cat([load_file(str(out / s["file"]))[hook] for s in index2["shards"]])
+    index2 = json.loads((shards_dir / "index.json").read_text())
+    again = torch.cat([load_file(str(shards_dir / s["file"]))[hook] for s in index2["shards"]])
     assert torch.equal(again, rows[hook])
     assert CliRunner().invoke(app, args).exit_code == 2  # non-empty folder without --force/--resume
 

@@ -133,21 +133,22 @@ def test_cache_resume_with_other_images_is_refused(setup, tmp_path):
     model, folders, _ = setup
     out = tmp_path / "cache"
     assert _cache(model, folders["a"], out).exit_code == 0
-    index = (out / "index.json").read_bytes()
+    index = (out / "activations" / "index.json").read_bytes()
     result = _cache(model, folders["b"], out, "--resume")
     assert result.exit_code == 2 and "made from another model, weights, image list" in result.output
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
-    assert (out / "index.json").read_bytes() == index
+    assert (out / "activations" / "index.json").read_bytes() == index
 
 
 def test_cache_force_leaves_no_stale_shard(setup, tmp_path):
     model, folders, _ = setup
     out = tmp_path / "cache"
     assert _cache(model, folders["a"], out).exit_code == 0
-    assert len(list(out.glob("shard_*.safetensors"))) > 2
+    shards = out / "activations"
+    assert len(list(shards.glob("shard_*.safetensors"))) > 2
     assert _cache(model, folders["b"], out, "--force", "--max-images", "4").exit_code == 0
-    index = json.loads((out / "index.json").read_text())
-    assert sorted(p.name for p in out.glob("shard_*.safetensors")) == sorted(s["file"] for s in index["shards"])
+    index = json.loads((shards / "index.json").read_text())
+    assert sorted(p.name for p in shards.glob("shard_*.safetensors")) == sorted(s["file"] for s in index["shards"])
 
 
 def test_sae_checkpoints_of_other_data_are_refused(tmp_path):

@@ -7,13 +7,12 @@ e.g. ``hook_z`` ``[rows, H*Dh]``), plus per-row ``image_index`` (position in the
 and register tokens). Memory holds at most one shard's rows. ``index.json`` lists the
 finished shards and the images they cover, so an interrupted run resumes after the last one.
 
-The index is keyed by what produced the rows (:func:`provenance`: the model and its weights'
-sha256, the image list's sha256 and the preprocessing) and by the cache config; a folder made by
+The index is keyed by what produced the rows (:func:`vitcircuits.inputs.provenance`: the model
+and its weights' sha256, the image list's sha256 and the preprocessing) and by the cache config; a folder made by
 anything else is refused with one line, never appended to.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
@@ -23,14 +22,9 @@ import torch
 from safetensors.torch import save_file
 
 from vitcircuits.data.augment import AugmentConfig, with_views
-from vitcircuits.data.loader import ImageBatch, ImageBatches
+from vitcircuits.data.loader import ImageBatch
 from vitcircuits.files import read_json, write_json, write_with
-from vitcircuits.inputs import preprocess_config
 from vitcircuits.models.hooked_vit import HookedViT
-from vitcircuits.models.loading import LoadedModel
-
-PER_TOKEN_SUFFIXES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
-                      "hook_normalized", "hook_q", "hook_k", "hook_v", "hook_z", "hook_pre", "hook_post", "hook_result")
 
 
 @dataclass(frozen=True)
@@ -49,28 +43,6 @@ class CacheConfig:
     """Views per image: the image plus ``views - 1`` seeded random crops/flips (more rows from few images)."""
     augment: AugmentConfig = AugmentConfig()
     """Crop and flip settings of the extra views."""
-
-
-def check_hooks(model: HookedViT, hooks: tuple[str, ...]) -> None:
-    for name in hooks:
-        if name not in model.hook_dict:
-            raise ValueError(f"unknown hook {name!r}; `vitcircuits info MODEL` lists the hook names")
-        if (name.startswith("ln_final") and model.cfg.final_norm == "pooled") or not name.endswith(PER_TOKEN_SUFFIXES):
-            raise ValueError(f"hook {name!r} is not per-token; cache takes per-token hooks such as blocks.3.hook_resid_post")
-
-
-def provenance(loaded: LoadedModel, batches: ImageBatches) -> dict:
-    """What cached rows are made from: the model, its weights (the file's sha256, or a digest of
-    seeded random weights), its dtype, the image list and the preprocessing."""
-    weights = loaded.weights_sha256
-    if weights is None:
-        digest = hashlib.sha256()
-        for tensor in loaded.model.state_dict().values():
-            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        weights = f"random:{digest.hexdigest()}"
-    return {"model": loaded.model_id, "weights_sha256": weights, "dtype": str(next(loaded.model.parameters()).dtype),
-            "image_list_sha256": batches.summary().image_list_sha256, "n_images": len(batches.source),
-            "preprocess": asdict(preprocess_config(loaded))}
 
 
 class ShardWriter:
@@ -162,8 +134,8 @@ def clear_cache(folder: Path) -> None:
 
 def write_cache(folder: Path, model: HookedViT, batches: Iterable[ImageBatch], config: CacheConfig, made_from: dict) -> ShardWriter:
     """Cache every image of ``batches`` not already in ``folder`` (a killed run resumes after its
-    last finished shard, if ``made_from`` (:func:`provenance`) and ``config`` are those of the
-    index); returns the writer, whose ``index`` lists the shards."""
+    last finished shard, if ``made_from`` (:func:`vitcircuits.inputs.provenance`) and ``config``
+    are those of the index); returns the writer, whose ``index`` lists the shards."""
     writer = ShardWriter(folder, config, made_from)
     done = writer.done_images
     for batch in batches:

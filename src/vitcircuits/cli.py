@@ -35,6 +35,7 @@ from vitcircuits.cli_options import (
 )
 from vitcircuits.cli_sae import sae_app
 from vitcircuits.inputs import ImageOptions, ModelOptions, images_manifest
+from vitcircuits.layout import LAYOUT
 from vitcircuits.runs import Run
 
 app = Typer(add_completion=False, no_args_is_help=True, help="Mechanistic interpretability of Vision Transformers.")
@@ -102,8 +103,10 @@ def cache(
     force: ForceOpt = False,
     resume: ResumeOpt = False,
 ) -> None:
-    """Cache per-token activations to safetensors shards, keeping (image, row, col) per row."""
-    from vitcircuits.cache import CacheConfig, check_hooks, clear_cache, provenance, write_cache
+    """Cache per-token activations to safetensors shards (in activations/), keeping (image, row, col) per row."""
+    from vitcircuits.cache import CacheConfig, clear_cache, write_cache
+    from vitcircuits.inputs import provenance
+    from vitcircuits.models.hooks import check_hooks
 
     model_opts = ModelOptions(model, arch, img_size, random_weights, device, dtype, seed)
     image_opts = ImageOptions(images, batch_size, max_images, num_workers)
@@ -113,14 +116,14 @@ def cache(
     loaded = model_opts.load()
     check_hooks(loaded.model, cache_cfg.hooks)
     if force:
-        clear_cache(run.path)
+        clear_cache(run.file(LAYOUT.cache))
     run.write_manifest(model=loaded.manifest(), seed=seed)
     batches = image_opts.batches(loaded)
     with run.timed("cache"):
-        writer = write_cache(run.path, loaded.model, batches, cache_cfg, provenance(loaded, batches))
+        writer = write_cache(run.file(LAYOUT.cache), loaded.model, batches, cache_cfg, provenance(loaded, batches))
     run.write_manifest(images=images_manifest(batches), outputs={"shards": len(writer.index["shards"]),
                                                                   "rows": sum(s["rows"] for s in writer.index["shards"])})
-    Console(stderr=True).print(f"wrote {len(writer.index['shards'])} shard(s) to {run.path}")
+    Console(stderr=True).print(f"wrote {len(writer.index['shards'])} shard(s) to {run.file(LAYOUT.cache)}")
 
 
 @app.command()
@@ -141,10 +144,10 @@ def heads(
     random_weights: RandomOpt = False,
     force: ForceOpt = False,
 ) -> None:
-    """Head atlas: offset kernels, metrics with intervals, kinds and figures for every head."""
+    """Head atlas: offset kernels, metrics with intervals, kinds and figures for every head (in heads/)."""
     from vitcircuits.heads.atlas import AtlasConfig
     from vitcircuits.heads.scan import print_summary
-    from vitcircuits.hunt import run_heads
+    from vitcircuits.stages.heads import run_heads
 
     model_opts = ModelOptions(model, arch, img_size, random_weights, device, dtype, seed)
     image_opts = ImageOptions(images, batch_size, max_images, num_workers)
@@ -153,7 +156,7 @@ def heads(
     loaded = model_opts.load()
     run.write_manifest(model=loaded.manifest(), seed=seed)
     with run.timed("heads"):
-        atlas = run_heads(run, loaded, image_opts, atlas_cfg, subdir="")
+        atlas = run_heads(run, loaded, image_opts, atlas_cfg)
     print_summary(atlas)
 
 
@@ -177,15 +180,18 @@ def compose(
     random_weights: RandomOpt = False,
     force: ForceOpt = False,
 ) -> None:
-    """Composition: a verdict for every edge (composes and matters, each against its null), weights, shuffle control."""
+    """Composition: a verdict for every edge (composes and matters, each against its null), weights, shuffle control (in composition/)."""
     from vitcircuits.composition.config import ComposeConfig
     from vitcircuits.composition.patching import PatchingConfig
     from vitcircuits.heads.atlas import AtlasConfig
-    from vitcircuits.hunt import run_compose, run_heads
+    from vitcircuits.stages.composition import run_compose
+    from vitcircuits.stages.heads import run_heads
 
     model_opts = ModelOptions(model, arch, img_size, random_weights, device, dtype, seed)
     image_opts = ImageOptions(images, batch_size, max_images, num_workers)
     config = ComposeConfig(patching=PatchingConfig(ablation=ablation, seed=seed), max_patch_images=max_patch_images, task_metric=task_metric)
+    if heads_from is not None and not (heads_from / LAYOUT.atlas).is_file():
+        raise FileNotFoundError(f"{heads_from}: no {LAYOUT.atlas} (expected a `vitcircuits heads`, `compose` or `hunt` run)")
     run = Run.create(out, "compose", {"model": model_opts.to_dict(), "images": image_opts.to_dict(), "compose": asdict(config),
                                       "heads_from": str(heads_from) if heads_from else None}, force=force)
     loaded = model_opts.load()
@@ -193,18 +199,9 @@ def compose(
     if heads_from is None:
         with run.timed("heads"):
             run_heads(run, loaded, image_opts, AtlasConfig(seed=seed))
-    atlas_dir = "heads" if heads_from is None else str(_atlas_folder(heads_from).resolve())
     with run.timed("composition"):
-        run_compose(run, loaded, image_opts, config, atlas_dir=atlas_dir, out_dir="")
-    Console().print(f"wrote {run.path / 'circuits.json'}")
-
-
-def _atlas_folder(run_dir: Path) -> Path:
-    """The folder holding atlas.json in a heads run (top level) or a hunt run (heads/)."""
-    for folder in (run_dir, run_dir / "heads"):
-        if (folder / "atlas.json").is_file():
-            return folder
-    raise FileNotFoundError(f"{run_dir}: no atlas.json (expected a `vitcircuits heads` or `hunt` run)")
+        run_compose(run, loaded, image_opts, config, atlas_from=heads_from)
+    Console().print(f"wrote {run.file(LAYOUT.circuits)}")
 
 
 @app.command(name="hunt")

@@ -22,9 +22,8 @@ from vitcircuits.cli_options import (
     SeedOpt,
     WorkersOpt,
 )
-from vitcircuits.cli_sae import read_circuits
-from vitcircuits.files import write_json
 from vitcircuits.inputs import ImageOptions, ModelOptions, check_folder_classes, images_manifest
+from vitcircuits.layout import LAYOUT
 from vitcircuits.runs import Run
 
 
@@ -71,8 +70,10 @@ def necessity_cmd(
     num_workers: WorkersOpt = 0,
     force: ForceOpt = False,
 ) -> None:
-    """Is the circuit necessary? Accuracy per class group with its heads ablated, against random heads of the same layers."""
-    from vitcircuits.composition.necessity import LabelledBatches, NecessityConfig, circuit_heads, format_report, necessity_report
+    """Is the circuit necessary? Accuracy per class group with its heads ablated, against random heads of the same layers (in necessity/)."""
+    from vitcircuits.composition.necessity import NecessityConfig, circuit_heads, format_report
+    from vitcircuits.stages.composition import read_circuits
+    from vitcircuits.stages.necessity import run_necessity
 
     if (circuits is None) == (heads is None):
         raise ValueError("give exactly one of --circuits RUN or --heads LAYER.HEAD,…")
@@ -88,9 +89,8 @@ def necessity_cmd(
     batches = image_opts.batches(loaded)
     check_folder_classes(loaded, batches)
     with run.timed("necessity"):
-        report = necessity_report(loaded.model, LabelledBatches(batches), chosen, groups, config)
-    write_json(run.file("necessity.json"), report)
-    run.write_manifest(images=images_manifest(batches), outputs=["necessity.json"])
+        report = run_necessity(run, loaded, batches, chosen, groups, config)
+    run.write_manifest(images=images_manifest(batches))
     typer.echo(format_report(report))
-    Console().print(f"wrote {run.path / 'necessity.json'}")
+    Console().print(f"wrote {run.file(LAYOUT.necessity_json)}")
 

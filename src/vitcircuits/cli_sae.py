@@ -27,20 +27,11 @@ from vitcircuits.cli_options import (
 )
 from vitcircuits.files import read_json
 from vitcircuits.inputs import ImageOptions, ModelOptions
+from vitcircuits.layout import LAYOUT
 from vitcircuits.runs import Run
 
 sae_app = Typer(add_completion=False, no_args_is_help=True, help="Sparse autoencoders: train at a hook, analyse features.")
 CircuitsOpt = Annotated[Optional[Path], typer.Option("--circuits", help="a compose or hunt run whose circuits.json names the circuit heads")]
-
-
-def read_circuits(run_dir: Path | None) -> list[dict] | None:
-    """The circuits of a compose run (top level) or hunt run (composition/)."""
-    if run_dir is None:
-        return None
-    for path in (run_dir / "circuits.json", run_dir / "composition" / "circuits.json"):
-        if path.is_file():
-            return read_json(path)["circuits"]
-    raise FileNotFoundError(f"{run_dir}: no circuits.json (expected a `vitcircuits compose` or `hunt` run)")
 
 
 @sae_app.command()
@@ -71,8 +62,9 @@ def train(
     force: ForceOpt = False,
     resume: ResumeOpt = False,
 ) -> None:
-    """Harvest a hook, train an SAE on it (SAELens layout), and measure it on held-out images."""
-    from vitcircuits.sae.stage import SAEStageConfig, choose_hook, run_sae_train
+    """Harvest a hook, train an SAE on it (SAELens layout), and measure it on held-out images (in sae/)."""
+    from vitcircuits.stages.composition import read_circuits
+    from vitcircuits.stages.sae import SAEStageConfig, choose_hook, run_sae_train
 
     model_opts = ModelOptions(model, arch, img_size, random_weights, device, dtype, seed)
     image_opts = ImageOptions(images, batch_size, max_images, num_workers)
@@ -86,11 +78,11 @@ def train(
     run.write_manifest(model=loaded.manifest(), seed=seed)
     chosen, reason = (hook, "given") if hook else choose_hook(read_circuits(circuits), loaded.model.cfg.n_layers)
     with run.timed("sae_train"):
-        metrics = run_sae_train(run.path, loaded, image_opts, replace(config, hook=chosen), chosen, reason)
+        metrics = run_sae_train(run, loaded, image_opts, replace(config, hook=chosen), chosen, reason)
     held = metrics["held_out"]
-    run.write_manifest(outputs={"sae": "sae", "metrics": "metrics.json", "held_out": held})
+    run.write_manifest(outputs={"sae": LAYOUT.sae_weights, "metrics": LAYOUT.sae_metrics, "held_out": held})
     Console().print(f"{chosen}: L0 {held['l0']:.1f}, explained variance {held['explained_variance']:.3f}, dead {held['dead_fraction']:.3f}; "
-                    f"SAE in {run.path / 'sae'}")
+                    f"SAE in {run.file(LAYOUT.sae_weights)}")
 
 
 @sae_app.command()
@@ -106,11 +98,12 @@ def analyze(
     batch_size: BatchOpt = 32,
     seed: SeedOpt = 0,
 ) -> None:
-    """Feature statistics, circuit dependence, the compositional ranking and galleries (in SAE_DIR/features)."""
+    """Feature statistics, circuit dependence, the compositional ranking and galleries (in SAE_DIR/sae/features)."""
     from vitcircuits.sae.dependence import DependenceConfig
-    from vitcircuits.sae.stage import AnalyzeConfig, run_sae_analyze
+    from vitcircuits.stages.composition import read_circuits
+    from vitcircuits.stages.features import AnalyzeConfig, run_features
 
-    manifest = read_json(sae_dir / "manifest.json") if (sae_dir / "manifest.json").is_file() else None
+    manifest = read_json(sae_dir / LAYOUT.manifest) if (sae_dir / LAYOUT.manifest).is_file() else None
     if manifest is None or manifest.get("command") != "sae-train":
         raise FileNotFoundError(f"{sae_dir}: not a `vitcircuits sae train` run (no manifest.json from sae-train)")
     trained = manifest["config"]
@@ -121,12 +114,12 @@ def analyze(
     if images is not None:
         image_opts = replace(image_opts, images=images)
     config = AnalyzeConfig(dependence=DependenceConfig(n_features=n_features, n_examples=n_examples, seed=seed))
-    run = Run.create(sae_dir / "features", "sae-analyze", {"model": model_opts.to_dict(), "images": image_opts.to_dict(),
+    run = Run.create(sae_dir / LAYOUT.features, "sae-analyze", {"model": model_opts.to_dict(), "images": image_opts.to_dict(),
                                                            "analyze": asdict(config), "circuits": str(circuits) if circuits else None}, force=True)
     loaded = model_opts.load()
     run.write_manifest(model=loaded.manifest(), seed=seed)
     with run.timed("sae_analyze"):
-        summary = run_sae_analyze(sae_dir, loaded, image_opts, read_circuits(circuits), config)
-    run.write_manifest(outputs={"features": "features.json", "n_compositional": summary["n_compositional"]})
+        summary = run_features(sae_dir, loaded, image_opts, read_circuits(circuits) if circuits else None, config)
+    run.write_manifest(outputs={"features": LAYOUT.features_json, "n_compositional": summary["n_compositional"]})
     Console().print(f"{summary['n_compositional']} of {summary['n_features_analysed']} analysed features are compositional; "
-                    f"see {run.path / 'features.json'}")
+                    f"see {sae_dir / LAYOUT.features_json}")

@@ -10,32 +10,27 @@ writes its outputs into the run folder; the report is built from those files, so
 rebuilt from a finished or resumed run."""
 from __future__ import annotations
 
-import csv
-import io
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
-from vitcircuits.composition.circuits import VERDICTS
 from vitcircuits.composition.config import ComposeConfig
-from vitcircuits.composition.necessity import LabelledBatches, NecessityConfig, circuit_heads, necessity_report
-from vitcircuits.composition.outputs import write_composition
-from vitcircuits.composition.scan import run_composition
-from vitcircuits.composition.task_metric import TaskMetric, fit_probe
-from vitcircuits.files import read_json, write_json, write_text
-from vitcircuits.heads.atlas import AtlasConfig, HeadAtlas
-from vitcircuits.heads.scan import scan_heads, summarize, write_heads_outputs
-from vitcircuits.inputs import ImageOptions, ModelOptions, check_folder_classes, images_manifest, preprocess_config
+from vitcircuits.composition.necessity import NecessityConfig
+from vitcircuits.files import read_json, write_json
+from vitcircuits.heads.atlas import AtlasConfig
+from vitcircuits.inputs import ImageOptions, ModelOptions
+from vitcircuits.layout import LAYOUT
 from vitcircuits.models.loading import LoadedModel
-from vitcircuits.report.attention_maps import default_queries, patch_attention, plot_head_grid
-from vitcircuits.report.figures import denormalize
 from vitcircuits.report.page import write_report
 from vitcircuits.runs import Run
 from vitcircuits.sae.dependence import DependenceConfig
-from vitcircuits.sae.stage import AnalyzeConfig, SAEStageConfig, TooFewRows, choose_hook, run_sae_analyze, run_sae_train
-from vitcircuits.stages import StageRunner
+from vitcircuits.stages import Stage, StageRunner
+from vitcircuits.stages.composition import run_compose
+from vitcircuits.stages.features import AnalyzeConfig, features_stage
+from vitcircuits.stages.heads import run_heads
+from vitcircuits.stages.necessity import necessity_stage
+from vitcircuits.stages.overview import run_overview
+from vitcircuits.stages.sae import SAEStageConfig, run_sae
 
 
 @dataclass(frozen=True)
@@ -72,119 +67,31 @@ class HuntConfig:
         )
 
 
-@torch.no_grad()
-def run_overview(run: Run, loaded: LoadedModel, images: ImageOptions, config: HuntConfig) -> None:
-    """Predictions (and accuracy where labels exist) over all images, and attention-map grids."""
-    model = loaded.model
-    batches = images.batches(loaded)
-    check_folder_classes(loaded, batches)
-    rows, to_draw = [], []
-    for batch in batches:
-        out = model(batch.images_BCHW)
-        preds = out.argmax(-1).tolist() if model.cfg.n_classes else [None] * len(batch.indices)
-        labels = batch.labels_B.tolist() if batch.labels_B is not None else [-1] * len(batch.indices)
-        rows += [(i, p, label, pred) for i, p, label, pred in zip(batch.indices, batch.paths, labels, preds)]
-        room = config.n_attention_images - len(to_draw)
-        to_draw += [(batch.indices[j], batch.paths[j], batch.images_BCHW[j : j + 1]) for j in range(min(room, len(batch.indices)))]
-    pre = preprocess_config(loaded)
-    out_dir = run.file("overview")
-    figures = []
-    for index, image_id, image_1CHW in to_draw:
-        image_HW3 = denormalize(image_1CHW[0], pre.mean, pre.std)
-        for query in default_queries(model.layout.rows, model.layout.cols):
-            maps = patch_attention(model, image_1CHW, query)
-            name = f"attention_img{index}_q{query[0]}-{query[1]}.png"
-            caption = f"{image_id}: attention from query patch (row {query[0]}, col {query[1]}), every layer and head"
-            plot_head_grid(image_HW3, maps, query, out_dir / name, caption)
-            figures.append((f"overview/{name}", caption))
-    labelled = [r for r in rows if r[2] >= 0 and r[3] is not None]
-    accuracy = sum(r[2] == r[3] for r in labelled) / len(labelled) if labelled else None
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["image_index", "image", "label", "prediction"])
-    writer.writerows(rows)
-    write_text(out_dir / "predictions.csv", buf.getvalue())
-    images_section = images_manifest(batches)
-    write_json(out_dir / "summary.json", {"accuracy": accuracy, "n_labelled": len(labelled), "figures": figures, "images": images_section})
-    run.write_manifest(images=images_section)
+def _composed(config: HuntConfig, done: dict) -> dict:
+    """What the composition verdicts depend on (the stages after it read them)."""
+    return {"atlas": asdict(config.atlas), "compose": asdict(config.compose)}
 
 
-def run_heads(run: Run, loaded: LoadedModel, images: ImageOptions, config: AtlasConfig, subdir: str = "heads") -> HeadAtlas:
-    """The head atlas over all images, saved with its figures in ``subdir`` of the run."""
-    batches = images.batches(loaded)
-    atlas, kept = scan_heads(loaded, batches, config)
-    figures = write_heads_outputs(run, loaded, atlas, kept, subdir)
-    write_json(run.file(subdir) / "figures.json", figures)
-    run.write_manifest(images=images_manifest(batches), heads={"summary": summarize(atlas)})
-    return atlas
-
-
-def run_compose(run: Run, loaded: LoadedModel, images: ImageOptions, config: ComposeConfig, atlas_dir: str = "heads",
-                out_dir: str = "composition") -> None:
-    """Weight scores, path patching, edge attribution and task-level checks, shuffle control and a
-    verdict for every edge."""
-    atlas = HeadAtlas.load(run.file(atlas_dir))
-    probe = fit_image_probe(loaded, images) if config.task_metric == "probe" else None
-    result = run_composition(loaded.model, lambda: (b.images_BCHW for b in images.batches(loaded)), atlas, config, probe, progress=True)
-    cfg = loaded.model.cfg
-    figures = write_composition(run.file(out_dir), result, cfg.n_layers, cfg.n_heads)
-    write_json(run.file(out_dir) / "figures.json", [(str(p.relative_to(run.path)), c) for p, c in figures])
-    counts = {v: sum(row["verdict"] == v for row in result.candidates) for v in VERDICTS}
-    run.write_manifest(composition={"verdicts": counts, "ablation": config.patching.ablation})
-
-
-@torch.no_grad()
-def fit_image_probe(loaded: LoadedModel, images: ImageOptions) -> TaskMetric:
-    """A linear probe on the model's pooled output over the labelled images (one pass)."""
-    features, labels = [], []
-    for images_BCHW, labels_B in LabelledBatches(images.batches(loaded)):
-        features.append(loaded.model(images_BCHW).float().cpu())
-        labels.append(labels_B.cpu())
-    if not labels:
-        raise ValueError(f"--task-metric probe needs labelled images; {images.images} has none")
-    labels_B = torch.cat(labels)
-    return fit_probe(torch.cat(features), labels_B, int(labels_B.max()) + 1)
-
-
-def _circuits(run: Run) -> list[dict]:
-    return read_json(run.file("composition/circuits.json"))["circuits"]
-
-
-def run_necessity(run: Run, loaded: LoadedModel, images: ImageOptions, config: HuntConfig) -> None:
-    """Ablate the supported circuits' heads; ``necessity/necessity.json`` says why when it cannot."""
-    overview = read_json(run.file("overview/summary.json"))
-    heads = circuit_heads(_circuits(run))
-    reason = ("the model has no classification head" if not loaded.model.cfg.n_classes else
-              "the images have no class labels" if not overview["n_labelled"] else
-              "no supported circuit" if not heads else None)
-    if reason:
-        write_json(run.file("necessity/necessity.json"), {"skipped": reason})
-        return
-    limit = min(filter(None, (images.max_images, config.max_necessity_images)), default=None)
-    groups = dict(loaded.pretrained_cfg.get("class_groups") or {})
-    report = necessity_report(loaded.model, LabelledBatches(replace(images, max_images=limit).batches(loaded)), heads, groups, config.necessity)
-    write_json(run.file("necessity/necessity.json"), report)
-    run.write_manifest(necessity={"heads": report["circuit"]["heads"], "clean": report["clean"], "circuit": report["circuit"]["overall"]})
-
-
-def run_sae(run: Run, loaded: LoadedModel, images: ImageOptions, config: SAEStageConfig) -> None:
-    """Train the SAE at the configured hook, or after the strongest supported composition receiver;
-    with too few rows, ``sae/metrics.json`` says why it was skipped."""
-    hook, reason = (config.hook, "given") if config.hook else choose_hook(_circuits(run), loaded.model.cfg.n_layers)
-    try:
-        metrics = run_sae_train(run.file("sae"), loaded, images, config, hook, reason)
-    except TooFewRows as err:
-        write_json(run.file("sae/metrics.json"), {"hook": hook, "skipped": f"{hook}: {err}"})
-        run.write_manifest(sae={"hook": hook, "skipped": str(err)})
-        return
-    run.write_manifest(sae={"hook": hook, "hook_reason": reason, "held_out": {k: v for k, v in metrics["held_out"].items() if k != "density_histogram"}})
-
-
-def run_features(run: Run, loaded: LoadedModel, images: ImageOptions, config: AnalyzeConfig) -> None:
-    if "skipped" in read_json(run.file("sae/metrics.json")):
-        return
-    summary = run_sae_analyze(run.file("sae"), loaded, images, _circuits(run), config)
-    run.write_manifest(features={"n_analysed": summary["n_features_analysed"], "n_compositional": summary["n_compositional"]})
+STAGES = (
+    Stage("overview", (LAYOUT.overview,), (), lambda c, done: {"n_attention_images": c.n_attention_images},
+          lambda run, loaded, images, c: run_overview(run, loaded, images, c.n_attention_images)),
+    Stage("heads", (LAYOUT.heads,), (), lambda c, done: {"atlas": asdict(c.atlas)},
+          lambda run, loaded, images, c: run_heads(run, loaded, images, c.atlas)),
+    Stage("composition", (LAYOUT.composition,), (LAYOUT.atlas,), _composed,
+          lambda run, loaded, images, c: run_compose(run, loaded, images, c.compose)),
+    Stage("necessity", (LAYOUT.necessity,), (LAYOUT.overview_summary, LAYOUT.circuits),
+          lambda c, done: {**_composed(c, done), "necessity": asdict(c.necessity), "max_images": c.max_necessity_images},
+          lambda run, loaded, images, c: necessity_stage(run, loaded, images, c.necessity, c.max_necessity_images)),
+    Stage("sae", (LAYOUT.sae,), (LAYOUT.circuits,), lambda c, done: {**_composed(c, done), "sae": asdict(c.sae)},
+          lambda run, loaded, images, c: run_sae(run, loaded, images, c.sae)),
+    Stage("features", (LAYOUT.features,), (LAYOUT.sae_metrics, LAYOUT.circuits),
+          lambda c, done: {**_composed(c, done), "sae": asdict(c.sae), "analyze": asdict(c.analyze)},
+          lambda run, loaded, images, c: features_stage(run, loaded, images, c.analyze)),
+    Stage("report", (LAYOUT.report,), (LAYOUT.overview_summary,), lambda c, done: {"always": json.dumps(done, sort_keys=True)},
+          lambda run, loaded, images, c: write_report(run, loaded)),
+)
+"""``hunt``, in order. Each stage's hash covers the model, its weights' sha256, the image list and
+``depends_on``; the report depends on every other stage's record, so it is rebuilt whenever one ran."""
 
 
 def check_truth(data: object, n_layers: int, n_heads: int) -> int:
@@ -218,7 +125,7 @@ def copy_truth(run: Run, truth: str | Path, loaded: LoadedModel) -> None:
     except ValueError as err:
         raise ValueError(f"{truth}: not a truth file for this model ({err})") from None
     run.write_manifest(truth={"file": str(truth), "n_causal": n_causal})
-    write_json(run.file("truth.json"), data)
+    write_json(run.file(LAYOUT.truth), data)
 
 
 def hunt(out: str, model: ModelOptions, images: ImageOptions, config: HuntConfig, *, force: bool = False, resume: bool = False,
@@ -228,27 +135,18 @@ def hunt(out: str, model: ModelOptions, images: ImageOptions, config: HuntConfig
     run_config = {"model": model.to_dict(), "images": images.to_dict(), "hunt": asdict(config)}
     run = Run.create(out, "hunt", run_config, force=force, resume=resume)
     if force:
-        run.file("stages.json").unlink(missing_ok=True)
-        run.file("truth.json").unlink(missing_ok=True)
+        run.file(LAYOUT.stages).unlink(missing_ok=True)
+        run.file(LAYOUT.truth).unlink(missing_ok=True)
     with run.timed("load_model"):
         loaded = model.load()
     if truth is not None:
         copy_truth(run, truth, loaded)
     run.write_manifest(model=loaded.manifest(), seed=model.seed)
-    stages = StageRunner(run)
+    runner = StageRunner(run)
     image_list = images.batches(loaded, progress=False).summary().image_list_sha256
-    inputs = {"model": model.to_dict(), "weights": loaded.weights_sha256, "images": images.to_dict(), "image_list_sha256": image_list}
-    compose_inputs = {**inputs, "atlas": asdict(config.atlas), "compose": asdict(config.compose)}
-    stages.stage("overview", {**inputs, "n_attention_images": config.n_attention_images},
-                 lambda: run_overview(run, loaded, images, config), outputs=["overview"])
-    stages.stage("heads", {**inputs, "atlas": asdict(config.atlas)}, lambda: run_heads(run, loaded, images, config.atlas), outputs=["heads"])
-    stages.stage("composition", compose_inputs, lambda: run_compose(run, loaded, images, config.compose), outputs=["composition"])
-    stages.stage("necessity", {**compose_inputs, "necessity": asdict(config.necessity), "max_images": config.max_necessity_images},
-                 lambda: run_necessity(run, loaded, images, config), outputs=["necessity"])
-    stages.stage("sae", {**compose_inputs, "sae": asdict(config.sae)}, lambda: run_sae(run, loaded, images, config.sae), outputs=["sae"])
-    stages.stage("features", {**compose_inputs, "sae": asdict(config.sae), "analyze": asdict(config.analyze)},
-                 lambda: run_features(run, loaded, images, config.analyze), outputs=["sae/features"])
-    stages.stage("report", {**inputs, "always": json.dumps(stages.done, sort_keys=True)}, lambda: write_report(run, loaded),
-                 outputs=["report.html"])
-    run.write_manifest(outputs={"report": "report.html", "stages": stages.done})
-    return str(run.file("report.html"))
+    key = {"model": model.to_dict(), "weights": loaded.weights_sha256, "images": images.to_dict(), "image_list_sha256": image_list}
+    for stage in STAGES:
+        runner.stage(stage.name, {**key, **stage.depends_on(config, runner.done)},
+                     lambda stage=stage: stage.body(run, loaded, images, config), outputs=stage.outputs, reads=stage.reads)
+    run.write_manifest(outputs={"report": LAYOUT.report, "stages": runner.done})
+    return str(run.file(LAYOUT.report))

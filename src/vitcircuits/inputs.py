@@ -1,6 +1,7 @@
 """The model and images a command works on, from the options every command shares."""
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -126,3 +127,17 @@ def images_manifest(batches: ImageBatches) -> dict:
                     "repeated_folders": ignored.repeated_folders, "unreadable_folders": ignored.unreadable_folders},
         "skipped": [{"id": s.id, "reason": s.reason} for s in summary.skipped],
     }
+
+
+def provenance(loaded: LoadedModel, batches: ImageBatches) -> dict:
+    """What cached rows are made from: the model, its weights (the file's sha256, or a digest of
+    seeded random weights), its dtype, the image list and the preprocessing."""
+    weights = loaded.weights_sha256
+    if weights is None:
+        digest = hashlib.sha256()
+        for tensor in loaded.model.state_dict().values():
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        weights = f"random:{digest.hexdigest()}"
+    return {"model": loaded.model_id, "weights_sha256": weights, "dtype": str(next(loaded.model.parameters()).dtype),
+            "image_list_sha256": batches.summary().image_list_sha256, "n_images": len(batches.source),
+            "preprocess": asdict(preprocess_config(loaded))}

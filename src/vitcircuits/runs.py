@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vitcircuits.files import read_json, write_json
+from vitcircuits.layout import LAYOUT
 
 
 class RunFolderError(RuntimeError):
@@ -53,11 +54,11 @@ class Run:
         if path.is_dir() and any(path.iterdir()):
             if not (force or resume):
                 raise RunFolderError(f"{path}: folder is not empty; pass --force to overwrite or --resume to continue")
-            if not (path / "manifest.json").is_file():
+            if not (path / LAYOUT.manifest).is_file():
                 raise RunFolderError(f"{path}: not a run folder (no manifest.json); --force and --resume only reuse run folders")
         path.mkdir(parents=True, exist_ok=True)
         run = cls(path=path, command=command, config=config)
-        manifest = path / "manifest.json"
+        manifest = path / LAYOUT.manifest
         if resume and not force and manifest.is_file():
             previous = read_json(manifest)
             run.manifest = {k: v for k, v in previous.items() if k not in ("command", "versions", "config", "timings_s")}
@@ -86,4 +87,4 @@ class Run:
             **self.manifest,
             "timings_s": self.timings,
         }
-        return write_json(self.file("manifest.json"), body)
+        return write_json(self.file(LAYOUT.manifest), body)

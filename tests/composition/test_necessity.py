@@ -95,7 +95,7 @@ def test_necessity_command_on_the_shapes_organism(tmp_path):
     result = CliRunner().invoke(app, ["necessity", "--model", "bundled:shapes-vit", "--images", "bundled:shapes", "--heads", "0.2,0.3",
                                       "--draws", "2", "--out", str(out), "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    report = json.loads((out / "necessity.json").read_text())
+    report = json.loads((out / "necessity" / "necessity.json").read_text())
     assert report["groups"] == {"compositional": [0, 1, 2, 3], "single_patch": [4, 5]} and report["n_images"] == 300
     assert report["circuit"]["compositional"] < 0.5 and report["circuit"]["single_patch"] > 0.95
     assert all(draw["heads"] == [[0, 0], [0, 1]] for draw in report["random"]["draws"])

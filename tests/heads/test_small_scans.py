@@ -70,8 +70,8 @@ def test_heads_command_on_a_small_run_writes_the_figures(tmp_path, extra):
     result = CliRunner().invoke(app, ["heads", "--model", str(folder), "--images", str(images), "--device", "cpu", "--out", str(out), *extra])
     assert result.exit_code == 0, result.output
     for name in ("atlas.png", "modular_scores.png", "distance_vs_layer.png"):
-        assert (out / name).read_bytes().startswith(PNG), name
-    atlas = json.loads((out / "atlas.json").read_text())
+        assert (out / "heads" / name).read_bytes().startswith(PNG), name
+    atlas = json.loads((out / "heads" / "atlas.json").read_text())
     assert atlas["rows"][0]["n_images"] == (1 if "--max-images" in extra else 4)
     assert_intervals_contain_estimates(atlas["rows"])
 

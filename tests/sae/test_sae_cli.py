@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from vitcircuits.cli import app
 from vitcircuits.sae.io import load_sae
-from vitcircuits.sae.stage import choose_hook
+from vitcircuits.stages.sae import choose_hook
 
 HOOK = "blocks.2.hook_resid_post"
 
@@ -24,7 +24,7 @@ def trained(tmp_path_factory):
 
 def test_train_writes_metrics_sae_and_fidelity(trained):
     out, _ = trained
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "sae" / "metrics.json").read_text())
     held = metrics["held_out"]
     assert metrics["hook"] == HOOK and metrics["hook_reason"] == "given"
     # 60 images x 2 views x 64 patches; images 0, 10, ..., 50 are held out
@@ -33,7 +33,7 @@ def test_train_writes_metrics_sae_and_fidelity(trained):
     fidelity = metrics["fidelity"]
     assert fidelity["output_kind"] == "logits" and fidelity["n_images"] == 6 and "clean_accuracy" in fidelity
     assert fidelity["sae"]["kl"] < fidelity["mean_ablation"]["kl"]  # the SAE keeps more than mean ablation does
-    sae = load_sae(out / "sae")
+    sae = load_sae(out / "sae" / "sae")
     assert sae.cfg.hook_name == HOOK and sae.cfg.d_sae == 2 * sae.cfg.d_in
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["command"] == "sae-train" and manifest["model"]["weights_sha256"]
@@ -41,25 +41,26 @@ def test_train_writes_metrics_sae_and_fidelity(trained):
 
 def test_resume_does_not_recompute(trained):
     out, args = trained
-    shard = out / "activations" / "shard_00000.safetensors"
-    before = shard.stat().st_mtime_ns, (out / "sae" / "sae_weights.safetensors").read_bytes()
+    shard = out / "sae" / "activations" / "shard_00000.safetensors"
+    before = shard.stat().st_mtime_ns, (out / "sae" / "sae" / "sae_weights.safetensors").read_bytes()
     result = CliRunner().invoke(app, [*args, "--resume"])
     assert result.exit_code == 0, result.output
     assert shard.stat().st_mtime_ns == before[0]
-    assert (out / "sae" / "sae_weights.safetensors").read_bytes() == before[1]  # resumed from the final checkpoint
+    assert (out / "sae" / "sae" / "sae_weights.safetensors").read_bytes() == before[1]  # resumed from the final checkpoint
 
 
 def test_analyze_writes_features(trained):
     out, _ = trained
     result = CliRunner().invoke(app, ["sae", "analyze", str(out), "--n-features", "6", "--n-examples", "3", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    summary = json.loads((out / "features" / "features.json").read_text())
+    summary = json.loads((out / "sae" / "features" / "features.json").read_text())
+    assert json.loads((out / "sae" / "features" / "manifest.json").read_text())["command"] == "sae-analyze"
     assert summary["n_features_analysed"] == 6 and summary["circuit_heads"] == []
     assert [r["compositional_score"] for r in summary["top"]] == sorted((r["compositional_score"] for r in summary["top"]), reverse=True)
     for row in summary["top"]:
         assert row["circuit_tested"] is False and 0 <= row["drop_centre"] <= 1
     for path, _ in summary["figures"]:
-        assert (out / path).stat().st_size > 1000
+        assert (out / "sae" / path).stat().st_size > 1000
 
 
 def test_errors_are_one_line(tmp_path):

@@ -15,12 +15,13 @@ _RUN: dict[str, Path] = {}
 
 
 def light_config():
-    from vitcircuits.composition.scan import ComposeConfig
+    from vitcircuits.composition.config import ComposeConfig
     from vitcircuits.composition.weights import CompositionConfig
     from vitcircuits.heads.atlas import AtlasConfig
     from vitcircuits.hunt import HuntConfig
     from vitcircuits.sae.dependence import DependenceConfig
-    from vitcircuits.sae.stage import AnalyzeConfig, SAEStageConfig
+    from vitcircuits.stages.features import AnalyzeConfig
+    from vitcircuits.stages.sae import SAEStageConfig
 
     return HuntConfig(
         n_attention_images=1,

@@ -42,7 +42,7 @@ SENDER_KINDS = ("modular", "directional")
 
 @dataclass
 class CompositionResult:
-    """Everything the composition stage measured; :mod:`vitcircuits.composition.outputs` writes it."""
+    """Everything the composition stage measured; :mod:`vitcircuits.stages.composition` writes it."""
 
     scores: CompositionScores
     senders: list[tuple[int, int, str]]

@@ -132,3 +132,16 @@ class HookedRootModule(nn.Module):
         with self.hooks(hooks):
             out = self(*args, **kwargs)
         return out, cache
+
+
+PER_TOKEN_SUFFIXES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
+                      "hook_normalized", "hook_q", "hook_k", "hook_v", "hook_z", "hook_pre", "hook_post", "hook_result")
+
+
+def check_hooks(model, hooks: tuple[str, ...]) -> None:
+    """Refuse hook names the model lacks, and hooks without one vector per token (one line each)."""
+    for name in hooks:
+        if name not in model.hook_dict:
+            raise ValueError(f"unknown hook {name!r}; `vitcircuits info MODEL` lists the hook names")
+        if (name.startswith("ln_final") and model.cfg.final_norm == "pooled") or not name.endswith(PER_TOKEN_SUFFIXES):
+            raise ValueError(f"hook {name!r} is not per-token; cache takes per-token hooks such as blocks.3.hook_resid_post")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from vitcircuits.layout import LAYOUT
 from vitcircuits.report import html
 from vitcircuits.report.summary import claims, line_text, read, strongest_supported
 from vitcircuits.report.truth_section import compare
@@ -30,10 +31,10 @@ def key_figure(run: Run) -> tuple[Path, str] | None:
     images; without such an overlay, an attention-map grid of every head on an image (where the
     circuit's heads can be found); without a supported circuit, the overlay of the most modular
     head. None when the run has none of these figures."""
-    heads_figures = read(run, "heads/figures.json") or []
+    heads_figures = read(run, LAYOUT.heads_figures) or []
     overlays = {Path(path).name: path for path, _ in heads_figures if Path(path).name.startswith("overlay_")}
-    grids = [path for path, _ in (read(run, "overview/summary.json") or {}).get("figures", [])]
-    circuits = read(run, "composition/circuits.json")
+    grids = [path for path, _ in (read(run, LAYOUT.overview_summary) or {}).get("figures", [])]
+    circuits = read(run, LAYOUT.circuits)
     c = strongest_supported(circuits) if circuits else None
     if c:
         for role, head in (("sender", c["senders"][0]), ("receiver", c["receivers"][0])):
@@ -72,7 +73,7 @@ def _strongest(circuits: dict) -> str:
 
 
 def _truth(run: Run, circuits: dict) -> str:
-    truth = read(run, "truth.json")
+    truth = read(run, LAYOUT.truth)
     if not truth:
         return ""
     r = compare(truth, circuits["circuits"])
@@ -83,12 +84,12 @@ def _truth(run: Run, circuits: dict) -> str:
 def summary_section(run: Run, model_id: str, random_weights: bool) -> html.Section:
     """What the run found, in one screen: the verdict counts over every edge, the strongest circuit,
     each claim's one-word answer and :func:`key_figure`."""
-    images = ((read(run, "overview/summary.json") or {}).get("images")) or {}
+    images = ((read(run, LAYOUT.overview_summary) or {}).get("images")) or {}
     intro = f"{model_id}" + (f" on {images['n_ok']} images from {images['source']}." if images else ".")
     if random_weights:
         intro += " RANDOM weights: nothing here describes a trained model."
     text = html.paragraph(intro)
-    circuits = read(run, "composition/circuits.json")
+    circuits = read(run, LAYOUT.circuits)
     if circuits:
         text += "<p>Verdicts over every edge sender → receiver → input (Q, K or V):</p>" + _counts(circuits)
         text += _strongest(circuits) + _truth(run, circuits)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from vitcircuits.files import read_json, write_text
+from vitcircuits.layout import LAYOUT
 from vitcircuits.models.loading import LoadedModel
 from vitcircuits.report import html
 from vitcircuits.report.first_screen import how_to_read_section, summary_section
@@ -45,7 +46,7 @@ def _total(*values: float | None) -> float | None:
 
 
 def heads_section(run: Run) -> str:
-    atlas = read_json(run.file("heads/atlas.json"))
+    atlas = read_json(run.file(LAYOUT.atlas))
     rows, baselines = atlas["rows"], atlas["baselines"]
     modular = sorted((r for r in rows if r["kind"] == "modular"), key=lambda r: -r["modular_score"])
     top = sorted(rows, key=lambda r: -r["modular_score"])[:8]
@@ -64,7 +65,7 @@ def heads_section(run: Run) -> str:
     )
     base = html.table([(name, number(b["modular_score"]), number(b["neighbour_mass"]), number(b["mean_distance_px"], 1))
                        for name, b in baselines.items()], ("baseline head on this grid", "modular_score", "neighbour mass", "mean dist px"))
-    figures = read_json(run.file("heads/figures.json"))
+    figures = read_json(run.file(LAYOUT.heads_figures))
     overlays = [f for f in figures if f[0].rsplit("/", 1)[-1].startswith("overlay_")]
     kinds = "Kinds: " + ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items(), key=lambda kv: -kv[1])) + "."
     return html.section("Head atlas", html.paragraph(verdict) + html.paragraph(kinds)
@@ -88,7 +89,7 @@ def _circuit_row(c: dict) -> tuple:
 
 
 def composition_section(run: Run, n_rows: int = 15) -> str:
-    data = read_json(run.file("composition/circuits.json"))
+    data = read_json(run.file(LAYOUT.circuits))
     circuits, counts, task = data["circuits"], data["verdicts"], data.get("task_metric") or {}
     ablation = f" ({data['ablation']} ablation of the sender)" if data["ablation"] else ""
     summary = (f"Every edge sender → later receiver → Q/K/V gets a verdict{ablation}: of {data['n_edges']} edges, {counts['supported']} are "
@@ -112,7 +113,7 @@ def composition_section(run: Run, n_rows: int = 15) -> str:
               "exactly, supported first, by drop.")
     reading = ("Shuffle reading: 'positional' = the receiver attends the same way when the patches are shuffled (attention "
                "follows position, so on shuffled images it moves unrelated content); 'content-matching' = its attention changes.")
-    figures = read_json(run.file("composition/figures.json"))
+    figures = read_json(run.file(LAYOUT.composition_figures))
     named = [f"L{c['senders'][0][0]}H{c['senders'][0][1]} → L{c['receivers'][0][0]}H{c['receivers'][0][1]} "
              f"({c['kind'].upper()}, {c['shuffle_reading']})" for c in circuits if c["verdict"] == "supported"][:8]
     verdict_line = "Supported: " + "; ".join(named) if named else "No edge is supported."
@@ -152,7 +153,7 @@ def necessity_section(data: dict) -> str:
 
 
 def write_report(run: Run, loaded: LoadedModel) -> None:
-    overview = read_json(run.file("overview/summary.json"))
+    overview = read_json(run.file(LAYOUT.overview_summary))
     images = overview["images"]
     data_rows = [
         ("source", images["source"]),
@@ -174,15 +175,15 @@ def write_report(run: Run, loaded: LoadedModel) -> None:
         html.section("Model", html.table(model_card(loaded)), "model"),
         html.section("Data", html.table(data_rows), "data"),
     ]
-    if run.file("heads/atlas.json").exists():
+    if run.file(LAYOUT.atlas).exists():
         sections.append(heads_section(run))
-    if run.file("composition/circuits.json").exists():
+    if run.file(LAYOUT.circuits).exists():
         sections.append(composition_section(run))
-        if run.file("truth.json").exists():
+        if run.file(LAYOUT.truth).exists():
             sections.append(truth_section(run))
-    if run.file("necessity/necessity.json").exists():
-        sections.append(necessity_section(read_json(run.file("necessity/necessity.json"))))
-    if run.file("sae/metrics.json").exists():
+    if run.file(LAYOUT.necessity_json).exists():
+        sections.append(necessity_section(read_json(run.file(LAYOUT.necessity_json))))
+    if run.file(LAYOUT.sae_metrics).exists():
         sections.append(sae_section(run))
     sections.append(html.section(
         "Attention maps",
@@ -194,4 +195,4 @@ def write_report(run: Run, loaded: LoadedModel) -> None:
     sections.append(caveats_section(run, loaded))
     if loaded.random_weights:
         sections.insert(0, html.paragraph("This model has RANDOM weights: nothing here describes a trained model.", "note"))
-    write_text(run.file("report.html"), html.page(f"vitcircuits report: {loaded.model_id}", sections))
+    write_text(run.file(LAYOUT.report), html.page(f"vitcircuits report: {loaded.model_id}", sections))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from vitcircuits.files import read_json
+from vitcircuits.layout import LAYOUT
 from vitcircuits.report import html
 from vitcircuits.runs import Run
 
@@ -29,7 +30,7 @@ def _fidelity_rows(fidelity: dict) -> list[tuple]:
 
 
 def sae_section(run: Run) -> str:
-    metrics = read_json(run.file("sae/metrics.json"))
+    metrics = read_json(run.file(LAYOUT.sae_metrics))
     if "skipped" in metrics:
         return html.section("Sparse autoencoder and compositional features",
                             html.paragraph(f"The SAE stage was skipped: {metrics['skipped']}."), "sae")
@@ -45,7 +46,7 @@ def sae_section(run: Run) -> str:
         *_fidelity_rows(metrics["fidelity"]),
     ])
     body = html.paragraph(intro) + table
-    features_path = run.file("sae/features/features.json")
+    features_path = run.file(LAYOUT.features_json)
     if features_path.exists():
         features = read_json(features_path)
         heads = ", ".join(f"L{layer}H{head}" for layer, head in features["circuit_heads"]) or "none (no supported circuit up to this layer)"
@@ -59,5 +60,5 @@ def sae_section(run: Run) -> str:
         body += html.table(rows, ("feature", "density", "drop: neighbours occluded", "drop: neighbours shuffled", "drop: centre occluded",
                                   "drop: circuit − random heads", "compositional score", "compositional"))
         body += html.gallery("Feature gallery, mean maps and circuit dependence",
-                             [(run.file("sae/" + path), caption) for path, caption in features["figures"]])
+                             [(run.file(f"{LAYOUT.sae}/{path}"), caption) for path, caption in features["figures"]])
     return html.section("Sparse autoencoder and compositional features", body, "sae")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from vitcircuits.files import read_json
+from vitcircuits.layout import LAYOUT
 from vitcircuits.models.loading import LoadedModel
 from vitcircuits.report import html
 from vitcircuits.runs import Run
@@ -142,19 +143,19 @@ def _features_claim(features: dict, metrics: dict) -> tuple:
 def claims(run: Run) -> list[tuple[str, str, str]]:
     """(claim, verdict, evidence and baseline) for each claim of the hypothesis the run's files can answer."""
     out = []
-    atlas = read(run, "heads/atlas.json")
+    atlas = read(run, LAYOUT.atlas)
     if atlas:
         out.append(_heads_claim(atlas))
-    circuits = read(run, "composition/circuits.json")
+    circuits = read(run, LAYOUT.circuits)
     if circuits:
         out.append(_composition_claim(circuits))
         transfer = _transfer_claim(circuits.get("transfer") or {}, circuits.get("transfer_skipped"))
         if transfer:
             out.append(transfer)
-    necessity = read(run, "necessity/necessity.json")
+    necessity = read(run, LAYOUT.necessity_json)
     if necessity and "skipped" not in necessity:
         out.append(_necessity_claim(necessity))
-    features, metrics = read(run, "sae/features/features.json"), read(run, "sae/metrics.json")
+    features, metrics = read(run, LAYOUT.features_json), read(run, LAYOUT.sae_metrics)
     if features and metrics:
         out.append(_features_claim(features, metrics))
     return out
@@ -167,13 +168,13 @@ def verdict_section(run: Run) -> str:
 
 def caveats_section(run: Run, loaded: LoadedModel) -> str:
     items = []
-    overview = read(run, "overview/summary.json") or {}
+    overview = read(run, LAYOUT.overview_summary) or {}
     n_images = (overview.get("images") or {}).get("n_ok")
     if n_images is not None:
         items.append(f"All numbers come from {n_images} images; intervals are bootstrap intervals over images, not over models or datasets.")
     if loaded.random_weights:
         items.append("The model has random weights: nothing here describes a trained model.")
-    circuits = read(run, "composition/circuits.json")
+    circuits = read(run, LAYOUT.circuits)
     if circuits:
         items += [
             f"Ablation is '{circuits.get('ablation')}'. Mean ablation over images and positions removes position-specific output too; "
@@ -185,11 +186,11 @@ def caveats_section(run: Run, loaded: LoadedModel) -> str:
             "EAP-IG edge attribution is an estimate; it picks the edges checked exactly and is not itself a verdict. "
             "An edge it leaves unchecked can be weak at most.",
         ]
-    necessity = read(run, "necessity/necessity.json")
+    necessity = read(run, LAYOUT.necessity_json)
     if necessity and "skipped" not in necessity:
         items.append("Necessity ablates all circuit heads at once: it shows that the model needs those heads, not which edge between them "
                      "matters, and a head can serve other computations too. Task-level path patching (composition section) tests single edges.")
-    if "held_out" in (read(run, "sae/metrics.json") or {}):
+    if "held_out" in (read(run, LAYOUT.sae_metrics) or {}):
         items += [
             "Occluding patches with the mean colour is off-distribution; the shuffle variant keeps natural patch statistics, and both are reported.",
             "Feature dependence is measured on each feature's top-activating patches, not on all patches where it fires.",

@@ -7,6 +7,7 @@ whether they count as causal (:func:`vitcircuits.testing.organism_benchmark.trut
 from __future__ import annotations
 
 from vitcircuits.files import read_json
+from vitcircuits.layout import LAYOUT
 from vitcircuits.report import html
 from vitcircuits.report.summary import number
 from vitcircuits.runs import Run
@@ -36,8 +37,8 @@ def compare(truth: dict, circuits: list[dict]) -> dict:
 
 
 def truth_section(run: Run) -> str:
-    truth = read_json(run.file("truth.json"))
-    circuits = read_json(run.file("composition/circuits.json"))["circuits"]
+    truth = read_json(run.file(LAYOUT.truth))
+    circuits = read_json(run.file(LAYOUT.circuits))["circuits"]
     result = compare(truth, circuits)
     intro = (f"Known causal edges ({truth['source']}): {result['n_causal']} edges whose path ablation alone lowers the true "
              f"class's logit margin by at least {truth['threshold']} ({truth['images']}). "

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from vitcircuits.cache import check_hooks
 from vitcircuits.models.hooked_vit import HookedViT
+from vitcircuits.models.hooks import check_hooks
 from vitcircuits.sae.model import SAE
 
 Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]

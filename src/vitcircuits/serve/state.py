@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from vitcircuits.inputs import ImageOptions, ModelOptions, preprocess_config
+from vitcircuits.layout import LAYOUT
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,8 @@ def object_at(data: dict, dotted: str) -> dict:
     return data
 
 
-def _first_existing(root: Path, *names: str) -> Path | None:
-    return next((root / n for n in names if (root / n).exists()), None)
+def _existing(root: Path, name: str) -> Path | None:
+    return root / name if (root / name).exists() else None
 
 
 def finite(value):
@@ -126,7 +127,7 @@ class RunState:
         if not Path(run_dir).is_dir():
             raise FileNotFoundError(f"{run_dir}: no such run folder")
         self.root = Path(run_dir).resolve(strict=True)
-        manifest = self.root / "manifest.json"
+        manifest = self.root / LAYOUT.manifest
         self.manifest = read_json(manifest) or {}
         with reading(manifest):
             for dotted in ("config.model", "config.images", "model.config"):
@@ -234,7 +235,7 @@ class RunState:
     def _predictions(self) -> list[dict] | None:
         """The first images of ``overview/predictions.csv`` (index, id, label, prediction); None without
         the file or with ``--images`` (the run's predictions describe the run's images only)."""
-        path = self.root / "overview" / "predictions.csv"
+        path = self.root / LAYOUT.predictions
         if not path.is_file() or self.own_images:
             return None
         out = []
@@ -261,7 +262,7 @@ class RunState:
     def _atlas(self) -> dict | None:
         from vitcircuits.heads.atlas import HeadAtlas
 
-        path = _first_existing(self.root, "heads/atlas.json", "atlas.json")
+        path = _existing(self.root, LAYOUT.atlas)
         if path is None:
             return None
         read_json(path)
@@ -288,7 +289,7 @@ class RunState:
     def _composition(self) -> dict:
         """The listed edges (supported, weak or checked exactly) with each part of their verdict,
         and the verdict counts over all edges."""
-        path = _first_existing(self.root, "composition/circuits.json", "circuits.json")
+        path = _existing(self.root, LAYOUT.circuits)
         data = (read_json(path) if path else None) or {}
         with reading(path):  # without the file, data is empty and nothing below can fail
             return self._read_composition(data)
@@ -308,26 +309,25 @@ class RunState:
                         "kind": c.get("kind"), "verdict": c.get("verdict"), "silent": c.get("silent"), "read_at": read_at,
                         "shuffle_reading": c.get("shuffle_reading"), "composes_at": where, "composes_metric": composes.get("metric"),
                         **{f"composes_{k}": line.get(k) for k in ("effect", "lo", "hi", "null_q95")},
-                        "matters_checked": bool(matters), **{f"matters_{k}": matters.get(k) for k in ("effect", "lo", "hi", "null_q95", "floor", "group")},
+                        "matters_checked": bool(matters), **{f"matters_{k}": matters.get(k) for k in ("effect", "lo", "hi", "null_q95", "floor")},
                         "attribution": e.get("attribution"), "weight_z": (e.get("weights") or {}).get("z"),
                         "attention_kept": (e.get("shuffle") or {}).get("attention_kept")})
         edges = {"n": data.get("n_edges"), "verdicts": data.get("verdicts") or {}, "rule": data.get("rule"), "n_listed": len(circuits)}
         return {"circuits": out, "edges": edges}
 
     def _features(self) -> dict | None:
-        path = _first_existing(self.root, "sae/features/features.json", "features/features.json")
+        path = _existing(self.root, LAYOUT.features_json)
         data = read_json(path) if path else None
         if not data:
             return None
         with reading(path):
-            return self._read_features(path, data)
+            return self._read_features(data)
 
-    def _read_features(self, path: Path, data: dict) -> dict:
+    def _read_features(self, data: dict) -> dict:
         figures = []
         for name, caption in data.get("figures", []):
-            # Figure paths are relative to the SAE folder (the parent of features/); accept the features folder too.
-            found = next((f for f in (path.parent.parent / name, path.parent / name) if self._inside(f)), None)
-            if found is not None:
+            found = self.root / LAYOUT.sae / name  # figure paths are relative to the SAE folder
+            if self._inside(found):
                 figures.append({"path": found.resolve().relative_to(self.root).as_posix(), "caption": caption})
         top = [{k: finite(v) for k, v in row.items()} for row in data.get("top", [])]
         first = [k for k in FEATURE_COLUMNS if top and k in top[0]]
@@ -337,8 +337,8 @@ class RunState:
 
     def _files(self) -> list[dict]:
         """Figures and outputs of the run worth linking, as run-relative paths."""
-        out = [{"path": name, "caption": name} for name in ("report.html", "manifest.json") if (self.root / name).is_file()]
-        for listing in ("overview/summary.json", "heads/figures.json", "composition/figures.json"):
+        out = [{"path": name, "caption": name} for name in (LAYOUT.report, LAYOUT.manifest) if (self.root / name).is_file()]
+        for listing in (LAYOUT.overview_summary, LAYOUT.heads_figures, LAYOUT.composition_figures):
             path = self.root / listing
             data = read_json(path, (dict, list))
             with reading(path):

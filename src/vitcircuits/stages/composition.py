@@ -1,16 +1,61 @@
-"""Writing the composition stage: ``composition.csv``, ``circuits.json`` and figures."""
+"""The ``composition`` stage: a verdict for every edge (:func:`~vitcircuits.composition.scan.run_composition`),
+written as ``composition.csv``, ``circuits.json`` and figures."""
 from __future__ import annotations
 
 import csv
 import io
 from pathlib import Path
 
+import torch
+
 from vitcircuits.composition.circuits import EFFECT_OF_KIND, VERDICTS, edge_key
+from vitcircuits.composition.config import ComposeConfig
 from vitcircuits.composition.figures import plot_circuit_graph, plot_patch_heatmaps, plot_weight_heatmaps
-from vitcircuits.composition.scan import CompositionResult
+from vitcircuits.composition.necessity import LabelledBatches
+from vitcircuits.composition.scan import CompositionResult, run_composition
+from vitcircuits.composition.task_metric import TaskMetric, fit_probe
 from vitcircuits.composition.transfer import plot_receptive_field
 from vitcircuits.composition.weights import COMPOSITION_COLUMNS
-from vitcircuits.files import write_json, write_text
+from vitcircuits.files import read_json, write_json, write_text
+from vitcircuits.heads.atlas import HeadAtlas
+from vitcircuits.inputs import ImageOptions
+from vitcircuits.layout import LAYOUT
+from vitcircuits.models.loading import LoadedModel
+from vitcircuits.runs import Run
+
+
+def run_compose(run: Run, loaded: LoadedModel, images: ImageOptions, config: ComposeConfig, atlas_from: Path | None = None) -> None:
+    """Weight scores, path patching, edge attribution and task-level checks, shuffle control and a
+    verdict for every edge, labelled by the atlas of this run (or of the run ``atlas_from``)."""
+    atlas = HeadAtlas.load((atlas_from or run.path) / LAYOUT.heads)
+    probe = fit_image_probe(loaded, images) if config.task_metric == "probe" else None
+    result = run_composition(loaded.model, lambda: (b.images_BCHW for b in images.batches(loaded)), atlas, config, probe, progress=True)
+    cfg = loaded.model.cfg
+    figures = write_composition(run.file(LAYOUT.composition), result, cfg.n_layers, cfg.n_heads)
+    write_json(run.file(LAYOUT.composition_figures), [(str(p.relative_to(run.path)), c) for p, c in figures])
+    counts = {v: sum(row["verdict"] == v for row in result.candidates) for v in VERDICTS}
+    run.write_manifest(composition={"verdicts": counts, "ablation": config.patching.ablation})
+
+
+@torch.no_grad()
+def fit_image_probe(loaded: LoadedModel, images: ImageOptions) -> TaskMetric:
+    """A linear probe on the model's pooled output over the labelled images (one pass)."""
+    features, labels = [], []
+    for images_BCHW, labels_B in LabelledBatches(images.batches(loaded)):
+        features.append(loaded.model(images_BCHW).float().cpu())
+        labels.append(labels_B.cpu())
+    if not labels:
+        raise ValueError(f"--task-metric probe needs labelled images; {images.images} has none")
+    labels_B = torch.cat(labels)
+    return fit_probe(torch.cat(features), labels_B, int(labels_B.max()) + 1)
+
+
+def read_circuits(root: Path) -> list[dict]:
+    """The circuits of the run at ``root`` (a ``compose`` or ``hunt`` run)."""
+    path = root / LAYOUT.circuits
+    if not path.is_file():
+        raise FileNotFoundError(f"{root}: no {LAYOUT.circuits} (expected a `vitcircuits compose` or `hunt` run)")
+    return read_json(path)["circuits"]
 
 EDGE_COLUMNS = (
     "verdict", "composes", "read_at", "patch_metric", "patch_effect", "patch_lo", "patch_hi", "patch_null_q95", "patch_z",
@@ -44,9 +89,9 @@ def write_composition(folder: Path, result: CompositionResult, n_layers: int, n_
         if key in edges:
             row = {**row, **_edge_columns(edges[key])}
         writer.writerow({k: _cell(v) for k, v in row.items()})
-    write_text(folder / "composition.csv", buf.getvalue())
+    write_text(folder / Path(LAYOUT.composition_csv).name, buf.getvalue())
     counts = {v: sum(row["verdict"] == v for row in result.candidates) for v in VERDICTS}
-    write_json(folder / "circuits.json", {
+    write_json(folder / Path(LAYOUT.circuits).name, {
         "senders": [{"layer": layer, "head": head, "kind": kind} for layer, head, kind in result.senders],
         "ablation": result.candidates[0]["ablation"] if result.candidates else None,
         "n_edges": len(result.candidates),

@@ -1,35 +1,31 @@
-"""The SAE stages: ``sae train`` (harvest → train → held-out metrics → downstream fidelity) and
-``sae analyze`` (feature statistics → circuit dependence → compositional ranking → galleries).
-
-Both write into a folder of a run: ``activations/`` (the harvest shards), ``training/``
-(checkpoints), ``sae/`` (SAELens layout), ``metrics.json``; and ``features/`` (statistics,
-``dependence.csv``, ``features.json``, figures).
+"""The ``sae`` stage (``hunt`` and ``sae train``): harvest → train → held-out metrics → downstream
+fidelity, into the run's ``sae/`` folder: ``activations/`` (the harvest shards), ``training/``
+(checkpoints), ``sae/`` (SAELens layout) and ``metrics.json``. With too few rows, ``hunt`` records
+why the stage was skipped instead.
 """
 from __future__ import annotations
 
-import csv
-import io
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import torch
 
-from vitcircuits.cache import CacheConfig, check_hooks, provenance, write_cache
-from vitcircuits.composition.ablation import ZStats
+from vitcircuits.cache import CacheConfig, write_cache
 from vitcircuits.data.augment import AugmentConfig
-from vitcircuits.files import read_json, write_json, write_text
-from vitcircuits.inputs import ImageOptions, preprocess_config
+from vitcircuits.files import write_json
+from vitcircuits.inputs import ImageOptions, provenance
+from vitcircuits.layout import LAYOUT
+from vitcircuits.models.hooks import check_hooks
 from vitcircuits.models.loading import LoadedModel
-from vitcircuits.sae.dependence import DependenceConfig, circuit_dependence, circuit_heads_from, hook_layer
-from vitcircuits.sae.features import FeatureStatsConfig, feature_stats
+from vitcircuits.runs import Run
+from vitcircuits.sae.dependence import hook_layer
 from vitcircuits.sae.fidelity import FidelityConfig, downstream_fidelity
-from vitcircuits.sae.gallery import plot_dependence, plot_feature_gallery, plot_mean_maps, sae_feature_maps
 from vitcircuits.sae.harvest import ShardReader, training_batches
-from vitcircuits.sae.io import load_sae, save_sae
+from vitcircuits.sae.io import save_sae
 from vitcircuits.sae.metrics import evaluate_sae
 from vitcircuits.sae.model import SAEConfig
 from vitcircuits.sae.train import TrainConfig, train_sae
 from vitcircuits.stages import config_hash
+from vitcircuits.stages.composition import read_circuits
 
 
 @dataclass(frozen=True)
@@ -69,20 +65,6 @@ class SAEStageConfig:
     """Seeds the initialisation, data order and augmentation."""
 
 
-@dataclass(frozen=True)
-class AnalyzeConfig:
-    """Feature analysis settings (``sae analyze``)."""
-
-    stats: FeatureStatsConfig = field(default_factory=FeatureStatsConfig)
-    """Top activating patches kept per feature."""
-    dependence: DependenceConfig = field(default_factory=DependenceConfig)
-    """Features analysed, examples per feature, interventions and the compositional thresholds."""
-    zstats_images: int = 64
-    """Images for the head means used by the circuit ablation."""
-    gallery_features: int = 8
-    """Features shown in each gallery."""
-
-
 MIN_TRAIN_ROWS = 256
 """Fewest training rows an SAE is trained on: four optimiser steps of :data:`MIN_BATCH` rows."""
 MIN_BATCH = 64
@@ -114,7 +96,20 @@ def choose_hook(circuits: list[dict], n_layers: int) -> tuple[str, str]:
     return f"blocks.{layer}.hook_resid_post", "no supported composition circuit: the middle layer"
 
 
-def run_sae_train(folder: Path, loaded: LoadedModel, images: ImageOptions, config: SAEStageConfig, hook: str, reason: str,
+def run_sae(run: Run, loaded: LoadedModel, images: ImageOptions, config: SAEStageConfig) -> None:
+    """``hunt``'s stage: train the SAE at the configured hook, or after the strongest supported
+    composition receiver; with too few rows, ``metrics.json`` says why it was skipped."""
+    hook, reason = (config.hook, "given") if config.hook else choose_hook(read_circuits(run.path), loaded.model.cfg.n_layers)
+    try:
+        metrics = run_sae_train(run, loaded, images, config, hook, reason)
+    except TooFewRows as err:
+        write_json(run.file(LAYOUT.sae_metrics), {"hook": hook, "skipped": f"{hook}: {err}"})
+        run.write_manifest(sae={"hook": hook, "skipped": str(err)})
+        return
+    run.write_manifest(sae={"hook": hook, "hook_reason": reason, "held_out": {k: v for k, v in metrics["held_out"].items() if k != "density_histogram"}})
+
+
+def run_sae_train(run: Run, loaded: LoadedModel, images: ImageOptions, config: SAEStageConfig, hook: str, reason: str,
                   progress: bool = True) -> dict:
     """Harvest ``hook`` (resumable), train the SAE (resumable from its checkpoints), evaluate it on
     held-out images and splice it into the model; write ``metrics.json`` and return it."""
@@ -123,8 +118,8 @@ def run_sae_train(folder: Path, loaded: LoadedModel, images: ImageOptions, confi
     cache_config = CacheConfig((hook,), config.include_prefix, config.shard_rows, views=config.views, augment=AugmentConfig(seed=config.seed))
     batches = images.batches(loaded, progress=progress)
     made_from = provenance(loaded, batches)
-    writer = write_cache(folder / "activations", model, batches, cache_config, made_from)
-    reader = ShardReader(folder / "activations", hook)
+    writer = write_cache(run.file(LAYOUT.activations), model, batches, cache_config, made_from)
+    reader = ShardReader(run.file(LAYOUT.activations), hook)
     n_train = sum(int(((r.image_index_N % config.holdout_every) != 0).sum()) for r in reader.rows())
     if n_train == reader.n_rows:
         raise TooFewRows(f"no held-out rows (images whose index is a multiple of {config.holdout_every}) to measure an SAE on")
@@ -132,17 +127,17 @@ def run_sae_train(folder: Path, loaded: LoadedModel, images: ImageOptions, confi
     steps = max(1, config.epochs * n_train // batch_size)
     width = reader.width
     sae_config = SAEConfig(d_in=width, d_sae=width * config.expansion, architecture=config.architecture, k=config.k,
-                           l1_coefficient=config.l1_coefficient, hook_name=hook, hook_layer=_layer_or_minus_one(hook))
+                           l1_coefficient=config.l1_coefficient, hook_name=hook, hook_layer=layer_or_minus_one(hook))
     train_config = TrainConfig(lr=config.lr, warmup_steps=max(1, steps // 20), total_steps=steps, batch_size=batch_size,
                                seed=config.seed, checkpoint_every=max(1, steps // 10), log_every=max(1, steps // 50),
                                init_sample_rows=min(n_train, 16384))
     rows = training_batches(reader, batch_size, config.epochs, config.holdout_every, config.shuffle_rows, config.seed)
     data_key = config_hash({"index": {k: writer.index[k] for k in ("config", "made_from")}, "holdout_every": config.holdout_every})
-    sae, history = train_sae(rows, sae_config, train_config, out_dir=folder / "training", resume=True, progress=progress, data_key=data_key)
+    sae, history = train_sae(rows, sae_config, train_config, out_dir=run.file(LAYOUT.sae_training), resume=True, progress=progress, data_key=data_key)
     evaluation = evaluate_sae(sae, (r.acts_ND for r in reader.split(True, config.holdout_every)))
     fidelity = downstream_fidelity(model, sae, hook, _held_out_batches(loaded, images, config), FidelityConfig(include_prefix=config.include_prefix),
                                    progress=progress)
-    save_sae(sae, folder / "sae")
+    save_sae(sae, run.file(LAYOUT.sae_weights))
     metrics = {
         "hook": hook, "hook_reason": reason, "sae": asdict(sae_config), "train": asdict(train_config), "stage": asdict(config),
         "n_rows": reader.n_rows, "n_train_rows": n_train, "steps": steps, "batch_size": batch_size, "made_from": made_from,
@@ -151,64 +146,12 @@ def run_sae_train(folder: Path, loaded: LoadedModel, images: ImageOptions, confi
                      "density_histogram": {"log10_edges": evaluation.histogram.edges.tolist(), "counts": evaluation.histogram.counts.tolist()}},
         "fidelity": fidelity, "history": history,
     }
-    write_json(folder / "metrics.json", metrics)
+    write_json(run.file(LAYOUT.sae_metrics), metrics)
     return metrics
 
 
-def run_sae_analyze(folder: Path, loaded: LoadedModel, images: ImageOptions, circuits: list[dict] | None, config: AnalyzeConfig,
-                    progress: bool = True) -> dict:
-    """Feature statistics over the harvested patch rows of the original images (not the augmented
-    views, whose patches are not image patches), circuit dependence on
-    each analysed feature's top patches, the compositional ranking and galleries, in ``features/``."""
-    model = loaded.model
-    metrics = read_json(folder / "metrics.json")
-    hook = metrics["hook"]
-    sae = load_sae(folder / "sae")
-    reader = ShardReader(folder / "activations", hook)
-    grid = (model.layout.rows, model.layout.cols)
-    stats = feature_stats(sae, _patch_rows(reader), grid, config.stats, progress=progress)
-    out = folder / "features"
-    stats.save(out)
-    heads = circuit_heads_from(circuits or [], _layer_or_minus_one(hook))
-    zstats = ZStats.empty(model)
-    for n, batch in enumerate(images.batches(loaded, progress=False)):
-        if n * images.batch_size >= config.zstats_images:
-            break
-        zstats.update(model, batch.images_BCHW)
-    load = images.image_loader(loaded)
-    rows = circuit_dependence(model, sae, hook, load, stats, heads, zstats, config.dependence, progress=progress)
-    buf = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    write_text(out / "dependence.csv", buf.getvalue())
-    pre = preprocess_config(loaded)
-    top = [r["feature"] for r in rows[: config.gallery_features]]
-    figures = []
-    if top:
-        figures.append((plot_feature_gallery(load, stats, top, out / "gallery_compositional.png", model.cfg.patch_size,
-                                             sae_feature_maps(model, sae, hook), pre.mean, pre.std, dependence_rows=rows),
-                        "Most compositional features: top patches (boxed) with the feature's activation overlaid."))
-        figures.append((plot_mean_maps(stats, top, out / "mean_maps.png"), "Mean activation over grid positions of the same features."))
-        figures.append((plot_dependence(rows, out / "dependence.png"),
-                        "Circuit dependence: activation drop when the neighbours are occluded vs. when the circuit heads are ablated "
-                        "(beyond random heads of the same layers); colour: drop when the centre patch is occluded."))
-    summary = {"hook": hook, "circuit_heads": [list(h) for h in heads], "n_features_analysed": len(rows),
-               "n_compositional": sum(bool(r["compositional"]) for r in rows), "top": rows[:20], "config": asdict(config),
-               "figures": [(str(p.relative_to(folder)), c) for p, c in figures]}
-    write_json(out / "features.json", summary)
-    return summary
-
-
-
-def _patch_rows(reader: ShardReader):
-    for rows in reader.rows():
-        kept = rows.select((rows.view_N == 0) & (rows.row_N >= 0))
-        yield kept.acts_ND, kept.image_index_N, kept.row_N, kept.col_N
-
-
-def _layer_or_minus_one(hook: str) -> int:
+def layer_or_minus_one(hook: str) -> int:
+    """The block a hook is in, or -1 for hooks before the first block."""
     layer = hook_layer(hook)
     return -1 if layer is None else layer
 

@@ -106,9 +106,9 @@ def agreement(args) -> dict:
     for s in range(0, len(x), args.batch_size):
         edge_attribution_batch(model, x[s : s + args.batch_size], targets[s : s + args.batch_size], metric, stats, sums)
     attribution_s = time.perf_counter() - start
-    est_LHPLH = sums.mean()[0].numpy()
+    est_LHJLH = sums.mean()[0].numpy()
     edges = all_edges(model)
-    estimate = {e: float(est_LHPLH[e[0], e[1], PATHS.index(e[4]), e[2], e[3]]) for e in edges}
+    estimate = {e: float(est_LHJLH[e[0], e[1], PATHS.index(e[4]), e[2], e[3]]) for e in edges}
     checked = sorted(edges, key=lambda e: -estimate[e])[: 2 * args.top]
     start = time.perf_counter()
     drops = edge_drops(model, x, targets, checked, stats, metric)

@@ -107,15 +107,15 @@ def test_attribution_ranks_the_organisms_edges_like_exact_patching(organism):
     sums = EdgeAttribution(model.cfg.n_layers, model.cfg.n_heads)
     for start in range(0, 64, 32):
         edge_attribution_batch(model, images[start : start + 32], targets[start : start + 32], metric, stats, sums, EdgeAttributionConfig())
-    est_LHPLH, direct_LH = (t.numpy() for t in sums.mean())
+    est_LHJLH, direct_LH = (t.numpy() for t in sums.mean())
     edges = all_edges(model)
     drops = edge_drops(model, images, targets, edges, stats, metric)
     exact = np.array([drops.mean(e) for e in edges])
-    est = np.array([est_LHPLH[sl, sh, PATHS.index(kind), rl, rh] for sl, sh, rl, rh, kind in edges])
+    est = np.array([est_LHJLH[sl, sh, PATHS.index(kind), rl, rh] for sl, sh, rl, rh, kind in edges])
     floor = metric.floor(drops.clean_I)
     assert roc_auc(exact >= floor, est) >= 0.95
     top = np.argsort(-exact)[:10]
     assert spearman(est[top], exact[top]) > 0.5
     assert np.isfinite(direct_LH).all() and np.abs(direct_LH).max() > 0
     for sl in range(model.cfg.n_layers):
-        assert (est_LHPLH[sl, :, :, : sl + 1] == 0).all(), "no edge into the same or an earlier layer"
+        assert (est_LHJLH[sl, :, :, : sl + 1] == 0).all(), "no edge into the same or an earlier layer"

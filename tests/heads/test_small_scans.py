@@ -41,7 +41,7 @@ def test_small_scan_intervals_contain_estimates_and_figures_draw(tmp_path, n_ima
     acc = new_accumulator(model, config)
     accumulate(model, acc, images, list(range(n_images)))
     if seed == 2:  # Poisson draws of image 0 under seed 2 are (0, 0): no replicate has weight
-        assert not (acc.boot_weight_K > 0).any()
+        assert not (acc.boot_weight_Z > 0).any()
     atlas = build_atlas(model, acc, config, "planted")
     assert_intervals_contain_estimates(atlas.rows)
     if seed == 2:

@@ -92,15 +92,15 @@ def test_bundled_checkpoint_accuracy_on_bundled_images(bundled_model):
     assert rows[0] == ["filename", "index", "label"] and len(rows) == 501
     assert all(CIFAR10_CLASSES[int(index)] == label for _, index, label in rows[1:])
     pil_images = [Image.open(BUNDLED_IMAGES_DIR / filename).convert("RGB") for filename, _, _ in rows[1:]]
-    labels_N = torch.tensor([int(index) for _, index, _ in rows[1:]])
+    labels_I = torch.tensor([int(index) for _, index, _ in rows[1:]])
 
     transform = timm.data.create_transform(**timm.data.resolve_model_data_config(bundled_model))
-    inputs_NCHW = torch.stack([transform(image) for image in pil_images])
-    images_NCHW = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in pil_images])
-    assert torch.equal(inputs_NCHW, normalize_images(images_NCHW)), "timm eval transform != training eval preprocessing"
+    inputs_ICHW = torch.stack([transform(image) for image in pil_images])
+    images_ICHW = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in pil_images])
+    assert torch.equal(inputs_ICHW, normalize_images(images_ICHW)), "timm eval transform != training eval preprocessing"
 
     with torch.inference_mode():
-        accuracy = (bundled_model(inputs_NCHW).argmax(-1) == labels_N).float().mean().item()
+        accuracy = (bundled_model(inputs_ICHW).argmax(-1) == labels_I).float().mean().item()
     recorded = json.loads((BUNDLED_MODEL_DIR / "training.json").read_text())["test_accuracy"]
     assert accuracy > 0.4
     assert abs(accuracy - recorded) < 0.08, (accuracy, recorded)

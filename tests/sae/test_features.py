@@ -58,22 +58,22 @@ def test_feature_stats_streams_exact_topk_density_and_mean_map(tmp_path):
         for r in range(3):
             for c in range(4):
                 at = (row_N == r) & (col_N == c)
-                assert stats.mean_map_FRC[f, r, c].item() == pytest.approx(feats_NF[at, f].mean().item(), abs=1e-6)
+                assert stats.mean_map_FYX[f, r, c].item() == pytest.approx(feats_NF[at, f].mean().item(), abs=1e-6)
         values, idx = feats_NF[:, f].topk(k)
         fired = values > 0
         expected = [(int(image_N[i]), int(row_N[i]), int(col_N[i])) for i in idx[fired]]
         assert [(i, r, c) for i, r, c, _ in stats.examples(f)] == expected
-        torch.testing.assert_close(stats.top_value_FK[f, : int(fired.sum())], values[fired])
+        torch.testing.assert_close(stats.top_value_FT[f, : int(fired.sum())], values[fired])
     n_fired = int((feats_NF[:, 5] > 0).sum())
     assert 0 < n_fired < k, "feature 5 should fire on fewer than k rows"
-    assert (stats.top_image_FK[5, n_fired:] == -1).all() and (stats.top_row_FK[5, n_fired:] == -1).all()
-    assert (stats.top_value_FK[5, n_fired:] == 0).all()
-    for name in ("density_F", "mean_act_F", "mean_map_FRC", "top_value_FK", "top_image_FK", "top_row_FK", "top_col_FK"):
+    assert (stats.top_image_FT[5, n_fired:] == -1).all() and (stats.top_row_FT[5, n_fired:] == -1).all()
+    assert (stats.top_value_FT[5, n_fired:] == 0).all()
+    for name in ("density_F", "mean_act_F", "mean_map_FYX", "top_value_FT", "top_image_FT", "top_row_FT", "top_col_FT"):
         torch.testing.assert_close(getattr(stats, name), getattr(one_shot, name))
 
     loaded = FeatureStats.load(stats.save(tmp_path / "stats"))
     assert loaded.n_rows == N and loaded.grid == grid
-    for name in ("density_F", "mean_map_FRC", "top_value_FK", "top_image_FK", "top_col_FK"):
+    for name in ("density_F", "mean_map_FYX", "top_value_FT", "top_image_FT", "top_col_FT"):
         assert torch.equal(getattr(loaded, name), getattr(stats, name))
     assert not [p for p in (tmp_path / "stats").iterdir() if p.name.endswith(".tmp")]
 

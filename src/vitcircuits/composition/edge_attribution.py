@@ -93,7 +93,7 @@ class EdgeAttribution:
     """Sums over images of the estimated drops."""
 
     def __init__(self, n_layers: int, n_heads: int) -> None:
-        self.sum_LHPLH = torch.zeros(n_layers, n_heads, 3, n_layers, n_heads, dtype=torch.float64)
+        self.sum_LHJLH = torch.zeros(n_layers, n_heads, 3, n_layers, n_heads, dtype=torch.float64)
         """``[sender L, sender H, q/k/v, receiver L, receiver H]``; zero where the receiver is not later."""
         self.sum_direct_LH = torch.zeros(n_layers, n_heads, dtype=torch.float64)
         """``[sender L, sender H]``: the direct path into the final residual stream."""
@@ -101,7 +101,7 @@ class EdgeAttribution:
 
     def mean(self) -> tuple[torch.Tensor, torch.Tensor]:
         n = max(self.n_images, 1)
-        return self.sum_LHPLH / n, self.sum_direct_LH / n
+        return self.sum_LHJLH / n, self.sum_direct_LH / n
 
 
 def attribution_chunk(model: HookedViT) -> int:
@@ -175,16 +175,16 @@ def edge_attribution_batch(model: HookedViT, images_BCHW: torch.Tensor, targets:
         per_layer_LBND = delta_LHBND.sum(1)
         shift_LBND = torch.cat([torch.zeros_like(per_layer_LBND[:1]), per_layer_LBND.cumsum(0)])  # [L + 1]: all senders before l
         delta_SX = delta_LHBND.reshape(L * H, -1)
-        est_SLPH = torch.zeros(L * H, L, 3, H, dtype=torch.float64, device=model.device)
+        est_SLJH = torch.zeros(L * H, L, 3, H, dtype=torch.float64, device=model.device)
         direct_S = torch.zeros(L * H, dtype=torch.float64, device=model.device)
         for role in range(3):
             for k in range(config.steps):
                 receivers, final_BND = _role_gradients(model, x, t, metric, shift_LBND, (k + 0.5) / config.steps, role)
                 for rl, grads_HBND in receivers.items():
-                    est_SLPH[: rl * H, rl, role] -= (delta_SX[: rl * H] @ grads_HBND.reshape(H, -1).T).double()
+                    est_SLJH[: rl * H, rl, role] -= (delta_SX[: rl * H] @ grads_HBND.reshape(H, -1).T).double()
                 if final_BND is not None:
                     direct_S -= (delta_SX @ final_BND.reshape(-1)).double()
-        sums.sum_LHPLH += (est_SLPH.view(L, H, L, 3, H).permute(0, 1, 3, 2, 4) / config.steps).cpu()
+        sums.sum_LHJLH += (est_SLJH.view(L, H, L, 3, H).permute(0, 1, 3, 2, 4) / config.steps).cpu()
         sums.sum_direct_LH += (direct_S / config.steps).view(L, H).cpu()
         sums.n_images += len(x)
 

@@ -32,7 +32,7 @@ def no_steps(description: str, total: int) -> Callable[[], None]:
 class TaskEvidence:
     """What the task-level part of the stage measured."""
 
-    attribution_LHPLH: np.ndarray
+    attribution_LHJLH: np.ndarray
     """Attributed drops ``[sender L, sender H, 3 paths, receiver L, receiver H]``."""
     direct_LH: np.ndarray
     """Attributed drops of the direct paths sender → output."""
@@ -47,7 +47,7 @@ class TaskEvidence:
 
     def estimate(self, edge: EdgeKey) -> float:
         sl, sh, rl, rh, kind = edge
-        return float(self.attribution_LHPLH[sl, sh, PATHS.index(kind), rl, rh])
+        return float(self.attribution_LHJLH[sl, sh, PATHS.index(kind), rl, rh])
 
     def agreement(self, n_top: int) -> dict:
         """Spearman correlation of the attributed and the exact drops over the checked edges, and
@@ -78,10 +78,10 @@ def task_evidence(model: HookedViT, images_BCHW: torch.Tensor, stats: ZStats, me
     for x, t in zip(chunks, targets_chunks):
         edge_attribution_batch(model, x, t, metric, stats, sums, config.attribution)
         advance()
-    est_LHPLH, direct_LH = (t.numpy() for t in sums.mean())
+    est_LHJLH, direct_LH = (t.numpy() for t in sums.mean())
     edges = all_edges(model)
     everything = len(edges) <= config.max_task_edges
-    estimate = lambda e: est_LHPLH[e[0], e[1], PATHS.index(e[4]), e[2], e[3]]  # noqa: E731
+    estimate = lambda e: est_LHJLH[e[0], e[1], PATHS.index(e[4]), e[2], e[3]]  # noqa: E731
     checked = edges if everything else sorted(edges, key=lambda e: -estimate(e))[: config.task_candidates]
     seed = config.patching.seed
     drops = edge_drops(model, images_BCHW, targets, checked, stats, metric, seed=seed, into=EdgeDrops(clean_I),
@@ -106,7 +106,7 @@ def task_evidence(model: HookedViT, images_BCHW: torch.Tensor, stats: ZStats, me
                    "target": {"embedding": "the clean final tokens", "margin": "the clean prediction"}[metric.kind],
                    "clean_mean": float(drops.clean_I.mean()), "floor": floor, "attribution_steps": config.attribution.steps,
                    "n_edges": len(edges), "n_checked": len(checked), "n_null_edges": len(needed)}
-    return TaskEvidence(est_LHPLH, direct_LH, drops, checked, null_senders, floor, description)
+    return TaskEvidence(est_LHJLH, direct_LH, drops, checked, null_senders, floor, description)
 
 
 def _matters_lines(task: TaskEvidence, n_boot: int, seed: int) -> dict[EdgeKey, Line]:

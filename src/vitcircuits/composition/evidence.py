@@ -67,12 +67,12 @@ def bootstrap_intervals(values_IE: np.ndarray, n_boot: int = N_BOOT, seed: int =
     mean_E = values_IE.mean(0)
     if n == 1:
         return mean_E.copy(), mean_E.copy()
-    counts_BI = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
+    counts_ZI = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
     lo, hi = np.empty_like(mean_E), np.empty_like(mean_E)
     step = max(1, 2**24 // n_boot)
     for c0 in range(0, values_IE.shape[1], step):
-        means_BE = counts_BI @ values_IE[:, c0 : c0 + step] / n
-        lo[c0 : c0 + step], hi[c0 : c0 + step] = np.quantile(means_BE, [0.025, 0.975], axis=0)
+        means_ZE = counts_ZI @ values_IE[:, c0 : c0 + step] / n
+        lo[c0 : c0 + step], hi[c0 : c0 + step] = np.quantile(means_ZE, [0.025, 0.975], axis=0)
     return np.minimum(lo, mean_E), np.maximum(hi, mean_E)
 
 

@@ -14,7 +14,7 @@ none): a classifier's decisive reads happen at its class token.
 Besides the senders' own changes, :func:`path_patch_batch` can patch **random-direction
 controls**: for a sender ``s`` and draw ``k``, a change with ``delta_s``'s norm at every token in a
 seeded random direction (:func:`~vitcircuits.composition.ablation.random_directions`).
-:attr:`PatchEffects.per_image_IRPLHQ` keeps each image's verdict metric (:data:`VERDICT_METRIC`) at
+:attr:`PatchEffects.per_image_ISJLHU` keeps each image's verdict metric (:data:`VERDICT_METRIC`) at
 patch and prefix queries, for bootstrap intervals.
 One batch costs one clean forward plus, per sender (or control) and later layer, one qkv
 projection and two attention computations.
@@ -59,17 +59,17 @@ class PatchEffects:
                  random_draws: dict[tuple[int, int], list[int]] | None = None) -> None:
         self.senders = senders
         self.randoms = [(sl, sh, draw, last) for sl, sh in senders for draw, last in enumerate((random_draws or {}).get((sl, sh), []))]
-        self.sum_SPLHM = torch.zeros(len(senders) + len(self.randoms), len(PATHS), n_layers, n_heads, len(METRICS), dtype=torch.float64)
-        self.per_image_IRPLHQ: list[torch.Tensor] = []
+        self.sum_SJLHM = torch.zeros(len(senders) + len(self.randoms), len(PATHS), n_layers, n_heads, len(METRICS), dtype=torch.float64)
+        self.per_image_ISJLHU: list[torch.Tensor] = []
         """Per batch ``[B, S + R, 3, L, H, 2]``: the verdict metric at patch and prefix queries."""
         self.n_images = 0
 
     def mean(self) -> torch.Tensor:
-        return self.sum_SPLHM / max(self.n_images, 1)
+        return self.sum_SJLHM / max(self.n_images, 1)
 
     def per_image(self) -> torch.Tensor:
         """``[I, S + R, 3, L, H, 2]``."""
-        return torch.cat(self.per_image_IRPLHQ) if self.per_image_IRPLHQ else torch.zeros(0, *self.sum_SPLHM.shape[:4], 2)
+        return torch.cat(self.per_image_ISJLHU) if self.per_image_ISJLHU else torch.zeros(0, *self.sum_SJLHM.shape[:4], 2)
 
 
 def _ln(block, x_BND: torch.Tensor) -> torch.Tensor:
@@ -167,7 +167,7 @@ def path_patch_batch(model: HookedViT, images_BCHW: torch.Tensor, senders: list[
             receiver = receivers[rl]
             for p, (pattern, z_patched) in enumerate(receiver.patched(delta_BND)):
                 values_BHM = receiver.effects(pattern, z_patched).double()
-                effects.sum_SPLHM[i, p, rl] += values_BHM.sum(0).cpu()
+                effects.sum_SJLHM[i, p, rl] += values_BHM.sum(0).cpu()
                 per_image[:, i, p, rl] = values_BHM[:, :, verdict_columns[p]].float().cpu()
-    effects.per_image_IRPLHQ.append(per_image)
+    effects.per_image_ISJLHU.append(per_image)
     effects.n_images += B

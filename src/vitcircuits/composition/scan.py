@@ -159,7 +159,7 @@ def _run(model: HookedViT, image_batches: Callable[[], Iterable[torch.Tensor]], 
     result = CompositionResult(scores, senders, rows, circuits, {"clean": clean.mean()[: len(heads)].numpy(), "shuffled": shuffled.mean().numpy()},
                                heads, transfer, transfer_skipped)
     if task is not None:
-        result.attribution, result.attribution_direct = task.attribution_LHPLH, task.direct_LH
+        result.attribution, result.attribution_direct = task.attribution_LHJLH, task.direct_LH
         result.task_effects = {edge: task.drops.mean(edge) for edge in task.checked}
         result.attribution_agreement = task.agreement(config.agreement_top)
         result.task_metric = task.description

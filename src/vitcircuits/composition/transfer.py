@@ -31,6 +31,10 @@ Method (all choices are fixed here, so every number means the same thing):
   mean. It can be slightly negative when there is nothing to find.
 * Ablation (:func:`transfer_curves`): probes are fitted on clean training activations and
   evaluated on the ablated activations of the test images: "how much does ablating lower R²".
+
+Shape letters local to this module (the others are those of ``docs/conventions.md``): ``S`` the
+splits, ``E`` the standardised features plus the bias column, ``K`` the target's principal
+components, ``G`` the ridge grid, ``M`` the centre patches, ``X`` = ``O`` × ``K``.
 """
 from __future__ import annotations
 

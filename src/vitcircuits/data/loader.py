@@ -13,7 +13,7 @@ Typical use::
     config = PreprocessConfig.from_pretrained_cfg(model.pretrained_cfg)
     batches = iter_batches(source, config, batch_size=64, num_workers=2)
     for batch in batches:
-        logits_BK = model(batch.images_BCHW)
+        logits_BC = model(batch.images_BCHW)
     manifest["images"] = batches.summary()
 """
 

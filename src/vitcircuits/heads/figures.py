@@ -94,12 +94,12 @@ def plot_head_overlays(panels: list[tuple[np.ndarray, np.ndarray, str]], query: 
     """Rows of (image, attention map over the patch grid, label): the image with the head's
     attention from ``query`` overlaid, next to the attention map alone."""
     fig, axes = plt.subplots(len(panels), 2, figsize=(4.4, 2.2 * len(panels) + 0.4), squeeze=False)
-    for (image_HW3, map_RC, label), (ax_img, ax_map) in zip(panels, axes):
-        rows, cols = map_RC.shape
+    for (image_HW3, map_YX, label), (ax_img, ax_map) in zip(panels, axes):
+        rows, cols = map_YX.shape
         extent = (0, cols, rows, 0)
         ax_img.imshow(image_HW3, extent=extent)
-        ax_img.imshow(map_RC / max(map_RC.max(), 1e-12), extent=extent, cmap=HEATMAP, alpha=0.6, vmin=0, vmax=1)
-        ax_map.imshow(map_RC, extent=extent, cmap=HEATMAP, interpolation="nearest")
+        ax_img.imshow(map_YX / max(map_YX.max(), 1e-12), extent=extent, cmap=HEATMAP, alpha=0.6, vmin=0, vmax=1)
+        ax_map.imshow(map_YX, extent=extent, cmap=HEATMAP, interpolation="nearest")
         for ax in (ax_img, ax_map):
             ax.add_patch(plt.Rectangle((query[1], query[0]), 1, 1, fill=False, edgecolor="#E69F00", linewidth=1.5))
             ax.set_xticks([])

@@ -118,11 +118,11 @@ def head_metrics(acc: HeadStatsAccumulator, coverage_share: float = COVERAGE_SHA
 def bootstrap_intervals(acc: HeadStatsAccumulator, estimates: dict[str, np.ndarray], level: float = 0.95) -> dict[str, np.ndarray]:
     """``name -> [2, L, H]`` percentile intervals over the Poisson-bootstrap replicates of each
     ``[L, H]`` point estimate in ``estimates``, widened to contain it."""
-    weights = acc.boot_weight_K.numpy()
+    weights = acc.boot_weight_Z.numpy()
     keep = weights > 0
     if not keep.any():
         return {name: np.stack([est, est]) for name, est in estimates.items()}
-    reps = acc.boot_sum_KLHM.numpy()[keep] / weights[keep, None, None, None]
+    reps = acc.boot_sum_ZLHM.numpy()[keep] / weights[keep, None, None, None]
     shares = direction_shares(reps[..., 4:])
     values = {
         "neighbour_mass": reps[..., 0],

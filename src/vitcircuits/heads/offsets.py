@@ -88,13 +88,13 @@ class OffsetGeometry:
 
 
 def direction_matrix(geometry: OffsetGeometry) -> torch.Tensor:
-    """``[O, 8]`` one-hot map from offsets in the radius-R window to their compass sector, so
-    ``kernel_O @ D`` is the attention mass per direction."""
+    """``[O, A]`` one-hot map from offsets in the radius-R window to their compass sector (``A``: the
+    8 directions), so ``kernel_O @ direction_OA`` is the attention mass per direction."""
     sector = torch.from_numpy(geometry.direction_of_offsets().ravel())
-    D = torch.zeros(geometry.n_offsets, N_DIRECTIONS, dtype=torch.float64)
+    direction_OA = torch.zeros(geometry.n_offsets, N_DIRECTIONS, dtype=torch.float64)
     inside = sector >= 0
-    D[inside.nonzero().flatten(), sector[inside]] = 1.0
-    return D
+    direction_OA[inside.nonzero().flatten(), sector[inside]] = 1.0
+    return direction_OA
 
 
 class HeadStatsAccumulator:
@@ -106,7 +106,7 @@ class HeadStatsAccumulator:
       prefix_sum_LH3: raw attention to CLS, distillation and register tokens;
       self_sum_LH, neighbour_sum_LHP, raw_neighbour_sum_LHP, distance_sum_LH (patches), distance_px_sum_LH;
       pattern_sum_LHPP / pattern_sq_sum_LHPP: per-(query, key) first and second moments over images;
-      boot_sum_KLHM / boot_weight_K: Poisson-bootstrap replicates of per-image metrics
+      boot_sum_ZLHM / boot_weight_Z: Poisson-bootstrap replicates of per-image metrics
       (``M``: neighbour, self, prefix mass, distance, and the 8 direction kernel values).
     """
 
@@ -124,13 +124,13 @@ class HeadStatsAccumulator:
         self.neighbour_sum_LHP, self.raw_neighbour_sum_LHP = z(L, H, P), z(L, H, P)
         self.distance_sum_LH, self.distance_px_sum_LH = z(L, H), z(L, H)
         self.pattern_sum_LHPP, self.pattern_sq_sum_LHPP = z(L, H, P, P), z(L, H, P, P)
-        self.boot_sum_KLHM, self.boot_weight_K = z(n_boot, L, H, self.n_metrics), z(n_boot)
+        self.boot_sum_ZLHM, self.boot_weight_Z = z(n_boot, L, H, self.n_metrics), z(n_boot)
         self.n_images = 0
         self._offset_index = self.geometry.offset_index_PP().flatten()
         self._neighbour = self.geometry.neighbour_mask_PP()
         self._distance = self.geometry.distance_PP()
         self._distance_px = self.geometry.distance_PP(patch_hw)
-        self._direction_OD = direction_matrix(self.geometry)
+        self._direction_OA = direction_matrix(self.geometry)
         self._count_O = self.geometry.offset_counts().flatten()
         self._boot_cache: tuple[tuple[int, ...], torch.Tensor] = ((), torch.zeros(n_boot, 0, dtype=torch.float64))
 
@@ -179,12 +179,12 @@ class HeadStatsAccumulator:
         per_image_kernel_BHO = cpu(per_image_kernel_BHO) / self._per_image_count_O().clamp_min(1)
         metrics_BHM = torch.cat([
             cpu(neighbour_BHP.mean(-1, keepdim=True)), cpu(self_BHP.mean(-1, keepdim=True)), cpu(prefix_BH3.sum(-1, keepdim=True)),
-            cpu(distance_BH[..., None]), per_image_kernel_BHO @ self._direction_OD,
+            cpu(distance_BH[..., None]), per_image_kernel_BHO @ self._direction_OA,
         ], dim=-1)
-        weights_KB = self._boot_weights(image_indices)
-        self.boot_sum_KLHM[:, layer] += torch.einsum("kb,bhm->khm", weights_KB, metrics_BHM)
+        weights_ZB = self._boot_weights(image_indices)
+        self.boot_sum_ZLHM[:, layer] += torch.einsum("kb,bhm->khm", weights_ZB, metrics_BHM)
         if layer == self.n_layers - 1:
-            self.boot_weight_K += weights_KB.sum(1)
+            self.boot_weight_Z += weights_ZB.sum(1)
             self.offset_count_O += self._per_image_count_O() * B
             self.n_images += B
 
@@ -203,7 +203,7 @@ class HeadStatsAccumulator:
 
     _SUM_FIELDS = ("kernel_sum_LHO", "raw_kernel_sum_LHO", "offset_count_O", "prefix_sum_LH3", "self_sum_LH",
                    "neighbour_sum_LHP", "raw_neighbour_sum_LHP", "distance_sum_LH", "distance_px_sum_LH",
-                   "pattern_sum_LHPP", "pattern_sq_sum_LHPP", "boot_sum_KLHM", "boot_weight_K")
+                   "pattern_sum_LHPP", "pattern_sq_sum_LHPP", "boot_sum_ZLHM", "boot_weight_Z")
 
     def merge(self, other: HeadStatsAccumulator) -> None:
         """Add another accumulator over disjoint images (same model, radius and seed)."""

@@ -26,16 +26,16 @@ def patch_attention(model: HookedViT, image_1CHW: torch.Tensor, query: tuple[int
     return pattern_LHK[..., layout.patch_start :].reshape(model.cfg.n_layers, model.cfg.n_heads, layout.rows, layout.cols).cpu().numpy()
 
 
-def plot_head_grid(image_HW3: np.ndarray, maps_LHRC: np.ndarray, query: tuple[int, int], path: str | Path, title: str) -> Path:
+def plot_head_grid(image_HW3: np.ndarray, maps_LHYX: np.ndarray, query: tuple[int, int], path: str | Path, title: str) -> Path:
     """A layers × heads grid; each cell is the image with that head's attention from ``query``."""
-    L, H, rows, cols = maps_LHRC.shape
+    L, H, rows, cols = maps_LHYX.shape
     fig, axes = plt.subplots(L, H, figsize=(1.3 * H + 0.6, 1.3 * L + 0.6), squeeze=False)
     extent = (0, cols, rows, 0)
     for layer in range(L):
         for head in range(H):
             ax = axes[layer, head]
             ax.imshow(image_HW3, extent=extent)
-            cell = maps_LHRC[layer, head]
+            cell = maps_LHYX[layer, head]
             ax.imshow(cell / max(cell.max(), 1e-12), extent=extent, cmap=HEATMAP, alpha=0.65, vmin=0, vmax=1)
             ax.add_patch(plt.Rectangle((query[1], query[0]), 1, 1, fill=False, edgecolor="#ff7f0e", linewidth=1.5))
             ax.set_xticks([])

@@ -90,9 +90,9 @@ def circuit_heads_from(circuits: Iterable[dict], max_layer: int, verdicts: tuple
 
 def select_features(stats: FeatureStats, n: int) -> list[int]:
     """The ``n`` alive features with the highest mean top activation (over their valid top examples)."""
-    valid_FK = stats.top_image_FK >= 0
-    mean_top_F = (stats.top_value_FK * valid_FK).sum(1) / valid_FK.sum(1).clamp_min(1)
-    alive = torch.nonzero(valid_FK.any(1)).flatten()
+    valid_FT = stats.top_image_FT >= 0
+    mean_top_F = (stats.top_value_FT * valid_FT).sum(1) / valid_FT.sum(1).clamp_min(1)
+    alive = torch.nonzero(valid_FT.any(1)).flatten()
     order = mean_top_F[alive].argsort(descending=True, stable=True)
     return alive[order][:n].tolist()
 

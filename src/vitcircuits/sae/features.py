@@ -6,9 +6,9 @@ with memory independent of the number of rows, for every feature ``f``:
 
 * ``density_F``: fraction of rows where ``f > 0``;
 * ``mean_act_F``: mean activation over all rows (zeros included);
-* ``mean_map_FRC``: mean activation at each patch-grid position;
+* ``mean_map_FYX``: mean activation at each patch-grid position;
 * the ``top_k`` largest *positive* activations with their image index and grid position
-  (``top_value_FK`` sorted descending; ``-1`` indices and value 0 where the feature fired on fewer
+  (``top_value_FT`` sorted descending; ``-1`` indices and value 0 where the feature fired on fewer
   than ``top_k`` rows). Each row is one ``(image, row, col)``, so the examples are distinct patches.
 
 Prefix tokens (CLS, registers; ``row == -1`` in a cache) have no grid position and must be left out
@@ -30,7 +30,7 @@ from vitcircuits.sae.model import SAE
 
 STATS_TENSORS = "feature_stats.safetensors"
 STATS_JSON = "feature_stats.json"
-_TENSOR_FIELDS = ("density_F", "mean_act_F", "mean_map_FRC", "top_value_FK", "top_image_FK", "top_row_FK", "top_col_FK")
+_TENSOR_FIELDS = ("density_F", "mean_act_F", "mean_map_FYX", "top_value_FT", "top_image_FT", "top_row_FT", "top_col_FT")
 
 
 @dataclass(frozen=True)
@@ -49,15 +49,15 @@ class FeatureStats:
     """Fraction of rows where the feature is positive."""
     mean_act_F: torch.Tensor
     """Mean activation over all rows."""
-    mean_map_FRC: torch.Tensor
+    mean_map_FYX: torch.Tensor
     """Mean activation at each grid position ``(row, col)``."""
-    top_value_FK: torch.Tensor
+    top_value_FT: torch.Tensor
     """Largest positive activations, descending (0 where fewer than k)."""
-    top_image_FK: torch.Tensor
+    top_image_FT: torch.Tensor
     """Image index of each top activation (-1 where fewer than k)."""
-    top_row_FK: torch.Tensor
+    top_row_FT: torch.Tensor
     """Grid row of each top activation (-1 where fewer than k)."""
-    top_col_FK: torch.Tensor
+    top_col_FT: torch.Tensor
     """Grid column of each top activation (-1 where fewer than k)."""
     n_rows: int
     """Rows (patch tokens) seen."""
@@ -70,16 +70,16 @@ class FeatureStats:
 
     def examples(self, feature: int, n: int | None = None) -> list[tuple[int, int, int, float]]:
         """The feature's top ``(image, row, col, value)`` examples (at most ``n``), best first."""
-        valid = self.top_image_FK[feature] >= 0
+        valid = self.top_image_FT[feature] >= 0
         out = [(int(i), int(r), int(c), float(v)) for i, r, c, v, ok in zip(
-            self.top_image_FK[feature], self.top_row_FK[feature], self.top_col_FK[feature], self.top_value_FK[feature], valid) if ok]
+            self.top_image_FT[feature], self.top_row_FT[feature], self.top_col_FT[feature], self.top_value_FT[feature], valid) if ok]
         return out if n is None else out[:n]
 
     def save(self, folder: str | Path) -> Path:
         """Write ``feature_stats.safetensors`` and ``feature_stats.json`` (each atomically) into ``folder``."""
         folder = Path(folder)
         atomic_save_safetensors({name: getattr(self, name) for name in _TENSOR_FIELDS}, folder / STATS_TENSORS)
-        write_json(folder / STATS_JSON, {"n_rows": self.n_rows, "grid": list(self.grid), "top_k": self.top_value_FK.shape[1]})
+        write_json(folder / STATS_JSON, {"n_rows": self.n_rows, "grid": list(self.grid), "top_k": self.top_value_FT.shape[1]})
         return folder
 
     @classmethod
@@ -102,9 +102,9 @@ class _Accumulator:
         self.sum_F = torch.zeros(n_features, dtype=torch.float64)
         self.sum_FP = torch.zeros(n_features, R * C, dtype=torch.float64)
         self.rows_P = torch.zeros(R * C, dtype=torch.float64)
-        self.value_FK = torch.zeros(n_features, top_k)
-        self.image_FK = torch.full((n_features, top_k), -1, dtype=torch.long)
-        self.pos_FK = torch.full((n_features, top_k), -1, dtype=torch.long)
+        self.value_FT = torch.zeros(n_features, top_k)
+        self.image_FT = torch.full((n_features, top_k), -1, dtype=torch.long)
+        self.pos_FT = torch.full((n_features, top_k), -1, dtype=torch.long)
 
     def add(self, feats_NF: torch.Tensor, image_N: torch.Tensor, row_N: torch.Tensor, col_N: torch.Tensor) -> None:
         R, C = self.grid
@@ -118,27 +118,27 @@ class _Accumulator:
         self.sum_FP.index_add_(1, pos_N, feats_NF.T.double())
         self.rows_P += torch.bincount(pos_N, minlength=R * C).double()
         # chunk top-k first (k x F), then merge with the running top-k: memory O(F * (k + chunk))
-        value_KF, idx_KF = feats_NF.topk(min(self.k, feats_NF.shape[0]), dim=0)
-        value_FM = torch.cat([self.value_FK, value_KF.T], dim=1)
-        image_FM = torch.cat([self.image_FK, image_N.long()[idx_KF].T], dim=1)
-        pos_FM = torch.cat([self.pos_FK, pos_N[idx_KF].T], dim=1)
-        self.value_FK, keep_FK = value_FM.topk(self.k, dim=1)
-        self.image_FK, self.pos_FK = image_FM.gather(1, keep_FK), pos_FM.gather(1, keep_FK)
+        value_TF, idx_TF = feats_NF.topk(min(self.k, feats_NF.shape[0]), dim=0)
+        value_FM = torch.cat([self.value_FT, value_TF.T], dim=1)
+        image_FM = torch.cat([self.image_FT, image_N.long()[idx_TF].T], dim=1)
+        pos_FM = torch.cat([self.pos_FT, pos_N[idx_TF].T], dim=1)
+        self.value_FT, keep_FT = value_FM.topk(self.k, dim=1)
+        self.image_FT, self.pos_FT = image_FM.gather(1, keep_FT), pos_FM.gather(1, keep_FT)
 
     def result(self) -> FeatureStats:
         R, C = self.grid
         n = max(self.n_rows, 1)
-        fired_FK = self.value_FK > 0
-        image_FK = torch.where(fired_FK, self.image_FK, -1)
-        pos_FK = torch.where(fired_FK, self.pos_FK, -1)
+        fired_FT = self.value_FT > 0
+        image_FT = torch.where(fired_FT, self.image_FT, -1)
+        pos_FT = torch.where(fired_FT, self.pos_FT, -1)
         return FeatureStats(
             density_F=(self.count_F / n).float(),
             mean_act_F=(self.sum_F / n).float(),
-            mean_map_FRC=(self.sum_FP / self.rows_P.clamp_min(1)).float().view(-1, R, C),
-            top_value_FK=torch.where(fired_FK, self.value_FK, 0.0),
-            top_image_FK=image_FK,
-            top_row_FK=torch.where(fired_FK, pos_FK // C, -1),
-            top_col_FK=torch.where(fired_FK, pos_FK % C, -1),
+            mean_map_FYX=(self.sum_FP / self.rows_P.clamp_min(1)).float().view(-1, R, C),
+            top_value_FT=torch.where(fired_FT, self.value_FT, 0.0),
+            top_image_FT=image_FT,
+            top_row_FT=torch.where(fired_FT, pos_FT // C, -1),
+            top_col_FT=torch.where(fired_FT, pos_FT % C, -1),
             n_rows=self.n_rows,
             grid=(R, C),
         )

@@ -58,10 +58,10 @@ def _spliced_rows(act_BN_: torch.Tensor, start: int) -> torch.Tensor:
     return spliced.reshape(spliced.shape[0] * spliced.shape[1], -1)
 
 
-def _replace_rows(act_BN_: torch.Tensor, start: int, new_RW: torch.Tensor) -> torch.Tensor:
-    """A copy of ``act_BN_`` whose tokens ``[start:]`` are ``new_RW`` (in the activation's dtype and device)."""
+def _replace_rows(act_BN_: torch.Tensor, start: int, new_ND: torch.Tensor) -> torch.Tensor:
+    """A copy of ``act_BN_`` whose tokens ``[start:]`` are ``new_ND`` (in the activation's dtype and device)."""
     out = act_BN_.clone()
-    out[:, start:] = new_RW.reshape(out[:, start:].shape).to(out)
+    out[:, start:] = new_ND.reshape(out[:, start:].shape).to(out)
     return out
 
 
@@ -72,20 +72,20 @@ def _progress(enabled: bool) -> Progress:
 def _mean_activation(model: HookedViT, sae: SAE, hook_name: str, batches: Iterable[Batch], start: int, bar: Progress, total: int | None) -> torch.Tensor:
     """Pass 1: dataset mean ``[W]`` (float64) of the hook activation over the spliced tokens."""
     task = bar.add_task("fidelity: mean", total=total)
-    sum_W, n_rows = None, 0
+    sum_D, n_rows = None, 0
     for item in batches:
         images_BCHW, _ = _images_labels(item)
         _, cache = model.run_with_cache(images_BCHW, names_filter=hook_name)
-        x_RW = _spliced_rows(cache[hook_name], start).double()
-        if x_RW.shape[1] != sae.cfg.d_in:
+        x_ND = _spliced_rows(cache[hook_name], start).double()
+        if x_ND.shape[1] != sae.cfg.d_in:
             trained_on = f" (trained on {sae.cfg.hook_name!r})" if sae.cfg.hook_name else ""
-            raise ValueError(f"hook {hook_name!r} has width {x_RW.shape[1]} but the SAE{trained_on} has d_in={sae.cfg.d_in}")
-        sum_W = x_RW.sum(0) if sum_W is None else sum_W + x_RW.sum(0)
-        n_rows += x_RW.shape[0]
+            raise ValueError(f"hook {hook_name!r} has width {x_ND.shape[1]} but the SAE{trained_on} has d_in={sae.cfg.d_in}")
+        sum_D = x_ND.sum(0) if sum_D is None else sum_D + x_ND.sum(0)
+        n_rows += x_ND.shape[0]
         bar.advance(task)
-    if sum_W is None:
+    if sum_D is None:
         raise ValueError("downstream_fidelity needs at least one batch of images; `batches` is empty")
-    return sum_W / n_rows
+    return sum_D / n_rows
 
 
 def _compare(clean_BO: torch.Tensor, variant_BO: torch.Tensor, logits: bool) -> dict[str, torch.Tensor]:
@@ -148,20 +148,20 @@ def downstream_fidelity(
     sae.eval()
     try:
         with _progress(progress) as bar:
-            mean_W = _mean_activation(model, sae, hook_name, batches, start, bar, total)
+            mean_D = _mean_activation(model, sae, hook_name, batches, start, bar, total)
             recon = {"sq_err": 0.0, "sq_dev": 0.0, "sq_x": 0.0}
 
             def splice_sae(act: torch.Tensor, hook) -> torch.Tensor:
-                x_RW = _spliced_rows(act, start)
-                recon_RW, _ = sae(x_RW.to(sae.W_enc))
-                x, r = x_RW.double(), recon_RW.double().to(x_RW.device)
+                x_ND = _spliced_rows(act, start)
+                recon_ND, _ = sae(x_ND.to(sae.W_enc))
+                x, r = x_ND.double(), recon_ND.double().to(x_ND.device)
                 recon["sq_err"] += float((x - r).pow(2).sum())
-                recon["sq_dev"] += float((x - mean_W.to(x.device)).pow(2).sum())
+                recon["sq_dev"] += float((x - mean_D.to(x.device)).pow(2).sum())
                 recon["sq_x"] += float(x.pow(2).sum())
-                return _replace_rows(act, start, recon_RW)
+                return _replace_rows(act, start, recon_ND)
 
             def splice_mean(act: torch.Tensor, hook) -> torch.Tensor:
-                return _replace_rows(act, start, mean_W.expand(act.shape[0] * (act.shape[1] - start), -1))
+                return _replace_rows(act, start, mean_D.expand(act.shape[0] * (act.shape[1] - start), -1))
 
             variants = {"sae": splice_sae, "mean_ablation": splice_mean}
             sums = {name: {} for name in variants}

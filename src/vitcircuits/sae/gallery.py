@@ -18,7 +18,7 @@ from vitcircuits.sae.features import FeatureStats
 from vitcircuits.sae.model import SAE
 
 FeatureMapFn = Callable[[torch.Tensor, list[int]], torch.Tensor]
-"""``(images_BCHW, feature of each image) -> maps_BRC``: that feature's activation over the patch grid."""
+"""``(images_BCHW, feature of each image) -> maps_BYX``: that feature's activation over the patch grid."""
 SCATTER_MAP = "cividis"
 CENTRE_EDGE = "#D55E00"  # Okabe–Ito vermillion, visible on every viridis colour
 
@@ -59,9 +59,9 @@ def plot_feature_gallery(load_images: Callable[[list[int]], torch.Tensor], stats
     overlay = None
     for ax_row, feature in zip(axes, features):
         examples = stats.examples(feature, n_examples)
-        scale = max(float(stats.top_value_FK[feature, 0]), 1e-12)
+        scale = max(float(stats.top_value_FT[feature, 0]), 1e-12)
         images_BCHW = load_images([i for i, _, _, _ in examples]) if examples else None
-        maps_BRC = feature_maps(images_BCHW, [feature] * len(examples)) if examples else None
+        maps_BYX = feature_maps(images_BCHW, [feature] * len(examples)) if examples else None
         for j, ax in enumerate(ax_row):
             ax.set_xticks([])
             ax.set_yticks([])
@@ -73,7 +73,7 @@ def plot_feature_gallery(load_images: Callable[[list[int]], torch.Tensor], stats
             extent = (c0, c1, r1, r0)
             crop_HW3 = denormalize(images_BCHW[j], mean, std)[r0 * ph : r1 * ph, c0 * pw : c1 * pw]
             ax.imshow(crop_HW3, extent=extent, interpolation="nearest")
-            overlay = ax.imshow(maps_BRC[j, r0:r1, c0:c1].numpy() / scale, extent=extent, cmap=HEATMAP, alpha=0.5, vmin=0, vmax=1,
+            overlay = ax.imshow(maps_BYX[j, r0:r1, c0:c1].numpy() / scale, extent=extent, cmap=HEATMAP, alpha=0.5, vmin=0, vmax=1,
                                 interpolation="nearest")
             ax.add_patch(plt.Rectangle((c, r), 1, 1, fill=False, edgecolor=CENTRE_EDGE, linewidth=1.5))
             ax.set_xlim(c - window, c + window + 1)  # the same window everywhere: the example's patch at the centre
@@ -101,9 +101,9 @@ def plot_mean_maps(stats: FeatureStats, features: Sequence[int], path: str | Pat
         if k >= len(features):
             ax.set_frame_on(False)
             continue
-        map_RC = stats.mean_map_FRC[features[k]].numpy()
-        peak = float(map_RC.max())
-        image = ax.imshow(map_RC / max(peak, 1e-12), cmap=HEATMAP, vmin=0, vmax=1, interpolation="nearest")
+        map_YX = stats.mean_map_FYX[features[k]].numpy()
+        peak = float(map_YX.max())
+        image = ax.imshow(map_YX / max(peak, 1e-12), cmap=HEATMAP, vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(f"f{features[k]} max {peak:.2g}", fontsize=6)
     if image is not None:
         fig.colorbar(image, ax=axes, fraction=0.02, pad=0.01, label="mean activation / panel max")

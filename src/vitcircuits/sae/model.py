@@ -102,13 +102,13 @@ class ActiveLatents(NamedTuple):
     cols: torch.Tensor
 
     @classmethod
-    def from_topk(cls, idx_BK: torch.Tensor) -> ActiveLatents:
-        """``K`` entries per row at the latents ``idx_BK``."""
-        B, K = idx_BK.shape
-        device = idx_BK.device
+    def from_topk(cls, idx_BT: torch.Tensor) -> ActiveLatents:
+        """``K`` entries per row at the latents ``idx_BT``."""
+        B, K = idx_BT.shape
+        device = idx_BT.device
         crow = torch.arange(0, B * K + 1, K, device=device)
         rows = torch.arange(B, device=device).repeat_interleave(K)
-        return cls(crow, rows, idx_BK.reshape(-1))
+        return cls(crow, rows, idx_BT.reshape(-1))
 
     @classmethod
     def from_flat(cls, flat_idx_N: torch.Tensor, B: int, F: int) -> ActiveLatents:
@@ -225,8 +225,8 @@ class SAE(nn.Module):
         if arch == "relu":
             return torch.relu(pre_BF)
         if arch == "topk":
-            vals_BK, idx_BK = pre_BF.topk(self.cfg.k, dim=-1)
-            return torch.zeros_like(pre_BF).scatter(-1, idx_BK, torch.relu(vals_BK))
+            vals_BT, idx_BT = pre_BF.topk(self.cfg.k, dim=-1)
+            return torch.zeros_like(pre_BF).scatter(-1, idx_BT, torch.relu(vals_BT))
         if self.training:
             flat = pre_BF.reshape(-1)
             n_keep = min(self.cfg.k * pre_BF.shape[0], flat.numel())
@@ -329,8 +329,8 @@ class SAE(nn.Module):
         if n_dead == 0:
             return torch.zeros(pre_BF.shape[0], self.cfg.d_in, dtype=pre_BF.dtype, device=pre_BF.device)
         masked_BF = pre_BF.masked_fill(~dead_F, float("-inf"))
-        vals_BK, idx_BK = masked_BF.topk(min(self.cfg.resolved_aux_k, n_dead), dim=-1)
-        aux_BF = torch.zeros_like(pre_BF).scatter(-1, idx_BK, torch.relu(vals_BK))
+        vals_BT, idx_BT = masked_BF.topk(min(self.cfg.resolved_aux_k, n_dead), dim=-1)
+        aux_BF = torch.zeros_like(pre_BF).scatter(-1, idx_BT, torch.relu(vals_BT))
         return aux_BF @ self.W_dec
 
     # ----------------------------------------------------------------- sparse training step
@@ -349,8 +349,8 @@ class SAE(nn.Module):
         ``relu(vals_N)`` at these entries (zeros elsewhere) is exactly :meth:`activate`'s output.
         """
         if self.cfg.architecture == "topk":
-            vals_BK, idx_BK = pre_BF.topk(self.cfg.k, dim=-1)
-            return ActiveLatents.from_topk(idx_BK), vals_BK.reshape(-1)
+            vals_BT, idx_BT = pre_BF.topk(self.cfg.k, dim=-1)
+            return ActiveLatents.from_topk(idx_BT), vals_BT.reshape(-1)
         if self.cfg.architecture != "batchtopk":
             raise ValueError(f"select_active needs a topk or batchtopk SAE, not {self.cfg.architecture!r}")
         B, F = pre_BF.shape
@@ -365,8 +365,8 @@ class SAE(nn.Module):
         n_dead = int(dead_F.sum())
         if n_dead == 0:
             return None
-        vals_BK, idx_BK = pre_BF.masked_fill(~dead_F, float("-inf")).topk(min(self.cfg.resolved_aux_k, n_dead), dim=-1)
-        return ActiveLatents.from_topk(idx_BK), vals_BK.reshape(-1)
+        vals_BT, idx_BT = pre_BF.masked_fill(~dead_F, float("-inf")).topk(min(self.cfg.resolved_aux_k, n_dead), dim=-1)
+        return ActiveLatents.from_topk(idx_BT), vals_BT.reshape(-1)
 
     def selected_preactivations(self, vals_N: torch.Tensor, xc_BD: torch.Tensor, active: ActiveLatents) -> torch.Tensor:
         """``(xc @ W_enc + b_enc)[active]`` with autograd, given those values computed without it.

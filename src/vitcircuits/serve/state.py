@@ -211,10 +211,10 @@ class RunState:
         model = self.loaded.model
         with self.lock, torch.no_grad():
             image_1CHW = self._image(index).to(model.device, model.dtype)
-            maps_LHRC = patch_attention(model, image_1CHW, (row, col))
-        L, H, rows, cols = maps_LHRC.shape
+            maps_LHYX = patch_attention(model, image_1CHW, (row, col))
+        L, H, rows, cols = maps_LHYX.shape
         return {"index": index, "row": row, "col": col, "rows": rows, "cols": cols,
-                "attention": maps_LHRC.reshape(L, H, rows * cols).tolist()}
+                "attention": maps_LHYX.reshape(L, H, rows * cols).tolist()}
 
     # -- the run's files ---------------------------------------------------------------------
     def _summarise(self, atlas: dict | None, predictions: list[dict] | None, panels: dict) -> dict:

@@ -157,7 +157,7 @@ def _split_members(archive: zipfile.ZipFile, split: str) -> dict[str, list[str]]
 def load_cifar10_split(
     zip_path: str | os.PathLike, split: str, max_images: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode a split into ``(images_NCHW uint8, labels_N int64)``.
+    """Decode a split into ``(images_ICHW uint8, labels_I int64)``.
 
     Images are taken in class round-robin order (class 0 image 0, class 1
     image 0, ...), so any `max_images` prefix is class-balanced. JPEGs are
@@ -171,18 +171,18 @@ def load_cifar10_split(
             for label, name in enumerate(CIFAR10_CLASSES)
             if i < len(per_class[name])
         ][:max_images]
-        images_NHWC = np.stack(
+        images_IHWC = np.stack(
             [np.asarray(Image.open(io.BytesIO(archive.read(member))).convert("RGB")) for _, member in order]
         )
-    labels_N = torch.tensor([label for label, _ in order], dtype=torch.int64)
-    return torch.from_numpy(images_NHWC).permute(0, 3, 1, 2).contiguous(), labels_N
+    labels_I = torch.tensor([label for label, _ in order], dtype=torch.int64)
+    return torch.from_numpy(images_IHWC).permute(0, 3, 1, 2).contiguous(), labels_I
 
 
-def normalize_images(images_NCHW: torch.Tensor) -> torch.Tensor:
+def normalize_images(images_ICHW: torch.Tensor) -> torch.Tensor:
     """uint8 images -> float32 model input; same ops as ToTensor + Normalize(CIFAR mean/std)."""
     mean_C11 = torch.tensor(CIFAR10_MEAN, dtype=torch.float32).view(-1, 1, 1)
     std_C11 = torch.tensor(CIFAR10_STD, dtype=torch.float32).view(-1, 1, 1)
-    return (images_NCHW.to(torch.float32).div(255) - mean_C11) / std_C11
+    return (images_ICHW.to(torch.float32).div(255) - mean_C11) / std_C11
 
 
 def augment_images(images_BCHW: torch.Tensor, cfg: CifarOrganismConfig, generator: torch.Generator) -> torch.Tensor:
@@ -213,14 +213,14 @@ def build_model(cfg: CifarOrganismConfig) -> torch.nn.Module:
 
 
 @torch.inference_mode()
-def evaluate_accuracy(model: torch.nn.Module, images_NCHW: torch.Tensor, labels_N: torch.Tensor, batch_size: int = 500) -> float:
+def evaluate_accuracy(model: torch.nn.Module, images_ICHW: torch.Tensor, labels_I: torch.Tensor, batch_size: int = 500) -> float:
     """Top-1 accuracy of `model` on uint8 images, with the eval preprocessing."""
     model.eval()
     correct = 0
-    for start in range(0, len(labels_N), batch_size):
-        logits_BK = model(normalize_images(images_NCHW[start : start + batch_size]))
-        correct += int((logits_BK.argmax(-1) == labels_N[start : start + batch_size]).sum())
-    return correct / len(labels_N)
+    for start in range(0, len(labels_I), batch_size):
+        logits_BC = model(normalize_images(images_ICHW[start : start + batch_size]))
+        correct += int((logits_BC.argmax(-1) == labels_I[start : start + batch_size]).sum())
+    return correct / len(labels_I)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -257,15 +257,15 @@ def train_cifar_organism(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        train_images_NCHW, train_labels_N = load_cifar10_split(zip_path, "train", cfg.max_train_images)
-        test_images_NCHW, test_labels_N = load_cifar10_split(zip_path, "test", cfg.max_test_images)
+        train_images_ICHW, train_labels_I = load_cifar10_split(zip_path, "train", cfg.max_train_images)
+        test_images_ICHW, test_labels_I = load_cifar10_split(zip_path, "test", cfg.max_test_images)
         torch.manual_seed(cfg.seed)
         generator = torch.Generator().manual_seed(cfg.seed)
         model = build_model(cfg)
         optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
-        steps_per_epoch = len(train_labels_N) // cfg.batch_size
+        steps_per_epoch = len(train_labels_I) // cfg.batch_size
         if steps_per_epoch == 0:
-            raise ValueError(f"need at least batch_size={cfg.batch_size} training images, got {len(train_labels_N)}")
+            raise ValueError(f"need at least batch_size={cfg.batch_size} training images, got {len(train_labels_I)}")
         total_steps = cfg.epochs * steps_per_epoch
         if cfg.max_steps is not None:
             total_steps = min(total_steps, cfg.max_steps)
@@ -274,10 +274,10 @@ def train_cifar_organism(
             optimizer, lambda step: lr_factor(step, warmup_steps, total_steps)
         )
         history = train_loop(
-            cfg, model, optimizer, scheduler, train_images_NCHW, train_labels_N, generator,
+            cfg, model, optimizer, scheduler, train_images_ICHW, train_labels_I, generator,
             steps_per_epoch, total_steps, progress,
         )  # fmt: skip
-        test_accuracy = evaluate_accuracy(model, test_images_NCHW, test_labels_N, cfg.eval_batch_size)
+        test_accuracy = evaluate_accuracy(model, test_images_ICHW, test_labels_I, cfg.eval_batch_size)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -289,8 +289,8 @@ def train_cifar_organism(
         "threads": cfg.threads,
         "wall_time_s": round(time.perf_counter() - start_time, 1),
         "num_params": sum(p.numel() for p in model.parameters()),
-        "num_train_images": len(train_labels_N),
-        "num_test_images": len(test_labels_N),
+        "num_train_images": len(train_labels_I),
+        "num_test_images": len(test_labels_I),
         "final_train_loss": history[-1]["train_loss"],
         "final_train_accuracy": history[-1]["train_accuracy"],
         "test_accuracy": test_accuracy,
@@ -312,8 +312,8 @@ def train_loop(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    images_NCHW: torch.Tensor,
-    labels_N: torch.Tensor,
+    images_ICHW: torch.Tensor,
+    labels_I: torch.Tensor,
     generator: torch.Generator,
     steps_per_epoch: int,
     total_steps: int,
@@ -330,13 +330,13 @@ def train_loop(
         task = bar.add_task("train", total=total_steps, stats="")
         for epoch in range(math.ceil(total_steps / steps_per_epoch)):
             model.train()
-            order_N = torch.randperm(len(labels_N), generator=generator)
+            order_I = torch.randperm(len(labels_I), generator=generator)
             loss_sum, correct, seen = 0.0, 0, 0
             for batch_index in range(min(steps_per_epoch, total_steps - step)):
-                index_B = order_N[batch_index * cfg.batch_size : (batch_index + 1) * cfg.batch_size]
-                inputs_BCHW = normalize_images(augment_images(images_NCHW[index_B], cfg, generator))
-                logits_BK = model(inputs_BCHW)
-                loss = F.cross_entropy(logits_BK, labels_N[index_B], label_smoothing=cfg.label_smoothing)
+                index_B = order_I[batch_index * cfg.batch_size : (batch_index + 1) * cfg.batch_size]
+                inputs_BCHW = normalize_images(augment_images(images_ICHW[index_B], cfg, generator))
+                logits_BC = model(inputs_BCHW)
+                loss = F.cross_entropy(logits_BC, labels_I[index_B], label_smoothing=cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip_norm > 0:
@@ -345,7 +345,7 @@ def train_loop(
                 scheduler.step()
                 step += 1
                 loss_sum += loss.item() * len(index_B)
-                correct += int((logits_BK.argmax(-1) == labels_N[index_B]).sum())
+                correct += int((logits_BC.argmax(-1) == labels_I[index_B]).sum())
                 seen += len(index_B)
                 stats = f"epoch {epoch + 1} loss {loss_sum / seen:.3f} acc {correct / seen:.3f}"
                 bar.update(task, advance=1, stats=stats)

@@ -146,19 +146,19 @@ def shapes_hub_config(cfg: ShapesOrganismConfig) -> dict:
 
 
 @torch.inference_mode()
-def predict(model: torch.nn.Module, images_NCHW: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+def predict(model: torch.nn.Module, images_ICHW: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """Predicted classes of a timm model on uint8 images, with the eval preprocessing."""
     model.eval()
-    return torch.cat([model(normalize_images(images_NCHW[s : s + batch_size])).argmax(-1) for s in range(0, len(images_NCHW), batch_size)])
+    return torch.cat([model(normalize_images(images_ICHW[s : s + batch_size])).argmax(-1) for s in range(0, len(images_ICHW), batch_size)])
 
 
-def accuracy_report(predictions_N: torch.Tensor, labels_N: torch.Tensor) -> dict:
+def accuracy_report(predictions_I: torch.Tensor, labels_I: torch.Tensor) -> dict:
     """Overall, per-group and per-class accuracy."""
-    correct_N = (predictions_N == labels_N).double()
-    report = {"accuracy": float(correct_N.mean())}
+    correct_I = (predictions_I == labels_I).double()
+    report = {"accuracy": float(correct_I.mean())}
     for name, classes in GROUPS.items():
-        report[f"{name}_accuracy"] = float(correct_N[torch.isin(labels_N, torch.tensor(sorted(classes)))].mean())
-    report["per_class_accuracy"] = {name: float(correct_N[labels_N == k].mean()) for k, name in enumerate(shapes_task.CLASSES)}
+        report[f"{name}_accuracy"] = float(correct_I[torch.isin(labels_I, torch.tensor(sorted(classes)))].mean())
+    report["per_class_accuracy"] = {name: float(correct_I[labels_I == k].mean()) for k, name in enumerate(shapes_task.CLASSES)}
     return report
 
 

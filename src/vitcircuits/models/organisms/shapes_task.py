@@ -207,8 +207,8 @@ def dataset(seed: int, n: int, start: int = 0, max_pairs: int = 1) -> tuple[torc
     """Images ``start … start + n - 1`` of stream ``seed``: ``(uint8 [n, 3, 32, 32], int64 [n])``;
     ``max_pairs > 1`` mixes in the easier training variant (:func:`pairs_of`, :func:`scene`)."""
     images, labels = zip(*(render(seed, i, pairs_of(i, max_pairs)) for i in range(start, start + n))) if n else ((), ())
-    images_NHWC = np.stack(images) if n else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
-    return torch.from_numpy(images_NHWC).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels, dtype=torch.int64)
+    images_IHWC = np.stack(images) if n else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    return torch.from_numpy(images_IHWC).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels, dtype=torch.int64)
 
 
 def parse(image_HW3: np.ndarray, threshold: float = 60.0) -> np.ndarray:

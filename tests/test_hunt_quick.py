@@ -5,7 +5,8 @@ import torch
 from typer.testing import CliRunner
 
 import vitcircuits.hunt
-from vitcircuits.cli import QUICK_IMAGES, app
+from vitcircuits.cli import app
+from vitcircuits.cli.commands import QUICK_IMAGES
 
 
 def test_quick_caps_images_unless_given(monkeypatch, tmp_path):

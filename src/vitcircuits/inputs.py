@@ -16,7 +16,7 @@ from vitcircuits.data.transforms import PreprocessConfig
 from vitcircuits.models.loading import LoadedModel, load_model
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelOptions:
     """How to get the model (same meaning in every command)."""
 
@@ -51,7 +51,7 @@ class ModelOptions:
         return asdict(self)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ImageOptions:
     """Which images, and how they are batched."""
 

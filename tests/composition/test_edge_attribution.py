@@ -28,7 +28,7 @@ from vitcircuits.testing.ground_truth import roc_auc
 def organism():
     torch.set_num_threads(1)
     loaded = load_model("bundled:shapes-vit", device="cpu")
-    images = torch.cat([b.images_BCHW for b in ImageOptions("bundled:shapes", batch_size=100).batches(loaded, progress=False)])
+    images = torch.cat([b.images_BCHW for b in ImageOptions(images="bundled:shapes", batch_size=100).batches(loaded, progress=False)])
     images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:64]]
     stats = ZStats.empty(loaded.model)
     stats.update(loaded.model, images)

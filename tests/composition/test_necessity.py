@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from vitcircuits.cli_necessity import parse_groups, parse_heads
+from vitcircuits.cli.necessity import parse_groups, parse_heads
 from vitcircuits.composition.necessity import (
     LabelledBatches,
     NecessityConfig,

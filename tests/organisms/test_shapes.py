@@ -9,7 +9,9 @@ import timm
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
+from vitcircuits.cli import app
 from vitcircuits.composition.necessity import NecessityConfig, ablated_predictions, group_accuracy, necessity_report, zstats_of
 from vitcircuits.inputs import ImageOptions
 from vitcircuits.models.loading import bundled_model_names, load_model
@@ -22,10 +24,21 @@ from vitcircuits.models.organisms.shapes import (
     BUNDLED_MODEL_DIR,
     GROUPS,
     ShapesOrganismConfig,
-    build_arg_parser,
-    config_from_args,
     train_shapes_organism,
 )
+
+TRAIN = "vitcircuits.models.organisms.shapes.train_shapes_organism"
+
+
+def recorded_config(command: str, monkeypatch) -> dict:
+    """The config the recorded ``vitcircuits train-organism`` command builds (the trainer is not run)."""
+    seen = {}
+    monkeypatch.setattr(TRAIN, lambda config, *args, **kwargs: seen.setdefault("config", config) and {})
+    argv = shlex.split(command)
+    assert argv[:2] == ["vitcircuits", "train-organism"]
+    CliRunner().invoke(app, argv[1:])
+    return dataclasses.asdict(seen["config"])
+
 
 N_CHECK = 300
 MARGIN = 0.07
@@ -131,14 +144,12 @@ def loaded():
 
 @pytest.fixture(scope="module")
 def bundled_batch(loaded) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    batches = list(ImageOptions("bundled:shapes", batch_size=100).batches(loaded, progress=False))
+    batches = list(ImageOptions(images="bundled:shapes", batch_size=100).batches(loaded, progress=False))
     return torch.cat([b.images_BCHW for b in batches]), torch.cat([b.labels_B for b in batches]), [p for b in batches for p in b.paths]
 
 
-def test_recorded_command_reproduces_recorded_config(training):
-    argv = shlex.split(training["command"])
-    assert argv[:3] == ["python", "-m", "vitcircuits.models.organisms.shapes"]
-    assert dataclasses.asdict(config_from_args(build_arg_parser().parse_args(argv[3:]))) == training["config"]
+def test_recorded_command_reproduces_recorded_config(training, monkeypatch):
+    assert recorded_config(training["command"], monkeypatch) == training["config"]
 
 
 def test_bundled_checkpoint_loads_both_ways(loaded, bundled_batch):

@@ -48,8 +48,8 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         # One intra-op thread: on a busy 2-core machine, two threads per op on these tiny tensors are ~10x slower.
         torch.set_num_threads(1)
         try:
-            hunt(str(out), ModelOptions("bundled:cifar10-vit", device="cpu"),
-                 ImageOptions("bundled:cifar10", batch_size=100, max_images=N_IMAGES), light_config())
+            hunt(str(out), ModelOptions(model="bundled:cifar10-vit", device="cpu"),
+                 ImageOptions(images="bundled:cifar10", batch_size=100, max_images=N_IMAGES), light_config())
         finally:
             torch.set_num_threads(threads)
         _RUN["run"] = out

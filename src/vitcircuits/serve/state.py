@@ -154,11 +154,11 @@ class RunState:
                 raise Unavailable("the run's manifest.json records no model; pass --model")
             if images is None and "images" not in config:
                 raise Unavailable("the run's manifest.json records no images; pass --images")
-            model_opts = ModelOptions(**config["model"]) if "model" in config else ModelOptions(model)
+            model_opts = ModelOptions(**config["model"]) if "model" in config else ModelOptions(model=model)
             if model is not None and model != model_opts.model:
                 model_opts = replace(model_opts, model=model, arch=None)
             model_opts = replace(model_opts, device=device)
-            image_opts = ImageOptions(**config["images"]) if "images" in config else ImageOptions(images)
+            image_opts = ImageOptions(**config["images"]) if "images" in config else ImageOptions(images=images)
             if images is not None:
                 image_opts = replace(image_opts, images=images, max_images=MAX_IMAGES)
             self.loaded = model_opts.load()

@@ -13,8 +13,7 @@ resize/centre-crop to 32 px is the identity on 32x32 images).
 
 Run from the repository root::
 
-    python -m vitcircuits.models.organisms.cifar \
-        --zip ../shared/data/cifar10-jpeg.zip \
+    vitcircuits train-organism cifar10 --zip ../shared/data/cifar10-jpeg.zip \
         --out src/vitcircuits/assets/organisms/cifar10-vit --seed 0
 
 The zip holds ``{train,test}/<class>/NNNN.jpg`` (32x32 JPEG). It is read
@@ -22,16 +21,12 @@ directly and decoded once into a uint8 tensor in memory.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
-import json
 import math
 import os
 import platform
-import sys
 import time
-import typing
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,7 +237,7 @@ def reproduce_command(cfg: CifarOrganismConfig, zip_path: str | os.PathLike, out
         if f.name == "seed" or getattr(cfg, f.name) != getattr(defaults, f.name)
     ]
     paths = f"--zip {os.path.relpath(zip_path)} --out {os.path.relpath(out_dir)}"
-    return " ".join(["python -m vitcircuits.models.organisms.cifar", paths, *flags])
+    return " ".join(["vitcircuits train-organism cifar10", paths, *flags])
 
 
 def train_cifar_organism(
@@ -373,38 +368,3 @@ def export_bundled_images(zip_path: str | os.PathLike, out_dir: str | os.PathLik
     labels_path = out_path / "labels.tsv"
     write_text(labels_path, "\n".join(rows) + "\n")
     return labels_path
-
-
-def build_arg_parser() -> argparse.ArgumentParser:
-    """CLI flags: --zip, --out, --images-out, plus one flag per CifarOrganismConfig field."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--zip", required=True, help="cifar10-jpeg.zip with {train,test}/<class>/NNNN.jpg")
-    parser.add_argument("--out", default=str(BUNDLED_MODEL_DIR), help="output directory (timm hub layout)")
-    parser.add_argument("--images-out", help="also export the bundled test images to this directory")
-    hints = typing.get_type_hints(CifarOrganismConfig)
-    for field in dataclasses.fields(CifarOrganismConfig):
-        flag = f"--{field.name.replace('_', '-')}"
-        if hints[field.name] is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
-        else:
-            (scalar_type,) = [t for t in typing.get_args(hints[field.name]) if t is not type(None)] or [hints[field.name]]
-            parser.add_argument(flag, type=scalar_type, default=field.default)
-    return parser
-
-
-def config_from_args(args: argparse.Namespace) -> CifarOrganismConfig:
-    """The training config selected by parsed `build_arg_parser` arguments."""
-    return CifarOrganismConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CifarOrganismConfig)})
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``python -m vitcircuits.models.organisms.cifar``."""
-    args = build_arg_parser().parse_args(argv)
-    if args.images_out:
-        export_bundled_images(args.zip, args.images_out)
-    metrics = train_cifar_organism(config_from_args(args), args.zip, args.out)
-    print(json.dumps({k: metrics[k] for k in ("wall_time_s", "final_train_loss", "test_accuracy")}), file=sys.stdout)
-
-
-if __name__ == "__main__":
-    main()

@@ -12,20 +12,17 @@ would change the label or break the patch alignment) and writes the same timm hu
 
 rebuilds it. Run from the repository root::
 
-    python -m vitcircuits.models.organisms.shapes --out src/vitcircuits/assets/organisms/shapes-vit --seed 0
+    vitcircuits train-organism shapes --out src/vitcircuits/assets/organisms/shapes-vit --seed 0
 
 ``--images-out DIR`` also writes the bundled evaluation images (``bundled:shapes``).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import platform
-import sys
 import time
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,7 +164,7 @@ def reproduce_command(cfg: ShapesOrganismConfig, out_dir: str | os.PathLike) -> 
     defaults = ShapesOrganismConfig()
     flags = [f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
              if f.name == "seed" or getattr(cfg, f.name) != getattr(defaults, f.name)]
-    return " ".join(["python -m vitcircuits.models.organisms.shapes", f"--out {os.path.relpath(out_dir)}", *flags])
+    return " ".join(["vitcircuits train-organism shapes", f"--out {os.path.relpath(out_dir)}", *flags])
 
 
 def train_shapes_organism(cfg: ShapesOrganismConfig, out_dir: str | os.PathLike, *, progress: bool = True) -> dict:
@@ -235,35 +232,3 @@ def train_shapes_organism(cfg: ShapesOrganismConfig, out_dir: str | os.PathLike,
     write_with(out_path / "model.safetensors", lambda tmp: save_file(state_dict, str(tmp)))
     write_json(out_path / "training.json", metrics)
     return metrics
-
-
-def build_arg_parser() -> argparse.ArgumentParser:
-    """CLI flags: --out, --images-out, plus one flag per ShapesOrganismConfig field."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=str(BUNDLED_MODEL_DIR), help="output directory (timm hub layout)")
-    parser.add_argument("--images-out", help=f"also write the {BUNDLED_IMAGES_COUNT} bundled evaluation images (stream {BUNDLED_IMAGES_SEED}) here")
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
-    hints = typing.get_type_hints(ShapesOrganismConfig)
-    for field in dataclasses.fields(ShapesOrganismConfig):
-        (scalar_type,) = [t for t in typing.get_args(hints[field.name]) if t is not type(None)] or [hints[field.name]]
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=scalar_type, default=field.default)
-    return parser
-
-
-def config_from_args(args: argparse.Namespace) -> ShapesOrganismConfig:
-    """The training config selected by parsed `build_arg_parser` arguments."""
-    return ShapesOrganismConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ShapesOrganismConfig)})
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``python -m vitcircuits.models.organisms.shapes``."""
-    args = build_arg_parser().parse_args(argv)
-    if args.images_out:
-        shapes_task.write_image_folder(args.images_out, BUNDLED_IMAGES_SEED, BUNDLED_IMAGES_COUNT)
-    metrics = train_shapes_organism(config_from_args(args), args.out, progress=not args.quiet)
-    keys = ("wall_time_s", "test_accuracy", "test_compositional_accuracy", "test_single_patch_accuracy")
-    print(json.dumps({k: metrics[k] for k in keys}), file=sys.stdout)
-
-
-if __name__ == "__main__":
-    main()

@@ -8,23 +8,9 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from vitcircuits.cli_options import (
-    ArchOpt,
-    BatchOpt,
-    DeviceOpt,
-    DtypeOpt,
-    ForceOpt,
-    ImagesArg,
-    ImgSizeOpt,
-    MaxImagesOpt,
-    ModelArg,
-    OutArg,
-    SeedOpt,
-    WorkersOpt,
-)
-from vitcircuits.inputs import ImageOptions, ModelOptions, check_folder_classes, images_manifest
+from vitcircuits.cli.options import RunOptions, run_options
+from vitcircuits.inputs import check_folder_classes, images_manifest
 from vitcircuits.layout import LAYOUT
-from vitcircuits.runs import Run
 
 
 def parse_heads(text: str) -> list[tuple[int, int]]:
@@ -51,24 +37,14 @@ def parse_groups(items: list[str], label_names: list[str] | None) -> dict[str, l
     return groups
 
 
+@run_options(batch_size=100)
 def necessity_cmd(
-    model: ModelArg,
-    images: ImagesArg,
-    out: OutArg,
+    options: RunOptions,
     circuits: Annotated[Optional[Path], typer.Option("--circuits", help="a compose or hunt run whose supported circuits name the heads")] = None,
     heads: Annotated[Optional[str], typer.Option("--heads", help="heads to ablate instead, as LAYER.HEAD,LAYER.HEAD")] = None,
     group: Annotated[Optional[list[str]], typer.Option("--group", help="class group NAME=CLASS,… (repeatable; default: the model's class_groups)")] = None,
     draws: Annotated[int, typer.Option("--draws", min=0, help="random same-layer head sets to compare with")] = 20,
     ablation: Annotated[str, typer.Option("--ablation", help="mean (over images and positions), position_mean, zero, resample")] = "mean",
-    arch: ArchOpt = None,
-    img_size: ImgSizeOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
-    batch_size: BatchOpt = 100,
-    max_images: MaxImagesOpt = None,
-    seed: SeedOpt = 0,
-    num_workers: WorkersOpt = 0,
-    force: ForceOpt = False,
 ) -> None:
     """Is the circuit necessary? Accuracy per class group with its heads ablated, against random heads of the same layers (in necessity/)."""
     from vitcircuits.composition.necessity import NecessityConfig, circuit_heads, format_report
@@ -77,20 +53,14 @@ def necessity_cmd(
 
     if (circuits is None) == (heads is None):
         raise ValueError("give exactly one of --circuits RUN or --heads LAYER.HEAD,…")
-    model_opts = ModelOptions(model, arch, img_size, False, device, dtype, seed)
-    image_opts = ImageOptions(images, batch_size, max_images, num_workers)
-    config = NecessityConfig(draws=draws, ablation=ablation, seed=seed)
+    config = NecessityConfig(draws=draws, ablation=ablation, seed=options.model.seed)
     chosen = parse_heads(heads) if heads is not None else circuit_heads(read_circuits(circuits))
-    run = Run.create(out, "necessity", {"model": model_opts.to_dict(), "images": image_opts.to_dict(), "necessity": asdict(config),
-                                        "circuits": str(circuits) if circuits else None, "heads": chosen}, force=force)
-    loaded = model_opts.load()
+    run, loaded = options.open("necessity", {"necessity": asdict(config), "circuits": str(circuits) if circuits else None, "heads": chosen})
     groups = parse_groups(group, loaded.label_names) if group else dict(loaded.pretrained_cfg.get("class_groups") or {})
-    run.write_manifest(model=loaded.manifest(), seed=seed)
-    batches = image_opts.batches(loaded)
+    batches = options.images.batches(loaded)
     check_folder_classes(loaded, batches)
     with run.timed("necessity"):
         report = run_necessity(run, loaded, batches, chosen, groups, config)
     run.write_manifest(images=images_manifest(batches))
     typer.echo(format_report(report))
     Console().print(f"wrote {run.file(LAYOUT.necessity_json)}")
-

@@ -1,6 +1,7 @@
-"""The ``vitcircuits`` command line. Every command that takes ``--model`` also takes
-``--img-size``, ``--device``, ``--dtype``, ``--batch-size``, ``--max-images`` and ``--seed``,
-with the same meaning everywhere, and writes a run folder given by ``--out``."""
+"""The ``vitcircuits`` commands. Every command that writes a run takes the shared options of
+:func:`~vitcircuits.cli.options.run_options` with the same meaning everywhere, writes the run
+folder of :data:`~vitcircuits.layout.LAYOUT` under ``--out``, and fails with one line
+(:mod:`vitcircuits.cli.errors`)."""
 from __future__ import annotations
 
 import logging
@@ -13,33 +14,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vitcircuits.cli_necessity import necessity_cmd
-from vitcircuits.cli_options import (
-    DEBUG,
-    ArchOpt,
-    BatchOpt,
-    DeviceOpt,
-    DtypeOpt,
-    ForceOpt,
-    ImagesArg,
-    ImgSizeOpt,
-    MaxImagesOpt,
-    ModelArg,
-    OutArg,
-    RandomOpt,
-    ResumeOpt,
-    SeedOpt,
-    TaskMetricOpt,
-    Typer,
-    WorkersOpt,
-)
-from vitcircuits.cli_sae import sae_app
-from vitcircuits.inputs import ImageOptions, ModelOptions, images_manifest
+from vitcircuits.cli.errors import DEBUG, Typer
+from vitcircuits.cli.necessity import necessity_cmd
+from vitcircuits.cli.options import ArchOpt, DeviceOpt, DtypeOpt, ImgSizeOpt, MaxImagesOpt, RandomOpt, RunOptions, TaskMetricOpt, run_options
+from vitcircuits.cli.organisms import organism_app
+from vitcircuits.cli.sae import sae_app
+from vitcircuits.inputs import ModelOptions, images_manifest
 from vitcircuits.layout import LAYOUT
-from vitcircuits.runs import Run
 
 app = Typer(add_completion=False, no_args_is_help=True, help="Mechanistic interpretability of Vision Transformers.")
 app.add_typer(sae_app, name="sae")
+app.add_typer(organism_app, name="train-organism")
 app.command(name="necessity")(necessity_cmd)
 ORGANISMS = {"cifar10": ("bundled:cifar10-vit", "bundled:cifar10"), "shapes": ("bundled:shapes-vit", "bundled:shapes")}
 """``vitcircuits demo --organism NAME``: the bundled model and images of each organism."""
@@ -63,7 +48,7 @@ def info(
     dtype: DtypeOpt = "float32",
 ) -> None:
     """Architecture, token layout and hook names of a model."""
-    loaded = ModelOptions(model, arch, img_size, random_weights, device, dtype).load()
+    loaded = ModelOptions(model=model, arch=arch, img_size=img_size, random_weights=random_weights, device=device, dtype=dtype).load()
     cfg, layout = loaded.model.cfg, loaded.model.layout
     out = Console()
     table = Table(title=f"{loaded.model_id}", show_header=False)
@@ -84,41 +69,24 @@ def info(
 
 
 @app.command()
+@run_options(resume=True)
 def cache(
-    model: ModelArg,
-    images: ImagesArg,
-    out: OutArg,
+    options: RunOptions,
     hooks: Annotated[str, typer.Option("--hooks", help="comma-separated per-token hook names")],
     include_prefix: Annotated[bool, typer.Option("--include-prefix", help="also keep CLS/registers (row=col=-1)")] = False,
     shard_rows: Annotated[int, typer.Option("--shard-rows", min=1, help="rows per shard")] = 65536,
-    arch: ArchOpt = None,
-    img_size: ImgSizeOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
-    batch_size: BatchOpt = 32,
-    max_images: MaxImagesOpt = None,
-    seed: SeedOpt = 0,
-    num_workers: WorkersOpt = 0,
-    random_weights: RandomOpt = False,
-    force: ForceOpt = False,
-    resume: ResumeOpt = False,
 ) -> None:
     """Cache per-token activations to safetensors shards (in activations/), keeping (image, row, col) per row."""
     from vitcircuits.cache import CacheConfig, clear_cache, write_cache
     from vitcircuits.inputs import provenance
     from vitcircuits.models.hooks import check_hooks
 
-    model_opts = ModelOptions(model, arch, img_size, random_weights, device, dtype, seed)
-    image_opts = ImageOptions(images, batch_size, max_images, num_workers)
     cache_cfg = CacheConfig(tuple(h.strip() for h in hooks.split(",") if h.strip()), include_prefix, shard_rows)
-    run = Run.create(out, "cache", {"model": model_opts.to_dict(), "images": image_opts.to_dict(),
-                                    "cache": asdict(cache_cfg)}, force=force, resume=resume)
-    loaded = model_opts.load()
+    run, loaded = options.open("cache", {"cache": asdict(cache_cfg)})
     check_hooks(loaded.model, cache_cfg.hooks)
-    if force:
+    if options.force:
         clear_cache(run.file(LAYOUT.cache))
-    run.write_manifest(model=loaded.manifest(), seed=seed)
-    batches = image_opts.batches(loaded)
+    batches = options.images.batches(loaded)
     with run.timed("cache"):
         writer = write_cache(run.file(LAYOUT.cache), loaded.model, batches, cache_cfg, provenance(loaded, batches))
     run.write_manifest(images=images_manifest(batches), outputs={"shards": len(writer.index["shards"]),
@@ -127,58 +95,32 @@ def cache(
 
 
 @app.command()
+@run_options()
 def heads(
-    model: ModelArg,
-    images: ImagesArg,
-    out: OutArg,
+    options: RunOptions,
     radius: Annotated[int, typer.Option("--radius", min=1, help="Chebyshev radius of the neighbourhood")] = 1,
     n_boot: Annotated[int, typer.Option("--n-boot", min=2, help="bootstrap replicates for intervals")] = 200,
-    arch: ArchOpt = None,
-    img_size: ImgSizeOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
-    batch_size: BatchOpt = 32,
-    max_images: MaxImagesOpt = None,
-    seed: SeedOpt = 0,
-    num_workers: WorkersOpt = 0,
-    random_weights: RandomOpt = False,
-    force: ForceOpt = False,
 ) -> None:
     """Head atlas: offset kernels, metrics with intervals, kinds and figures for every head (in heads/)."""
     from vitcircuits.heads.atlas import AtlasConfig
     from vitcircuits.heads.scan import print_summary
     from vitcircuits.stages.heads import run_heads
 
-    model_opts = ModelOptions(model, arch, img_size, random_weights, device, dtype, seed)
-    image_opts = ImageOptions(images, batch_size, max_images, num_workers)
-    atlas_cfg = AtlasConfig(radius=radius, n_boot=n_boot, seed=seed)
-    run = Run.create(out, "heads", {"model": model_opts.to_dict(), "images": image_opts.to_dict(), "atlas": asdict(atlas_cfg)}, force=force)
-    loaded = model_opts.load()
-    run.write_manifest(model=loaded.manifest(), seed=seed)
+    atlas_cfg = AtlasConfig(radius=radius, n_boot=n_boot, seed=options.model.seed)
+    run, loaded = options.open("heads", {"atlas": asdict(atlas_cfg)})
     with run.timed("heads"):
-        atlas = run_heads(run, loaded, image_opts, atlas_cfg)
+        atlas = run_heads(run, loaded, options.images, atlas_cfg)
     print_summary(atlas)
 
 
 @app.command()
+@run_options()
 def compose(
-    model: ModelArg,
-    images: ImagesArg,
-    out: OutArg,
+    options: RunOptions,
     heads_from: Annotated[Optional[Path], typer.Option("--heads-from", help="a heads or hunt run whose atlas labels the senders")] = None,
     ablation: Annotated[str, typer.Option("--ablation", help="mean (over images and positions), position_mean, zero, resample")] = "mean",
     max_patch_images: Annotated[int, typer.Option("--max-patch-images", min=1, help="images for path patching")] = 64,
     task_metric: TaskMetricOpt = "auto",
-    arch: ArchOpt = None,
-    img_size: ImgSizeOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
-    batch_size: BatchOpt = 32,
-    max_images: MaxImagesOpt = None,
-    seed: SeedOpt = 0,
-    num_workers: WorkersOpt = 0,
-    random_weights: RandomOpt = False,
-    force: ForceOpt = False,
 ) -> None:
     """Composition: a verdict for every edge (composes and matters, each against its null), weights, shuffle control (in composition/)."""
     from vitcircuits.composition.config import ComposeConfig
@@ -187,39 +129,23 @@ def compose(
     from vitcircuits.stages.composition import run_compose
     from vitcircuits.stages.heads import run_heads
 
-    model_opts = ModelOptions(model, arch, img_size, random_weights, device, dtype, seed)
-    image_opts = ImageOptions(images, batch_size, max_images, num_workers)
+    seed = options.model.seed
     config = ComposeConfig(patching=PatchingConfig(ablation=ablation, seed=seed), max_patch_images=max_patch_images, task_metric=task_metric)
     if heads_from is not None and not (heads_from / LAYOUT.atlas).is_file():
         raise FileNotFoundError(f"{heads_from}: no {LAYOUT.atlas} (expected a `vitcircuits heads`, `compose` or `hunt` run)")
-    run = Run.create(out, "compose", {"model": model_opts.to_dict(), "images": image_opts.to_dict(), "compose": asdict(config),
-                                      "heads_from": str(heads_from) if heads_from else None}, force=force)
-    loaded = model_opts.load()
-    run.write_manifest(model=loaded.manifest(), seed=seed)
+    run, loaded = options.open("compose", {"compose": asdict(config), "heads_from": str(heads_from) if heads_from else None})
     if heads_from is None:
         with run.timed("heads"):
-            run_heads(run, loaded, image_opts, AtlasConfig(seed=seed))
+            run_heads(run, loaded, options.images, AtlasConfig(seed=seed))
     with run.timed("composition"):
-        run_compose(run, loaded, image_opts, config, atlas_from=heads_from)
+        run_compose(run, loaded, options.images, config, atlas_from=heads_from)
     Console().print(f"wrote {run.file(LAYOUT.circuits)}")
 
 
 @app.command(name="hunt")
+@run_options(resume=True)
 def hunt_cmd(
-    model: ModelArg,
-    images: ImagesArg,
-    out: OutArg,
-    arch: ArchOpt = None,
-    img_size: ImgSizeOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
-    batch_size: BatchOpt = 32,
-    max_images: MaxImagesOpt = None,
-    seed: SeedOpt = 0,
-    num_workers: WorkersOpt = 0,
-    random_weights: RandomOpt = False,
-    force: ForceOpt = False,
-    resume: ResumeOpt = False,
+    options: RunOptions,
     quick: Annotated[bool, typer.Option("--quick", help=f"small, fast pass: at most {QUICK_IMAGES} images unless --max-images, lighter settings")] = False,
     truth: Annotated[Optional[Path], typer.Option("--truth", help="known causal edges (truth.json) to set the verdicts against")] = None,
     task_metric: TaskMetricOpt = "auto",
@@ -227,12 +153,12 @@ def hunt_cmd(
     """Run every stage on a model and images and write report.html."""
     from vitcircuits.hunt import HuntConfig, hunt
 
-    if quick and max_images is None:
-        max_images = QUICK_IMAGES
+    images = options.images
+    if quick and images.max_images is None:
+        images = replace(images, max_images=QUICK_IMAGES)
     config = HuntConfig.quick() if quick else HuntConfig()
     config = replace(config, compose=replace(config.compose, task_metric=task_metric))
-    report = hunt(str(out), ModelOptions(model, arch, img_size, random_weights, device, dtype, seed),
-                  ImageOptions(images, batch_size, max_images, num_workers), config, force=force, resume=resume, truth=truth)
+    report = hunt(str(options.out), options.model, images, config, force=options.force, resume=options.resume, truth=truth)
     Console().print(f"report: {report}")
 
 
@@ -251,24 +177,9 @@ def demo(
     if organism not in ORGANISMS:
         raise ValueError(f"--organism {organism!r}: choose one of {', '.join(ORGANISMS)}")
     model, images = ORGANISMS[organism]
-    truth = bundled_model_folder(model.removeprefix("bundled:")) / "truth.json"
-    hunt_cmd(model, images, out, device=device, dtype=dtype, max_images=max_images, batch_size=100, force=force,
+    truth = bundled_model_folder(model.removeprefix("bundled:")) / LAYOUT.truth
+    hunt_cmd(model=model, images=images, out=out, device=device, dtype=dtype, max_images=max_images, batch_size=100, force=force,
              truth=truth if truth.is_file() else None)
-
-
-@app.command(name="train-organism")
-def train_organism(
-    zip_path: Annotated[Path, typer.Option("--zip", help="CIFAR-10 JPEG zip (train/<class>/*.jpg, test/<class>/*.jpg)")],
-    out: OutArg,
-    seed: SeedOpt = 0,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="override the default epochs")] = None,
-) -> None:
-    """Train the bundled CIFAR-10 ViT organism on the CPU (bit-reproducible from the seed and thread count)."""
-    from vitcircuits.models.organisms.cifar import CifarOrganismConfig, train_cifar_organism
-
-    cfg = CifarOrganismConfig(seed=seed) if epochs is None else CifarOrganismConfig(seed=seed, epochs=epochs)
-    metrics = train_cifar_organism(cfg, zip_path, out)
-    Console().print(f"test accuracy {metrics['test_accuracy']:.4f}, checkpoint in {out}")
 
 
 @app.command()

@@ -8,23 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from vitcircuits.cli_options import (
-    ArchOpt,
-    BatchOpt,
-    DeviceOpt,
-    DtypeOpt,
-    ForceOpt,
-    ImagesArg,
-    ImgSizeOpt,
-    MaxImagesOpt,
-    ModelArg,
-    OutArg,
-    RandomOpt,
-    ResumeOpt,
-    SeedOpt,
-    Typer,
-    WorkersOpt,
-)
+from vitcircuits.cli.errors import Typer
+from vitcircuits.cli.options import DeviceOpt, DtypeOpt, RunOptions, SeedOpt, run_options
 from vitcircuits.files import read_json
 from vitcircuits.inputs import ImageOptions, ModelOptions
 from vitcircuits.layout import LAYOUT
@@ -35,10 +20,9 @@ CircuitsOpt = Annotated[Optional[Path], typer.Option("--circuits", help="a compo
 
 
 @sae_app.command()
+@run_options(resume=True)
 def train(
-    model: ModelArg,
-    images: ImagesArg,
-    out: OutArg,
+    options: RunOptions,
     hook: Annotated[Optional[str], typer.Option("--hook", help="e.g. blocks.6.hook_resid_post (default: chosen from --circuits)")] = None,
     circuits: CircuitsOpt = None,
     architecture: Annotated[str, typer.Option("--arch-sae", "--sae-arch", help="topk, batchtopk or relu")] = "topk",
@@ -50,35 +34,19 @@ def train(
     lr: Annotated[float, typer.Option("--lr", help="peak learning rate")] = 4e-4,
     views: Annotated[int, typer.Option("--views", min=1, help="views per image: 1 + random crops/flips")] = 1,
     holdout_every: Annotated[int, typer.Option("--holdout-every", min=2, help="hold out images with index % N == 0")] = 10,
-    arch: ArchOpt = None,
-    img_size: ImgSizeOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
-    batch_size: BatchOpt = 32,
-    max_images: MaxImagesOpt = None,
-    seed: SeedOpt = 0,
-    num_workers: WorkersOpt = 0,
-    random_weights: RandomOpt = False,
-    force: ForceOpt = False,
-    resume: ResumeOpt = False,
 ) -> None:
     """Harvest a hook, train an SAE on it (SAELens layout), and measure it on held-out images (in sae/)."""
     from vitcircuits.stages.composition import read_circuits
     from vitcircuits.stages.sae import SAEStageConfig, choose_hook, run_sae_train
 
-    model_opts = ModelOptions(model, arch, img_size, random_weights, device, dtype, seed)
-    image_opts = ImageOptions(images, batch_size, max_images, num_workers)
     config = SAEStageConfig(hook=hook, architecture=architecture, k=k, expansion=expansion, l1_coefficient=l1, epochs=epochs,
-                            batch_size=sae_batch, lr=lr, views=views, holdout_every=holdout_every, seed=seed)
+                            batch_size=sae_batch, lr=lr, views=views, holdout_every=holdout_every, seed=options.model.seed)
     if hook is None and circuits is None:
         raise ValueError("give --hook, or --circuits RUN to train after the strongest composition receiver")
-    run = Run.create(out, "sae-train", {"model": model_opts.to_dict(), "images": image_opts.to_dict(), "sae": asdict(config),
-                                        "circuits": str(circuits) if circuits else None}, force=force, resume=resume)
-    loaded = model_opts.load()
-    run.write_manifest(model=loaded.manifest(), seed=seed)
+    run, loaded = options.open("sae-train", {"sae": asdict(config), "circuits": str(circuits) if circuits else None})
     chosen, reason = (hook, "given") if hook else choose_hook(read_circuits(circuits), loaded.model.cfg.n_layers)
     with run.timed("sae_train"):
-        metrics = run_sae_train(run, loaded, image_opts, replace(config, hook=chosen), chosen, reason)
+        metrics = run_sae_train(run, loaded, options.images, replace(config, hook=chosen), chosen, reason)
     held = metrics["held_out"]
     run.write_manifest(outputs={"sae": LAYOUT.sae_weights, "metrics": LAYOUT.sae_metrics, "held_out": held})
     Console().print(f"{chosen}: L0 {held['l0']:.1f}, explained variance {held['explained_variance']:.3f}, dead {held['dead_fraction']:.3f}; "
@@ -95,7 +63,7 @@ def analyze(
     n_examples: Annotated[int, typer.Option("--n-examples", min=1, help="top patches per feature")] = 8,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
-    batch_size: BatchOpt = 32,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="images per forward pass")] = 32,
     seed: SeedOpt = 0,
 ) -> None:
     """Feature statistics, circuit dependence, the compositional ranking and galleries (in SAE_DIR/sae/features)."""

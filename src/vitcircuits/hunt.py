@@ -96,7 +96,7 @@ later one run)."""
 
 def check_truth(data: object, n_layers: int, n_heads: int) -> int:
     """Validate a known-circuit document (the ``truth.json`` layout of
-    :func:`vitcircuits.testing.organism_benchmark.truth_document`) against the model's shape;
+    :func:`vitcircuits.groundtruth.organism_benchmark.truth_document`) against the model's shape;
     return its number of causal edges. Raises ValueError naming what is wrong."""
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")

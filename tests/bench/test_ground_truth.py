@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from vitcircuits.models.loading import bundled_model_folder
-from vitcircuits.testing.ground_truth import SCORED_KINDS, noise_images, roc_auc, score_edges, score_kinds
-from vitcircuits.testing.organism_benchmark import SHAPES_ORGANISMS
-from vitcircuits.testing.planted import PlantedConfig
-from vitcircuits.testing.planted_circuits import build_planted_circuits
-from vitcircuits.testing.planted_family import (
+from vitcircuits.groundtruth.ground_truth import SCORED_KINDS, noise_images, roc_auc, score_edges, score_kinds
+from vitcircuits.groundtruth.organism_benchmark import SHAPES_ORGANISMS
+from vitcircuits.groundtruth.planted import PlantedConfig
+from vitcircuits.groundtruth.planted_circuits import build_planted_circuits
+from vitcircuits.groundtruth.planted_family import (
     FILLER,
     OTHER,
     FamilyConfig,
@@ -26,6 +25,7 @@ from vitcircuits.testing.planted_family import (
     build_family_member,
     family,
 )
+from vitcircuits.models.loading import bundled_model_folder
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "ground_truth.py"
 MIN_MASS = 0.95

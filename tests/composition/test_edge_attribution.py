@@ -19,9 +19,9 @@ from vitcircuits.composition.edge_attribution import (
 from vitcircuits.composition.patching import PATHS
 from vitcircuits.composition.task_metric import TaskMetric
 from vitcircuits.composition.task_patching import all_edges, edge_drops
+from vitcircuits.groundtruth.ground_truth import roc_auc
 from vitcircuits.inputs import ImageOptions
 from vitcircuits.models.loading import load_model
-from vitcircuits.testing.ground_truth import roc_auc
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ from vitcircuits.composition.config import ComposeConfig
 from vitcircuits.composition.evidence import MIN_NULL
 from vitcircuits.composition.scan import run_composition
 from vitcircuits.composition.shuffle import shuffle_patches
+from vitcircuits.groundtruth.planted_circuits import CIRCUIT_CONFIG, build_planted_circuits
 from vitcircuits.heads.atlas import AtlasConfig, accumulate, build_atlas, new_accumulator
 from vitcircuits.stages.composition import write_composition
-from vitcircuits.testing.planted_circuits import CIRCUIT_CONFIG, build_planted_circuits
 
 
 def images(n=16, seed=0, size=32):

@@ -22,7 +22,7 @@ from vitcircuits.composition.transfer import (
     plot_receptive_field,
     transfer_curves,
 )
-from vitcircuits.testing.planted import PlantedConfig, build_planted_heads
+from vitcircuits.groundtruth.planted import PlantedConfig, build_planted_heads
 
 CONFIG = TransferConfig()
 RING_O = np.array([max(abs(dy), abs(dx)) for dy, dx in offsets_within(CONFIG.radius)])

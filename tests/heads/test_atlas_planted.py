@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
+from vitcircuits.groundtruth.planted import PlantedConfig, build_planted_heads, random_like
 from vitcircuits.heads.atlas import AtlasConfig, HeadAtlas, accumulate, build_atlas, new_accumulator
 from vitcircuits.heads.offsets import HeadStatsAccumulator, OffsetGeometry
-from vitcircuits.testing.planted import PlantedConfig, build_planted_heads, random_like
 
 
 def scan(model, images_BCHW, config=AtlasConfig(n_boot=50), batch_size=4):

@@ -10,12 +10,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from vitcircuits.cli import app
+from vitcircuits.groundtruth.planted import PlantedConfig, random_like
 from vitcircuits.heads.atlas import AtlasConfig, accumulate, build_atlas, new_accumulator
 from vitcircuits.heads.figures import plot_atlas, plot_distance_vs_layer, plot_modular_scores
 from vitcircuits.heads.metrics import CI_METRICS
-from vitcircuits.report.figures import error_bars
+from vitcircuits.plotting.figures import error_bars
 from vitcircuits.testing.checkpoints import save_timm_folder
-from vitcircuits.testing.planted import PlantedConfig, random_like
 
 PNG = b"\x89PNG"
 

@@ -1,7 +1,5 @@
 """The CIFAR-10 ViT model organism: reproducible training and the bundled checkpoint."""
-import dataclasses
 import json
-import shlex
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +8,8 @@ import timm
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from vitcircuits.cli import app
-from vitcircuits.models.organisms.cifar import (
+from vitcircuits.organisms.cifar import (
     BUNDLED_IMAGES_DIR,
     BUNDLED_MODEL_DIR,
     CIFAR10_CLASSES,
@@ -23,17 +19,8 @@ from vitcircuits.models.organisms.cifar import (
     train_cifar_organism,
 )
 
-TRAIN = "vitcircuits.models.organisms.cifar.train_cifar_organism"
+TRAIN = "vitcircuits.organisms.cifar.train_cifar_organism"
 
-
-def recorded_config(command: str, monkeypatch) -> dict:
-    """The config the recorded ``vitcircuits train-organism`` command builds (the trainer is not run)."""
-    seen = {}
-    monkeypatch.setattr(TRAIN, lambda config, *args, **kwargs: seen.setdefault("config", config) and {})
-    argv = shlex.split(command)
-    assert argv[:2] == ["vitcircuits", "train-organism"]
-    CliRunner().invoke(app, argv[1:])
-    return dataclasses.asdict(seen["config"])
 
 
 CIFAR_ZIP = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10-jpeg.zip"
@@ -85,9 +72,9 @@ def test_bundled_images_are_reproducible(tmp_path):
     assert all((tmp_path / name).read_bytes() == (BUNDLED_IMAGES_DIR / name).read_bytes() for name in bundled)
 
 
-def test_recorded_command_reproduces_recorded_config(monkeypatch):
+def test_recorded_command_reproduces_recorded_config(recorded_config):
     training = json.loads((BUNDLED_MODEL_DIR / "training.json").read_text())
-    assert recorded_config(training["command"], monkeypatch) == training["config"]
+    assert recorded_config(training["command"], TRAIN) == training["config"]
 
 
 def test_bundled_checkpoint_shape(bundled_model):

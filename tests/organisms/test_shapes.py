@@ -1,7 +1,5 @@
 """The compositional shapes task, its bundled ViT organism, and head-ablation necessity."""
-import dataclasses
 import json
-import shlex
 
 import numpy as np
 import pytest
@@ -9,15 +7,13 @@ import timm
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from vitcircuits.cli import app
 from vitcircuits.composition.necessity import NecessityConfig, ablated_predictions, group_accuracy, necessity_report, zstats_of
 from vitcircuits.inputs import ImageOptions
 from vitcircuits.models.loading import bundled_model_names, load_model
-from vitcircuits.models.organisms import shapes_task as st
-from vitcircuits.models.organisms.cifar import normalize_images
-from vitcircuits.models.organisms.shapes import (
+from vitcircuits.organisms import shapes_task as st
+from vitcircuits.organisms.cifar import normalize_images
+from vitcircuits.organisms.shapes import (
     BUNDLED_IMAGES_COUNT,
     BUNDLED_IMAGES_DIR,
     BUNDLED_IMAGES_SEED,
@@ -27,17 +23,8 @@ from vitcircuits.models.organisms.shapes import (
     train_shapes_organism,
 )
 
-TRAIN = "vitcircuits.models.organisms.shapes.train_shapes_organism"
+TRAIN = "vitcircuits.organisms.shapes.train_shapes_organism"
 
-
-def recorded_config(command: str, monkeypatch) -> dict:
-    """The config the recorded ``vitcircuits train-organism`` command builds (the trainer is not run)."""
-    seen = {}
-    monkeypatch.setattr(TRAIN, lambda config, *args, **kwargs: seen.setdefault("config", config) and {})
-    argv = shlex.split(command)
-    assert argv[:2] == ["vitcircuits", "train-organism"]
-    CliRunner().invoke(app, argv[1:])
-    return dataclasses.asdict(seen["config"])
 
 
 N_CHECK = 300
@@ -148,8 +135,8 @@ def bundled_batch(loaded) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     return torch.cat([b.images_BCHW for b in batches]), torch.cat([b.labels_B for b in batches]), [p for b in batches for p in b.paths]
 
 
-def test_recorded_command_reproduces_recorded_config(training, monkeypatch):
-    assert recorded_config(training["command"], monkeypatch) == training["config"]
+def test_recorded_command_reproduces_recorded_config(training, recorded_config):
+    assert recorded_config(training["command"], TRAIN) == training["config"]
 
 
 def test_bundled_checkpoint_loads_both_ways(loaded, bundled_batch):

@@ -5,6 +5,7 @@ import torch
 
 from vitcircuits.cache import token_positions
 from vitcircuits.composition.ablation import ZStats
+from vitcircuits.groundtruth.planted_circuits import CIRCUIT_CONFIG, K_RECEIVER, build_planted_circuits
 from vitcircuits.sae.dependence import (
     DependenceConfig,
     circuit_dependence,
@@ -17,7 +18,6 @@ from vitcircuits.sae.dependence import (
 from vitcircuits.sae.features import FeatureStats, FeatureStatsConfig, feature_stats
 from vitcircuits.sae.gallery import plot_dependence, plot_feature_gallery, plot_mean_maps, sae_feature_maps
 from vitcircuits.sae.model import SAE, SAEConfig
-from vitcircuits.testing.planted_circuits import CIRCUIT_CONFIG, K_RECEIVER, build_planted_circuits
 
 HOOK = "blocks.1.hook_resid_post"
 

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
+from vitcircuits.groundtruth.planted import PlantedConfig, random_like
 from vitcircuits.models import HookedViT
 from vitcircuits.sae.fidelity import FidelityConfig, downstream_fidelity
 from vitcircuits.sae.model import SAE, SAEConfig
-from vitcircuits.testing.planted import PlantedConfig, random_like
 
 PLANTED = PlantedConfig(grid=(3, 3), patch_size=2, n_layers=2, n_heads=4, offsets=(), content_dims=2)
 HOOK = "blocks.1.hook_resid_pre"

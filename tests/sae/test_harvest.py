@@ -5,8 +5,8 @@ import torch
 from vitcircuits.cache import CacheConfig, write_cache
 from vitcircuits.data.augment import AugmentConfig, augmented_view, with_views
 from vitcircuits.data.loader import ImageBatch
+from vitcircuits.groundtruth.planted import PlantedConfig, random_like
 from vitcircuits.sae.harvest import ShardReader, training_batches
-from vitcircuits.testing.planted import PlantedConfig, random_like
 
 
 def test_views_are_deterministic_crops_and_view_zero_is_the_image():

@@ -116,7 +116,7 @@ def get_json(server, path: str) -> dict:
 
 
 def test_binds_loopback_by_default(server):
-    from vitcircuits import cli
+    from vitcircuits.cli import commands as cli
 
     assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"
     assert inspect.signature(make_server).parameters["host"].default == "127.0.0.1"
@@ -193,7 +193,7 @@ def test_api_run_matches_run_files(server, run_dir):
 
 def test_attention_equals_patch_attention(server, run_dir):
     from vitcircuits.inputs import ImageOptions, ModelOptions
-    from vitcircuits.report.attention_maps import patch_attention
+    from vitcircuits.plotting.attention import patch_attention
 
     data = get_json(server, "/api/attention?index=3&row=2&col=5")
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -212,7 +212,7 @@ def test_attention_equals_patch_attention(server, run_dir):
 def test_image_is_the_preprocessed_image_upscaled(server):
     from PIL import Image
 
-    from vitcircuits.report.figures import denormalize
+    from vitcircuits.plotting.figures import denormalize
 
     status, headers, body = get(server, "/api/image?index=0")
     assert status == 200 and headers["content-type"] == "image/png"

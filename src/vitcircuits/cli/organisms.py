@@ -17,8 +17,8 @@ import typer
 from rich.console import Console
 
 from vitcircuits.cli.errors import Typer
-from vitcircuits.models.organisms.cifar import CifarOrganismConfig
-from vitcircuits.models.organisms.shapes import ShapesOrganismConfig
+from vitcircuits.organisms.cifar import CifarOrganismConfig
+from vitcircuits.organisms.shapes import ShapesOrganismConfig
 
 organism_app = Typer(add_completion=False, no_args_is_help=True, help="Train an organism (a small ViT with a measurable circuit) on the CPU.")
 
@@ -68,8 +68,8 @@ def shapes(
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress output")] = False,
 ) -> None:
     """The shapes organism: compositional and single-patch classes of bars on a grid (docs/shapes.md)."""
-    from vitcircuits.models.organisms import shapes_task
-    from vitcircuits.models.organisms.shapes import BUNDLED_IMAGES_COUNT, BUNDLED_IMAGES_SEED, train_shapes_organism
+    from vitcircuits.organisms import shapes_task
+    from vitcircuits.organisms.shapes import BUNDLED_IMAGES_COUNT, BUNDLED_IMAGES_SEED, train_shapes_organism
 
     if images_out is not None:
         shapes_task.write_image_folder(images_out, BUNDLED_IMAGES_SEED, BUNDLED_IMAGES_COUNT)
@@ -87,7 +87,7 @@ def cifar10(
     images_out: Annotated[Optional[Path], typer.Option("--images-out", help="also export the bundled test images here")] = None,
 ) -> None:
     """The CIFAR-10 organism, the negative control (bit-reproducible from the seed and thread count)."""
-    from vitcircuits.models.organisms.cifar import export_bundled_images, train_cifar_organism
+    from vitcircuits.organisms.cifar import export_bundled_images, train_cifar_organism
 
     if images_out is not None:
         export_bundled_images(zip_path, images_out)

@@ -7,7 +7,7 @@ import numpy as np
 
 from vitcircuits.composition.patching import METRICS, PATHS, VERDICT_METRIC
 from vitcircuits.composition.scan import CompositionResult
-from vitcircuits.report.figures import plt, save_figure
+from vitcircuits.plotting.figures import plt, save_figure
 
 KIND_COLOURS = {"q": "#0072B2", "k": "#D55E00", "v": "#009E73"}
 

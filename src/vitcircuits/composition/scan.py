@@ -36,6 +36,7 @@ from vitcircuits.composition.transfer import TooFewImages, TransferResult, trans
 from vitcircuits.composition.weights import CompositionScores, composition_scores
 from vitcircuits.heads.atlas import HeadAtlas
 from vitcircuits.models.hooked_vit import HookedViT
+from vitcircuits.sampling import reservoir
 
 SENDER_KINDS = ("modular", "directional")
 
@@ -227,20 +228,6 @@ def _limited(image_batches: Callable[[], Iterable[torch.Tensor]], max_images: in
 
 
 def _reservoir(batches: Iterable[torch.Tensor], sizes: Sequence[int], seed: int) -> list[torch.Tensor]:
-    """Uniform random samples of ``n`` images (all, if fewer) for each ``n`` of ``sizes``, from one
-    pass over a stream of batches with memory for the samples only (reservoir sampling, each with
-    its own generator seeded ``seed``); each sample in stream order."""
-    generators = [torch.Generator().manual_seed(seed) for _ in sizes]
-    kept: list[list[tuple[int, torch.Tensor]]] = [[] for _ in sizes]
-    seen = 0
-    for images_BCHW in batches:
-        for image_CHW in images_BCHW:
-            for n, sample, generator in zip(sizes, kept, generators):
-                if len(sample) < n:
-                    sample.append((seen, image_CHW))
-                else:
-                    slot = int(torch.randint(seen + 1, (1,), generator=generator))
-                    if slot < n:
-                        sample[slot] = (seen, image_CHW)
-            seen += 1
-    return [torch.stack([image for _, image in sorted(sample, key=lambda item: item[0])]) for sample in kept]
+    """Seeded uniform samples of images (:func:`~vitcircuits.sampling.reservoir`), stacked."""
+    images = (image_CHW for images_BCHW in batches for image_CHW in images_BCHW)
+    return [torch.stack(sample) for sample in reservoir(images, sizes, seed)]

@@ -12,7 +12,7 @@ target's log-probability and of the accuracy are kept beside it.
 Path patching into the receiver (:mod:`vitcircuits.composition.patching`) asks whether the
 receiver's attention or output changes; this asks whether the model's answer does. A head pair can
 compose strongly in a way the task does not use, or weakly in the one way it does. The organism
-benchmark (:mod:`vitcircuits.testing.organism_benchmark`) takes these effects, measured on many
+benchmark (:mod:`vitcircuits.groundtruth.organism_benchmark`) takes these effects, measured on many
 fresh images, as the organism's ground truth.
 
 :func:`edge_drops` is the same ablation for any :class:`~vitcircuits.composition.task_metric.TaskMetric`

@@ -49,7 +49,7 @@ import torch
 from vitcircuits.composition.ablation import AblationKind, ZStats, ablation_hooks
 from vitcircuits.models.hooked_vit import HookedViT
 from vitcircuits.models.hooks import HookFn
-from vitcircuits.report.figures import plt, save_figure
+from vitcircuits.plotting.figures import plt, save_figure
 
 SPLITS = ("fit", "val", "test")
 OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#F0E442", "#000000")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 from vitcircuits.data.items import ImageItem, ImageSource
 from vitcircuits.data.names import display_id
 from vitcircuits.hub import hub_offline
+from vitcircuits.sampling import reservoir
 
 
 def resolve_hf(spec: str, max_images: int | None, sample_seed: int | None) -> ImageSource:
@@ -44,7 +44,7 @@ def resolve_hf(spec: str, max_images: int | None, sample_seed: int | None) -> Im
     if sample_seed is None:
         items = tuple(itertools.islice(rows, max_images))
     else:
-        items = tuple(_reservoir_sample(rows, max_images, sample_seed))
+        items = tuple(reservoir(rows, [max_images], sample_seed)[0])
     label_feature = features.get("label")
     classes = getattr(label_feature, "names", None) if isinstance(label_feature, datasets.ClassLabel) else None
     return ImageSource(
@@ -74,17 +74,3 @@ def _hf_rows(stream, column: str, prefix: str) -> Iterator[ImageItem]:
             yield ImageItem(**ids, data=data)
         else:
             yield ImageItem(**ids, data=b"")
-
-
-def _reservoir_sample(rows: Iterator[ImageItem], k: int, seed: int) -> list[ImageItem]:
-    """Seeded uniform sample of ``k`` rows from a stream of unknown length, in stream order."""
-    rng = random.Random(seed)
-    reservoir: list[ImageItem] = []
-    for n_seen, item in enumerate(rows):
-        if n_seen < k:
-            reservoir.append(item)
-        else:
-            slot = rng.randrange(n_seen + 1)
-            if slot < k:
-                reservoir[slot] = item
-    return sorted(reservoir, key=lambda item: item.index)

@@ -18,7 +18,6 @@ import glob
 import importlib.resources
 import io
 import os
-import random
 import stat
 import warnings
 from collections import Counter
@@ -32,6 +31,7 @@ from vitcircuits.data.hf import resolve_hf
 from vitcircuits.data.items import ImageItem, ImageSource
 from vitcircuits.data.listing import IMAGE_EXTENSIONS, LABELS_FILE, IgnoredFiles, extension, folder_classes, list_folder
 from vitcircuits.data.names import display_id, printable_text
+from vitcircuits.sampling import reservoir
 
 # Same as PIL's hard limit (2 * PIL.Image.MAX_IMAGE_PIXELS with the default setting).
 DEFAULT_MAX_PIXELS = 178_956_970
@@ -317,5 +317,4 @@ def _select(items: list[ImageItem], max_images: int | None, sample_seed: int | N
         return items
     if sample_seed is None:
         return items[:max_images]
-    keep = sorted(random.Random(sample_seed).sample(range(len(items)), max_images))
-    return [items[i] for i in keep]
+    return reservoir(items, [max_images], sample_seed)[0]

@@ -7,7 +7,7 @@ import numpy as np
 
 from vitcircuits.heads.atlas import HeadAtlas
 from vitcircuits.heads.kinds import KINDS
-from vitcircuits.report.figures import HEATMAP, error_bars, plt, save_figure
+from vitcircuits.plotting.figures import HEATMAP, error_bars, plt, save_figure
 
 # Okabe–Ito palette: distinguishable with the common colour-vision deficiencies.
 KIND_COLOURS = {

@@ -2,7 +2,7 @@
 
 ``truth.json`` (written by ``vitcircuits hunt --truth FILE``, e.g. the measured edges that ship
 with the shapes organism) lists ``sender → receiver → input`` edges with their task effect and
-whether they count as causal (:func:`vitcircuits.testing.organism_benchmark.truth_document`).
+whether they count as causal (:func:`vitcircuits.groundtruth.organism_benchmark.truth_document`).
 """
 from __future__ import annotations
 

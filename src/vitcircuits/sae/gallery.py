@@ -1,7 +1,7 @@
 """Figures of SAE features: top-example galleries, mean activation maps and circuit dependence.
 
 All figures use colour-blind-safe maps (viridis for activations, cividis for the dependence
-scatter) and are written atomically as PNG (:func:`vitcircuits.report.figures.save_figure`).
+scatter) and are written atomically as PNG (:func:`vitcircuits.plotting.figures.save_figure`).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from vitcircuits.models.hooked_vit import HookedViT
-from vitcircuits.report.figures import HEATMAP, denormalize, plt, save_figure
+from vitcircuits.plotting.figures import HEATMAP, denormalize, plt, save_figure
 from vitcircuits.sae.dependence import DependenceConfig
 from vitcircuits.sae.features import FeatureStats
 from vitcircuits.sae.model import SAE

@@ -190,7 +190,7 @@ class RunState:
 
     def image_png(self, index: int) -> bytes:
         """The de-normalised preprocessed image as PNG, upscaled by an integer factor (nearest neighbour)."""
-        from vitcircuits.report.figures import denormalize
+        from vitcircuits.plotting.figures import denormalize
 
         self._require_live()
         with self.lock:
@@ -205,7 +205,7 @@ class RunState:
 
     def attention(self, index: int, row: int, col: int) -> dict:
         """Every head's attention from patch ``(row, col)`` of image ``index``: ``[L][H][rows*cols]``."""
-        from vitcircuits.report.attention_maps import patch_attention
+        from vitcircuits.plotting.attention import patch_attention
 
         self._require_live()
         model = self.loaded.model

@@ -9,8 +9,8 @@ from vitcircuits.heads.scan import overlay_heads, scan_heads, summarize
 from vitcircuits.inputs import ImageOptions, images_manifest, preprocess_config
 from vitcircuits.layout import LAYOUT
 from vitcircuits.models.loading import LoadedModel
-from vitcircuits.report.attention_maps import patch_attention
-from vitcircuits.report.figures import denormalize
+from vitcircuits.plotting.attention import patch_attention
+from vitcircuits.plotting.figures import denormalize
 from vitcircuits.runs import Run
 
 

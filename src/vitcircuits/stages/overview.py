@@ -11,8 +11,8 @@ from vitcircuits.files import write_json, write_text
 from vitcircuits.inputs import ImageOptions, check_folder_classes, images_manifest, preprocess_config
 from vitcircuits.layout import LAYOUT
 from vitcircuits.models.loading import LoadedModel
-from vitcircuits.report.attention_maps import default_queries, patch_attention, plot_head_grid
-from vitcircuits.report.figures import denormalize
+from vitcircuits.plotting.attention import default_queries, patch_attention, plot_head_grid
+from vitcircuits.plotting.figures import denormalize
 from vitcircuits.runs import Run
 
 

@@ -1,1 +1,1 @@
-"""Helpers for tests and benchmarks: checkpoint folders, fake hub caches, planted models."""
+"""Helpers for tests and benchmarks: checkpoint folders in timm hub layout."""

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from vitcircuits.models.hooked_vit import HookedViT
-from vitcircuits.report.figures import HEATMAP, plt, save_figure
+from vitcircuits.plotting.figures import HEATMAP, plt, save_figure
 
 
 def default_queries(rows: int, cols: int) -> list[tuple[int, int]]:

@@ -2,7 +2,7 @@
 
 The organism is the same re-shaped timm ``vit_tiny_patch16_224`` as the CIFAR organism (32x32
 input, 4 px patches: an 8x8 grid plus a CLS token) trained from scratch on the generated
-compositional shapes task of :mod:`vitcircuits.models.organisms.shapes_task`: four classes
+compositional shapes task of :mod:`vitcircuits.organisms.shapes_task`: four classes
 decided only by how two neighbouring parts are arranged, two decided by one patch. Training
 reuses the CIFAR organism's loop, schedule and preprocessing (no augmentation: a flip or a shift
 would change the label or break the patch alignment) and writes the same timm hub layout
@@ -34,10 +34,10 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.optim import create_optimizer_v2
 
 from vitcircuits.files import write_json, write_with
-from vitcircuits.models.organisms import shapes_task
-from vitcircuits.models.organisms.cifar import TIMM_ARCHITECTURE, CifarOrganismConfig, lr_factor, normalize_images, timm_hub_config, train_loop
+from vitcircuits.organisms import shapes_task
+from vitcircuits.organisms.cifar import TIMM_ARCHITECTURE, CifarOrganismConfig, lr_factor, normalize_images, timm_hub_config, train_loop
 
-_ASSETS = Path(__file__).resolve().parents[2] / "assets"
+_ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BUNDLED_MODEL_DIR = _ASSETS / "organisms" / "shapes-vit"
 BUNDLED_IMAGES_DIR = _ASSETS / "images" / "shapes"
 BUNDLED_IMAGES_SEED = 3
@@ -207,7 +207,7 @@ def train_shapes_organism(cfg: ShapesOrganismConfig, out_dir: str | os.PathLike,
         "config": dataclasses.asdict(cfg),
         "seed": cfg.seed,
         "task": {"classes": list(shapes_task.CLASSES), "compositional": sorted(shapes_task.COMPOSITIONAL),
-                 "single_patch": sorted(shapes_task.SINGLE_PATCH), "generator": "vitcircuits.models.organisms.shapes_task"},
+                 "single_patch": sorted(shapes_task.SINGLE_PATCH), "generator": "vitcircuits.organisms.shapes_task"},
         "steps": total_steps,
         "threads": cfg.threads,
         "wall_time_s": round(time.perf_counter() - start_time, 1),

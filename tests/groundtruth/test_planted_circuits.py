@@ -15,8 +15,8 @@ from vitcircuits.composition.patching import (
     PatchingConfig,
     path_patch_batch,
 )
-from vitcircuits.testing.planted import PlantedConfig, build_planted_heads
-from vitcircuits.testing.planted_circuits import (
+from vitcircuits.groundtruth.planted import PlantedConfig, build_planted_heads
+from vitcircuits.groundtruth.planted_circuits import (
     CIRCUIT_CONFIG,
     CLS_K_RECEIVER,
     INERT_DECOY,

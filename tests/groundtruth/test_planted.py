@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vitcircuits.testing.planted import SINK, PlantedConfig, PlantedModel, build_planted_heads, random_like
+from vitcircuits.groundtruth.planted import SINK, PlantedConfig, PlantedModel, build_planted_heads, random_like
 
 CONFIGS = {
     "8x8-cls": PlantedConfig(),

@@ -55,7 +55,7 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 TIMM_ARCHITECTURE = "vit_tiny_patch16_224"
 IMAGE_SIZE = 32
 
-_ASSETS = Path(__file__).resolve().parents[2] / "assets"
+_ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BUNDLED_MODEL_DIR = _ASSETS / "organisms" / "cifar10-vit"
 BUNDLED_IMAGES_DIR = _ASSETS / "images" / "cifar10"
 

@@ -3,7 +3,7 @@
 Reusable pieces: :func:`roc_auc` (Mann-Whitney U, ties counted as half) and :func:`score_edges`
 (precision/recall at a threshold and ROC-AUC of any edge detector against a set of true edges)
 work for any model whose edges are known; :func:`run_member` and :func:`run_benchmark` apply them
-to the planted family of :mod:`vitcircuits.testing.planted_family`.
+to the planted family of :mod:`vitcircuits.groundtruth.planted_family`.
 
 Populations (what each detector is scored on, per member):
 
@@ -31,8 +31,8 @@ from vitcircuits.composition.circuits import edge_key
 from vitcircuits.composition.config import ComposeConfig
 from vitcircuits.composition.scan import CompositionResult, run_composition
 from vitcircuits.composition.task_patching import EdgeKey
+from vitcircuits.groundtruth.planted_family import FamilyConfig, FamilyMember, build_family_member
 from vitcircuits.heads.atlas import AtlasConfig, HeadAtlas, accumulate, build_atlas, new_accumulator
-from vitcircuits.testing.planted_family import FamilyConfig, FamilyMember, build_family_member
 
 KIND_SCORES: dict[str, Callable[[dict], float]] = {
     "modular": lambda row: row["modular_score"],

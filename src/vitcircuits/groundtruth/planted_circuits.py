@@ -1,7 +1,7 @@
 """Planted composition circuits: layer-1 heads that read known layer-0 heads through Q, K or V.
 
 Ground truth for path patching and weight-based composition scores. The model is a
-:func:`~vitcircuits.testing.planted.build_planted_heads` model (see that module for the residual
+:func:`~vitcircuits.groundtruth.planted.build_planted_heads` model (see that module for the residual
 layout: one-hot position dims, content dims, one output slice per head) whose first layer-1 heads
 are replaced by planted receivers; MLPs stay zero and further layer-1 heads stay random fillers.
 
@@ -65,8 +65,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vitcircuits.models import HookedViT
-from vitcircuits.testing.planted import (
+from vitcircuits.groundtruth.planted import (
     DIRECTIONAL,
     MODULAR,
     SELF,
@@ -76,6 +75,7 @@ from vitcircuits.testing.planted import (
     build_planted_heads,
     target_mask,
 )
+from vitcircuits.models import HookedViT
 
 K_RECEIVER = "k_composition"
 Q_RECEIVER = "q_composition"

@@ -1,8 +1,8 @@
 """A seeded family of planted-circuit ViTs: ground truth for benchmarking the head atlas and the
 composition finder on many shapes, not one.
 
-Every member is a :func:`~vitcircuits.testing.planted_circuits.build_planted_circuits` model
-(see :mod:`vitcircuits.testing.planted` for the residual layout: one-hot positions, content dims,
+Every member is a :func:`~vitcircuits.groundtruth.planted_circuits.build_planted_circuits` model
+(see :mod:`vitcircuits.groundtruth.planted` for the residual layout: one-hot positions, content dims,
 one output slice per head) that is then rearranged by a function-preserving relabelling:
 
 - **Head roles are permuted** within the sender and the receiver layer by a seeded permutation,
@@ -28,14 +28,14 @@ one output slice per head) that is then rearranged by a function-preserving rela
 - **Narrow members** (``heads_kept``): the full-width member is built, then only ``heads_kept``
   heads of every layer are kept (in their permuted order): the planted edges' senders and
   receivers first, then the decoy edges' ends, then the other planted heads (by built order:
-  sender kinds as :attr:`~vitcircuits.testing.planted.PlantedConfig.planted_kinds`, receiver roles
+  sender kinds as :attr:`~vitcircuits.groundtruth.planted.PlantedConfig.planted_kinds`, receiver roles
   as :attr:`FamilyConfig.receiver_roles`), then fillers (in filler layers: the first heads). The
   model is rebuilt with ``n_heads = heads_kept`` and the same ``d_head`` and residual layout (a
   dropped head's slice is left unwritten), so a kept head still writes the slice it wrote in the
   full-width member (:attr:`FamilyMember.kept_heads`). The stream changes only by the dropped heads' outputs, which
   no kept head reads except through ``ln1``'s normalisation.
 - **Class-token circuits** (``cls_edges``): a
-  :data:`~vitcircuits.testing.planted_circuits.CLS_K_RECEIVER` whose query is non-zero at the
+  :data:`~vitcircuits.groundtruth.planted_circuits.CLS_K_RECEIVER` whose query is non-zero at the
   class token only, so it K-composes with the modular head at that query alone.
 - **Seeded content**: the directional offsets (distinct, among the 8 neighbour offsets), the V
   receiver's offset, the content projection and the filler weights all follow ``seed``.
@@ -57,9 +57,8 @@ from itertools import chain
 import numpy as np
 import torch
 
-from vitcircuits.models import HookedViT, TokenLayout, ViTConfig
-from vitcircuits.testing.planted import DIRECTIONAL, MODULAR, NEIGHBOUR_OFFSETS, SELF, PlantedConfig
-from vitcircuits.testing.planted_circuits import (
+from vitcircuits.groundtruth.planted import DIRECTIONAL, MODULAR, NEIGHBOUR_OFFSETS, SELF, PlantedConfig
+from vitcircuits.groundtruth.planted_circuits import (
     CLS_K_RECEIVER,
     EDGE_OF_ROLE,
     INERT_DECOY,
@@ -71,6 +70,7 @@ from vitcircuits.testing.planted_circuits import (
     V_RECEIVER,
     build_planted_circuits,
 )
+from vitcircuits.models import HookedViT, TokenLayout, ViTConfig
 
 OTHER = "other"
 """Truth of a head with no planted kind (a filler or a uniformly attending decoy)."""
@@ -123,7 +123,7 @@ class FamilyConfig:
     content_dims: int = 8
     """Residual dims of the content code (even)."""
     content_scale: float = 0.01
-    """Gain of the content code (as :data:`~vitcircuits.testing.planted_circuits.CIRCUIT_CONFIG`)."""
+    """Gain of the content code (as :data:`~vitcircuits.groundtruth.planted_circuits.CIRCUIT_CONFIG`)."""
     match_gain: float = 4.0
     """Expected logit bonus of a neighbour key in the content-matching receivers."""
     seed: int = 0
@@ -177,7 +177,7 @@ class FamilyConfig:
 @dataclass(frozen=True)
 class FamilyMember:
     """A planted-circuit model of the family with its ground truth (fields as
-    :class:`~vitcircuits.testing.planted_circuits.PlantedCircuitModel`, keyed by the final layers and heads)."""
+    :class:`~vitcircuits.groundtruth.planted_circuits.PlantedCircuitModel`, keyed by the final layers and heads)."""
 
     model: HookedViT
     config: FamilyConfig

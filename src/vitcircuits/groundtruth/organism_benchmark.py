@@ -8,7 +8,7 @@ on average.
 
 Detectors: the head atlas and the composition stage run on the bundled ``bundled:shapes`` images,
 exactly as ``vitcircuits hunt`` runs them, and are scored on every edge of the organism
-(:func:`~vitcircuits.testing.ground_truth.edge_scores`): the ``supported`` verdict, the composes
+(:func:`~vitcircuits.groundtruth.ground_truth.edge_scores`): the ``supported`` verdict, the composes
 line, ``weight_z``, ``attribution`` (the stage's EAP-IG estimate of the drop of the margin of the
 model's own prediction, on 64 bundled images) and ``task_effect`` (the stage's exact task-level
 path patching on those images). ``attribution`` and ``task_effect`` measure what the truth
@@ -28,17 +28,17 @@ from vitcircuits.composition.circuits import edge_key
 from vitcircuits.composition.config import ComposeConfig
 from vitcircuits.composition.scan import run_composition
 from vitcircuits.composition.task_patching import EdgeKey, all_edges, task_edge_effects
+from vitcircuits.groundtruth.ground_truth import edge_scores, score_edges
 from vitcircuits.heads.atlas import AtlasConfig
 from vitcircuits.heads.scan import scan_heads
 from vitcircuits.inputs import ImageOptions
 from vitcircuits.models.loading import load_model
-from vitcircuits.models.organisms import shapes_task
-from vitcircuits.models.organisms.cifar import normalize_images
-from vitcircuits.testing.ground_truth import edge_scores, score_edges
+from vitcircuits.organisms import shapes_task
+from vitcircuits.organisms.cifar import normalize_images
 
 SENSITIVITY_THRESHOLDS = (0.05, 0.1, 0.2, 0.5)
 SHAPES_ORGANISMS = ("bundled:shapes-vit", "bundled:shapes-vit-3x2", "bundled:shapes-vit-2x8")
-"""The organisms trained on the shapes task (:mod:`vitcircuits.models.organisms.shapes`): 4 layers
+"""The organisms trained on the shapes task (:mod:`vitcircuits.organisms.shapes`): 4 layers
 x 4 heads (seed 0), 3 x 2 (seed 1), 2 x 8 (seed 2)."""
 
 

@@ -79,7 +79,7 @@ class StageRunner:
         if same:
             self.console.print(f"stage {name}: resuming")
         else:
-            self._clear(name, previous, outputs)
+            self._clear(previous, outputs)
             self.console.print(f"stage {name}: running")
         before = dict(self.run.manifest)
         self.done[name] = {"hash": digest, "finished": None}
@@ -94,7 +94,7 @@ class StageRunner:
         write_json(self.path, self.done)
         return True
 
-    def _clear(self, name: str, previous: dict, outputs: Sequence[str]) -> None:
+    def _clear(self, previous: dict, outputs: Sequence[str]) -> None:
         """Delete a stage's outputs and the manifest sections it wrote before it runs afresh."""
         for relative in outputs:
             path = self.run.file(relative)

@@ -87,7 +87,7 @@ def attribution_cost(model: HookedViT, batch_size: int) -> dict:
 def agreement(args) -> dict:
     loaded = load_model(args.model, img_size=args.img_size, device="cpu")
     model = loaded.model
-    batches = list(ImageOptions(args.images, batch_size=args.batch_size, max_images=args.probe_images).batches(loaded, progress=False))
+    batches = list(ImageOptions(images=args.images, batch_size=args.batch_size, max_images=args.probe_images).open(loaded).batches(progress=False))
     images = torch.cat([b.images_BCHW for b in batches])
     labels = torch.cat([b.labels_B for b in batches])
     start = time.perf_counter()

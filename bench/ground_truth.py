@@ -3,18 +3,18 @@
     python bench/ground_truth.py [--n-models 8] [--small] [--n-images 16] [--json PATH] [--threads 1]
                                  [--organism [--model bundled:shapes-vit ...] [--truth-images 1200] [--truth-out FILE]]
 
-Builds ``--n-models`` members of the planted family (:mod:`vitcircuits.testing.planted_family`;
+Builds ``--n-models`` members of the planted family (:mod:`vitcircuits.groundtruth.planted_family`;
 different seeds, grids, depths, sender layers, class token / registers, decoys), runs the head
 atlas and the composition stage on seeded noise images, and prints, per detector, precision and
 recall (atlas kind labels, the ``supported`` verdict) and ROC-AUC (kind scores, weight z,
 attribution, exact path-patch z) against the truth, then a JSON summary. Populations and
-definitions: :mod:`vitcircuits.testing.ground_truth`. Goal: precision = recall = 1 for the kinds
+definitions: :mod:`vitcircuits.groundtruth.ground_truth`. Goal: precision = recall = 1 for the kinds
 and the verdict. ``--small`` is the CI configuration (small grids, 8 images).
 
 ``--organism`` scores the same detectors on the trained shapes organisms instead (all of
-:data:`~vitcircuits.testing.organism_benchmark.SHAPES_ORGANISMS`, or the ``--model`` given), against
+:data:`~vitcircuits.groundtruth.organism_benchmark.SHAPES_ORGANISMS`, or the ``--model`` given), against
 their causal edges measured by path-ablating each edge on the task
-(:mod:`vitcircuits.testing.organism_benchmark`; ``--small``: 240 truth images instead of 1200), and
+(:mod:`vitcircuits.groundtruth.organism_benchmark`; ``--small``: 240 truth images instead of 1200), and
 ends with one table of all of them. Goals: ``supported`` at ROC-AUC ≥ 0.95, precision ≥ 0.9 and
 recall ≥ 0.8; attribution at ROC-AUC ≥ 0.95. ``--truth-out`` (one ``--model``) also writes the
 measured edges as a ``truth.json`` for ``vitcircuits hunt --truth`` (the bundled organisms'
@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 from vitcircuits.files import write_json
-from vitcircuits.testing.ground_truth import benchmark_configs, format_report, run_benchmark
-from vitcircuits.testing.organism_benchmark import SHAPES_ORGANISMS, OrganismBenchConfig, format_organism, format_organisms, run_organism
+from vitcircuits.groundtruth.ground_truth import benchmark_configs, format_report, run_benchmark
+from vitcircuits.groundtruth.organism_benchmark import SHAPES_ORGANISMS, OrganismBenchConfig, format_organism, format_organisms, run_organism
 
 
 def _clean(value):

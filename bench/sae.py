@@ -84,7 +84,7 @@ def cache_activations(model_path: str, image_dir: str, n_images: int, hook: str)
     start = model.layout.patch_start
     chunks = []
     with torch.inference_mode():
-        for batch in ImageOptions(image_dir, batch_size=32, max_images=n_images).batches(loaded, progress=False):
+        for batch in ImageOptions(images=image_dir, batch_size=32, max_images=n_images).open(loaded).batches(progress=False):
             _, cache = model.run_with_cache(batch.images_BCHW, names_filter=[hook])
             chunks.append(cache[hook][:, start:].float())
     acts_BTD = torch.cat(chunks)

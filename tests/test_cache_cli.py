@@ -48,7 +48,7 @@ def test_cache_shards_match_run_with_cache_and_resume(tiny_model_and_images, tmp
     loaded = load_model(str(folder), device="cpu")
     from vitcircuits.inputs import ImageOptions
 
-    batch = next(iter(ImageOptions(images=str(images), batch_size=8).batches(loaded, progress=False)))
+    batch = next(iter(ImageOptions(images=str(images), batch_size=8).open(loaded).batches(progress=False)))
     _, acts = loaded.model.run_with_cache(batch.images_BCHW, names_filter=hook)
     pick = (rows["image_index"] == 3) & (rows["row"] == 2) & (rows["col"] == 1)
     token = loaded.model.layout.patch_index(2, 1)

@@ -143,10 +143,10 @@ def hunt(out: str, model: ModelOptions, images: ImageOptions, config: HuntConfig
         copy_truth(run, truth, loaded)
     run.write_manifest(model=loaded.manifest(), seed=model.seed)
     runner = StageRunner(run)
-    image_list = images.batches(loaded, progress=False).summary().image_list_sha256
-    key = {"model": model.to_dict(), "weights": loaded.weights_sha256, "images": images.to_dict(), "image_list_sha256": image_list}
+    image_set = images.open(loaded)
+    key = {"model": model.to_dict(), "weights": loaded.weights_sha256, "images": images.to_dict(), "image_list_sha256": image_set.image_list_sha256}
     for stage in STAGES:
         runner.stage(stage.name, {**key, **stage.depends_on(config, runner.done)},
-                     lambda stage=stage: stage.body(run, loaded, images, config), outputs=stage.outputs, reads=stage.reads)
+                     lambda stage=stage: stage.body(run, loaded, image_set, config), outputs=stage.outputs, reads=stage.reads)
     run.write_manifest(outputs={"report": LAYOUT.report, "stages": runner.done})
     return str(run.file(LAYOUT.report))

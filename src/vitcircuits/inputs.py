@@ -1,16 +1,16 @@
 """The model and images a command works on, from the options every command shares."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from vitcircuits.data.images import BadImage, resolve_source
-from vitcircuits.data.items import SkippedImage
-from vitcircuits.data.loader import ImageBatches, ImageDataset, iter_batches
+from vitcircuits.data.items import ImageSource, SkippedImage
+from vitcircuits.data.loader import ImageBatches, ImageDataset, image_list_sha256, iter_batches
 from vitcircuits.data.names import display_id
 from vitcircuits.data.transforms import PreprocessConfig
 from vitcircuits.models.loading import LoadedModel, load_model
@@ -64,28 +64,60 @@ class ImageOptions:
     num_workers: int = 0
     """DataLoader worker processes for decoding."""
 
-    def batches(self, loaded: LoadedModel, progress: bool = True) -> ImageBatches:
-        """Preprocessed batches for this model (its pretrained_cfg at its input size)."""
-        source = resolve_source(self.images, max_images=self.max_images)
-        return iter_batches(source, preprocess_config(loaded), batch_size=self.batch_size, num_workers=self.num_workers, progress=progress)
-
-    def image_loader(self, loaded: LoadedModel) -> Callable[[list[int]], torch.Tensor]:
-        """A function from image-list indices to preprocessed images ``[B, 3, H, W]`` (random access,
-        for analyses that revisit particular images). A bad image raises :class:`BadImage`."""
-        source = resolve_source(self.images, max_images=self.max_images)
-        dataset = ImageDataset(source.items, preprocess_config(loaded))
-        position = {item.index: i for i, item in enumerate(source.items)}
-
-        def load(indices: list[int]) -> torch.Tensor:
-            records = [dataset[position[i]] for i in indices]
-            for record in records:
-                if isinstance(record, SkippedImage):
-                    raise BadImage(f"{record.id}: {record.reason}")
-            return torch.stack([record.image_CHW for record in records])
-        return load
+    def open(self, loaded: LoadedModel) -> ImageSet:
+        """The images, resolved once, preprocessed for this model (its pretrained_cfg at its input size)."""
+        return ImageSet(source=resolve_source(self.images, max_images=self.max_images), preprocess=preprocess_config(loaded),
+                        batch_size=self.batch_size, num_workers=self.num_workers)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageSet:
+    """The images of a run for one model: resolved once (:func:`~vitcircuits.data.images.resolve_source`),
+    then batched for every pass, loaded by index for analyses that revisit particular images, and
+    labelled where the source has labels (in the batches' ``labels_B``)."""
+
+    source: ImageSource
+    """The resolved, ordered items (ids, labels, what was ignored)."""
+    preprocess: PreprocessConfig
+    """The model's eval preprocessing."""
+    batch_size: int
+    """Images per forward pass."""
+    num_workers: int = 0
+    """DataLoader worker processes for decoding."""
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    @property
+    def image_list_sha256(self) -> str:
+        return image_list_sha256(self.source)
+
+    def batches(self, progress: bool = True) -> ImageBatches:
+        """One pass: preprocessed batches in source order, bad images skipped (warned once per run)."""
+        return iter_batches(self.source, self.preprocess, batch_size=self.batch_size, num_workers=self.num_workers, progress=progress)
+
+    def first(self, n: int | None) -> ImageSet:
+        """The first ``n`` images (all for None)."""
+        return self if n is None else replace(self, source=replace(self.source, items=self.source.items[:n]))
+
+    def load(self, indices: list[int]) -> torch.Tensor:
+        """The images at these source indices ``[B, 3, H, W]``; a bad image raises :class:`BadImage`."""
+        records = [self._dataset[self._position[i]] for i in indices]
+        for record in records:
+            if isinstance(record, SkippedImage):
+                raise BadImage(f"{record.id}: {record.reason}")
+        return torch.stack([record.image_CHW for record in records])
+
+    @functools.cached_property
+    def _dataset(self) -> ImageDataset:
+        return ImageDataset(self.source.items, self.preprocess)
+
+    @functools.cached_property
+    def _position(self) -> dict[int, int]:
+        return {item.index: i for i, item in enumerate(self.source.items)}
 
 
 def preprocess_config(loaded: LoadedModel) -> PreprocessConfig:
@@ -129,7 +161,7 @@ def images_manifest(batches: ImageBatches) -> dict:
     }
 
 
-def provenance(loaded: LoadedModel, batches: ImageBatches) -> dict:
+def provenance(loaded: LoadedModel, images: ImageSet) -> dict:
     """What cached rows are made from: the model, its weights (the file's sha256, or a digest of
     seeded random weights), its dtype, the image list and the preprocessing."""
     weights = loaded.weights_sha256
@@ -139,5 +171,4 @@ def provenance(loaded: LoadedModel, batches: ImageBatches) -> dict:
             digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         weights = f"random:{digest.hexdigest()}"
     return {"model": loaded.model_id, "weights_sha256": weights, "dtype": str(next(loaded.model.parameters()).dtype),
-            "image_list_sha256": batches.summary().image_list_sha256, "n_images": len(batches.source),
-            "preprocess": asdict(preprocess_config(loaded))}
+            "image_list_sha256": images.image_list_sha256, "n_images": len(images), "preprocess": asdict(images.preprocess)}

@@ -28,7 +28,7 @@ from vitcircuits.models.loading import load_model
 def organism():
     torch.set_num_threads(1)
     loaded = load_model("bundled:shapes-vit", device="cpu")
-    images = torch.cat([b.images_BCHW for b in ImageOptions(images="bundled:shapes", batch_size=100).batches(loaded, progress=False)])
+    images = torch.cat([b.images_BCHW for b in ImageOptions(images="bundled:shapes", batch_size=100).open(loaded).batches(progress=False)])
     images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:64]]
     stats = ZStats.empty(loaded.model)
     stats.update(loaded.model, images)

@@ -13,7 +13,7 @@ from vitcircuits.models.loading import load_model
 def organism():
     torch.set_num_threads(1)
     loaded = load_model("bundled:shapes-vit", device="cpu")
-    batch = next(iter(ImageOptions(images="bundled:shapes", batch_size=24).batches(loaded, progress=False)))
+    batch = next(iter(ImageOptions(images="bundled:shapes", batch_size=24).open(loaded).batches(progress=False)))
     stats = ZStats.empty(loaded.model)
     stats.update(loaded.model, batch.images_BCHW)
     return loaded.model, batch.images_BCHW, batch.labels_B, stats

@@ -16,7 +16,7 @@ SHIFT_HEADS = {(1, 1): (0, 1), (2, 3): (0, -1), (3, 1): (1, 0), (3, 4): (-1, 0)}
 @requires_imagenet
 def test_dinov2_small_has_four_cardinal_shift_heads_and_no_modular_head():
     loaded = load_model(str(DINO_DIR), img_size=224, device="cpu")
-    batches = ImageOptions(images=str(IMAGENET_DIR), batch_size=12, max_images=24).batches(loaded, progress=False)
+    batches = ImageOptions(images=str(IMAGENET_DIR), batch_size=12, max_images=24).open(loaded).batches(progress=False)
     atlas, _ = scan_heads(loaded.model, batches, AtlasConfig(n_boot=50), loaded.model_id)
     uniform = atlas.baselines["uniform"]["modular_score"]
     for (layer, head), offset in SHIFT_HEADS.items():

@@ -131,7 +131,7 @@ def loaded():
 
 @pytest.fixture(scope="module")
 def bundled_batch(loaded) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    batches = list(ImageOptions(images="bundled:shapes", batch_size=100).batches(loaded, progress=False))
+    batches = list(ImageOptions(images="bundled:shapes", batch_size=100).open(loaded).batches(progress=False))
     return torch.cat([b.images_BCHW for b in batches]), torch.cat([b.labels_B for b in batches]), [p for b in batches for p in b.paths]
 
 

@@ -198,7 +198,7 @@ def test_attention_equals_patch_attention(server, run_dir):
     data = get_json(server, "/api/attention?index=3&row=2&col=5")
     manifest = json.loads((run_dir / "manifest.json").read_text())
     loaded = ModelOptions(**manifest["config"]["model"]).load()
-    image = ImageOptions(**manifest["config"]["images"]).image_loader(loaded)([3])
+    image = ImageOptions(**manifest["config"]["images"]).open(loaded).load([3])
     expected = patch_attention(loaded.model, image, (2, 5))
     got = np.array(data["attention"])
     assert (data["rows"], data["cols"], data["row"], data["col"]) == (8, 8, 2, 5)

@@ -82,13 +82,13 @@ def cache(
     from vitcircuits.models.hooks import check_hooks
 
     cache_cfg = CacheConfig(tuple(h.strip() for h in hooks.split(",") if h.strip()), include_prefix, shard_rows)
-    run, loaded = options.open("cache", {"cache": asdict(cache_cfg)})
+    run, loaded, images = options.open("cache", {"cache": asdict(cache_cfg)})
     check_hooks(loaded.model, cache_cfg.hooks)
     if options.force:
         clear_cache(run.file(LAYOUT.cache))
-    batches = options.images.batches(loaded)
+    batches = images.batches()
     with run.timed("cache"):
-        writer = write_cache(run.file(LAYOUT.cache), loaded.model, batches, cache_cfg, provenance(loaded, batches))
+        writer = write_cache(run.file(LAYOUT.cache), loaded.model, batches, cache_cfg, provenance(loaded, images))
     run.write_manifest(images=images_manifest(batches), outputs={"shards": len(writer.index["shards"]),
                                                                   "rows": sum(s["rows"] for s in writer.index["shards"])})
     Console(stderr=True).print(f"wrote {len(writer.index['shards'])} shard(s) to {run.file(LAYOUT.cache)}")
@@ -107,9 +107,9 @@ def heads(
     from vitcircuits.stages.heads import run_heads
 
     atlas_cfg = AtlasConfig(radius=radius, n_boot=n_boot, seed=options.model.seed)
-    run, loaded = options.open("heads", {"atlas": asdict(atlas_cfg)})
+    run, loaded, images = options.open("heads", {"atlas": asdict(atlas_cfg)})
     with run.timed("heads"):
-        atlas = run_heads(run, loaded, options.images, atlas_cfg)
+        atlas = run_heads(run, loaded, images, atlas_cfg)
     print_summary(atlas)
 
 
@@ -133,12 +133,12 @@ def compose(
     config = ComposeConfig(patching=PatchingConfig(ablation=ablation, seed=seed), max_patch_images=max_patch_images, task_metric=task_metric)
     if heads_from is not None and not (heads_from / LAYOUT.atlas).is_file():
         raise FileNotFoundError(f"{heads_from}: no {LAYOUT.atlas} (expected a `vitcircuits heads`, `compose` or `hunt` run)")
-    run, loaded = options.open("compose", {"compose": asdict(config), "heads_from": str(heads_from) if heads_from else None})
+    run, loaded, images = options.open("compose", {"compose": asdict(config), "heads_from": str(heads_from) if heads_from else None})
     if heads_from is None:
         with run.timed("heads"):
-            run_heads(run, loaded, options.images, AtlasConfig(seed=seed))
+            run_heads(run, loaded, images, AtlasConfig(seed=seed))
     with run.timed("composition"):
-        run_compose(run, loaded, options.images, config, atlas_from=heads_from)
+        run_compose(run, loaded, images, config, atlas_from=heads_from)
     Console().print(f"wrote {run.file(LAYOUT.circuits)}")
 
 

@@ -55,9 +55,9 @@ def necessity_cmd(
         raise ValueError("give exactly one of --circuits RUN or --heads LAYER.HEAD,…")
     config = NecessityConfig(draws=draws, ablation=ablation, seed=options.model.seed)
     chosen = parse_heads(heads) if heads is not None else circuit_heads(read_circuits(circuits))
-    run, loaded = options.open("necessity", {"necessity": asdict(config), "circuits": str(circuits) if circuits else None, "heads": chosen})
+    run, loaded, images = options.open("necessity", {"necessity": asdict(config), "circuits": str(circuits) if circuits else None, "heads": chosen})
     groups = parse_groups(group, loaded.label_names) if group else dict(loaded.pretrained_cfg.get("class_groups") or {})
-    batches = options.images.batches(loaded)
+    batches = images.batches()
     check_folder_classes(loaded, batches)
     with run.timed("necessity"):
         report = run_necessity(run, loaded, batches, chosen, groups, config)

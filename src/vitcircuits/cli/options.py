@@ -18,7 +18,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from vitcircuits.inputs import ImageOptions, ModelOptions
+from vitcircuits.inputs import ImageOptions, ImageSet, ModelOptions
 from vitcircuits.models.loading import LoadedModel
 from vitcircuits.runs import Run
 
@@ -67,13 +67,13 @@ class RunOptions:
     resume: bool = False
     """Continue a run in a non-empty run folder."""
 
-    def open(self, command: str, config: dict) -> tuple[Run, LoadedModel]:
-        """Create the run folder, load the model and start the manifest (model, seed)."""
+    def open(self, command: str, config: dict) -> tuple[Run, LoadedModel, ImageSet]:
+        """Create the run folder, load the model, start the manifest (model, seed) and resolve the images."""
         run = Run.create(self.out, command, {"model": self.model.to_dict(), "images": self.images.to_dict(), **config},
                          force=self.force, resume=self.resume)
         loaded = self.model.load()
         run.write_manifest(model=loaded.manifest(), seed=self.model.seed)
-        return run, loaded
+        return run, loaded, self.images.open(loaded)
 
 
 def run_options(*, batch_size: int = 32, resume: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -43,10 +43,10 @@ def train(
                             batch_size=sae_batch, lr=lr, views=views, holdout_every=holdout_every, seed=options.model.seed)
     if hook is None and circuits is None:
         raise ValueError("give --hook, or --circuits RUN to train after the strongest composition receiver")
-    run, loaded = options.open("sae-train", {"sae": asdict(config), "circuits": str(circuits) if circuits else None})
+    run, loaded, images = options.open("sae-train", {"sae": asdict(config), "circuits": str(circuits) if circuits else None})
     chosen, reason = (hook, "given") if hook else choose_hook(read_circuits(circuits), loaded.model.cfg.n_layers)
     with run.timed("sae_train"):
-        metrics = run_sae_train(run, loaded, options.images, replace(config, hook=chosen), chosen, reason)
+        metrics = run_sae_train(run, loaded, images, replace(config, hook=chosen), chosen, reason)
     held = metrics["held_out"]
     run.write_manifest(outputs={"sae": LAYOUT.sae_weights, "metrics": LAYOUT.sae_metrics, "held_out": held})
     Console().print(f"{chosen}: L0 {held['l0']:.1f}, explained variance {held['explained_variance']:.3f}, dead {held['dead_fraction']:.3f}; "
@@ -87,7 +87,7 @@ def analyze(
     loaded = model_opts.load()
     run.write_manifest(model=loaded.manifest(), seed=seed)
     with run.timed("sae_analyze"):
-        summary = run_features(sae_dir, loaded, image_opts, read_circuits(circuits) if circuits else None, config)
+        summary = run_features(sae_dir, loaded, image_opts.open(loaded), read_circuits(circuits) if circuits else None, config)
     run.write_manifest(outputs={"features": LAYOUT.features_json, "n_compositional": summary["n_compositional"]})
     Console().print(f"{summary['n_compositional']} of {summary['n_features_analysed']} analysed features are compositional; "
                     f"see {sae_dir / LAYOUT.features_json}")

@@ -82,7 +82,7 @@ def measure_truth(model, images: torch.Tensor, labels: torch.Tensor, config: Org
 
 def run_detectors(loaded, config: OrganismBenchConfig, compose: ComposeConfig = ComposeConfig()):
     """The atlas and the composition result on the detector images, as ``hunt`` computes them."""
-    batches = list(ImageOptions(images=config.images, batch_size=config.batch_size, max_images=config.detector_images).batches(loaded, progress=False))
+    batches = list(ImageOptions(images=config.images, batch_size=config.batch_size, max_images=config.detector_images).open(loaded).batches(progress=False))
     atlas, _ = scan_heads(loaded.model, batches, AtlasConfig(), loaded.model_id)
     images = [b.images_BCHW for b in batches]
     return atlas, run_composition(loaded.model, lambda: iter(images), atlas, compose)

@@ -27,7 +27,7 @@ import math
 import numpy as np
 import torch
 
-from vitcircuits.heads.offsets import N_DIRECTIONS, HeadStatsAccumulator, direction_matrix
+from vitcircuits.heads.offsets import BOOT_METRICS, N_DIRECTIONS, HeadStatsAccumulator, direction_matrix
 from vitcircuits.models.config import TokenLayout
 
 COVERAGE_SHARE = 1.0 / 16
@@ -122,15 +122,10 @@ def bootstrap_intervals(acc: HeadStatsAccumulator, estimates: dict[str, np.ndarr
     keep = weights > 0
     if not keep.any():
         return {name: np.stack([est, est]) for name, est in estimates.items()}
-    reps = acc.boot_sum_ZLHM.numpy()[keep] / weights[keep, None, None, None]
-    shares = direction_shares(reps[..., 4:])
-    values = {
-        "neighbour_mass": reps[..., 0],
-        "self_mass": reps[..., 1],
-        "prefix_mass": reps[..., 2],
-        "mean_distance_patches": reps[..., 3],
-        "modular_score": reps[..., 0] * direction_entropy(shares),
-    }
+    reps_ZLHM = acc.boot_sum_ZLHM.numpy()[keep] / weights[keep, None, None, None]
+    values = {name: reps_ZLHM[..., m] for m, name in enumerate(BOOT_METRICS)}
+    shares = direction_shares(reps_ZLHM[..., len(BOOT_METRICS):])
+    values["modular_score"] = values["neighbour_mass"] * direction_entropy(shares)
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
     out = {}
     for name, est in estimates.items():

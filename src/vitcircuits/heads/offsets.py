@@ -17,6 +17,9 @@ import torch
 from vitcircuits.models.config import TokenLayout
 
 N_DIRECTIONS = 8
+BOOT_METRICS = ("neighbour_mass", "self_mass", "prefix_mass", "mean_distance_patches")
+"""The per-image metrics whose bootstrap replicates are kept, in the order of the ``M`` axis
+(the direction kernel values follow them)."""
 
 
 @dataclass(frozen=True)
@@ -107,10 +110,10 @@ class HeadStatsAccumulator:
       self_sum_LH, neighbour_sum_LHP, raw_neighbour_sum_LHP, distance_sum_LH (patches), distance_px_sum_LH;
       pattern_sum_LHPP / pattern_sq_sum_LHPP: per-(query, key) first and second moments over images;
       boot_sum_ZLHM / boot_weight_Z: Poisson-bootstrap replicates of per-image metrics
-      (``M``: neighbour, self, prefix mass, distance, and the 8 direction kernel values).
+      (``M``: the :data:`BOOT_METRICS`, then the 8 direction kernel values).
     """
 
-    n_metrics = 4 + N_DIRECTIONS
+    n_metrics = len(BOOT_METRICS) + N_DIRECTIONS
 
     def __init__(self, layout: TokenLayout, n_layers: int, n_heads: int, radius: int, patch_hw: tuple[int, int],
                  n_boot: int = 200, seed: int = 0) -> None:
@@ -182,7 +185,7 @@ class HeadStatsAccumulator:
             cpu(distance_BH[..., None]), per_image_kernel_BHO @ self._direction_OA,
         ], dim=-1)
         weights_ZB = self._boot_weights(image_indices)
-        self.boot_sum_ZLHM[:, layer] += torch.einsum("kb,bhm->khm", weights_ZB, metrics_BHM)
+        self.boot_sum_ZLHM[:, layer] += torch.einsum("zb,bhm->zhm", weights_ZB, metrics_BHM)
         if layer == self.n_layers - 1:
             self.boot_weight_Z += weights_ZB.sum(1)
             self.offset_count_O += self._per_image_count_O() * B

@@ -163,7 +163,7 @@ class RunState:
                 image_opts = replace(image_opts, images=images, max_images=MAX_IMAGES)
             self.loaded = model_opts.load()
             self.loaded.model.eval()
-            self._load_images = image_opts.image_loader(self.loaded)
+            self._load_images = image_opts.open(self.loaded).load
             self.image_opts = image_opts
             self.pre = preprocess_config(self.loaded)
         except Exception as err:  # noqa: BLE001 - any failure only turns live attention off, with the reason shown

@@ -18,18 +18,18 @@ from vitcircuits.composition.transfer import plot_receptive_field
 from vitcircuits.composition.weights import COMPOSITION_COLUMNS
 from vitcircuits.files import read_json, write_json, write_text
 from vitcircuits.heads.atlas import HeadAtlas
-from vitcircuits.inputs import ImageOptions
+from vitcircuits.inputs import ImageSet
 from vitcircuits.layout import LAYOUT
 from vitcircuits.models.loading import LoadedModel
 from vitcircuits.runs import Run
 
 
-def run_compose(run: Run, loaded: LoadedModel, images: ImageOptions, config: ComposeConfig, atlas_from: Path | None = None) -> None:
+def run_compose(run: Run, loaded: LoadedModel, images: ImageSet, config: ComposeConfig, atlas_from: Path | None = None) -> None:
     """Weight scores, path patching, edge attribution and task-level checks, shuffle control and a
     verdict for every edge, labelled by the atlas of this run (or of the run ``atlas_from``)."""
     atlas = HeadAtlas.load((atlas_from or run.path) / LAYOUT.heads)
     probe = fit_image_probe(loaded, images) if config.task_metric == "probe" else None
-    result = run_composition(loaded.model, lambda: (b.images_BCHW for b in images.batches(loaded)), atlas, config, probe, progress=True)
+    result = run_composition(loaded.model, lambda: (b.images_BCHW for b in images.batches()), atlas, config, probe, progress=True)
     cfg = loaded.model.cfg
     figures = write_composition(run.file(LAYOUT.composition), result, cfg.n_layers, cfg.n_heads)
     write_json(run.file(LAYOUT.composition_figures), [(str(p.relative_to(run.path)), c) for p, c in figures])
@@ -38,14 +38,14 @@ def run_compose(run: Run, loaded: LoadedModel, images: ImageOptions, config: Com
 
 
 @torch.no_grad()
-def fit_image_probe(loaded: LoadedModel, images: ImageOptions) -> TaskMetric:
+def fit_image_probe(loaded: LoadedModel, images: ImageSet) -> TaskMetric:
     """A linear probe on the model's pooled output over the labelled images (one pass)."""
     features, labels = [], []
-    for images_BCHW, labels_B in LabelledBatches(images.batches(loaded)):
+    for images_BCHW, labels_B in LabelledBatches(images.batches()):
         features.append(loaded.model(images_BCHW).float().cpu())
         labels.append(labels_B.cpu())
     if not labels:
-        raise ValueError(f"--task-metric probe needs labelled images; {images.images} has none")
+        raise ValueError(f"--task-metric probe needs labelled images; {images.source.spec} has none")
     labels_B = torch.cat(labels)
     return fit_probe(torch.cat(features), labels_B, int(labels_B.max()) + 1)
 

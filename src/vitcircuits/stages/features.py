@@ -10,7 +10,7 @@ from pathlib import Path
 
 from vitcircuits.composition.ablation import ZStats
 from vitcircuits.files import read_json, write_json, write_text
-from vitcircuits.inputs import ImageOptions, preprocess_config
+from vitcircuits.inputs import ImageSet
 from vitcircuits.layout import LAYOUT
 from vitcircuits.models.loading import LoadedModel
 from vitcircuits.runs import Run
@@ -37,7 +37,7 @@ class AnalyzeConfig:
     """Features shown in each gallery."""
 
 
-def features_stage(run: Run, loaded: LoadedModel, images: ImageOptions, config: AnalyzeConfig) -> None:
+def features_stage(run: Run, loaded: LoadedModel, images: ImageSet, config: AnalyzeConfig) -> None:
     """``hunt``'s stage: analyse the SAE of this run against its circuits (nothing when the SAE
     stage was skipped)."""
     if "skipped" in read_json(run.file(LAYOUT.sae_metrics)):
@@ -46,7 +46,7 @@ def features_stage(run: Run, loaded: LoadedModel, images: ImageOptions, config: 
     run.write_manifest(features={"n_analysed": summary["n_features_analysed"], "n_compositional": summary["n_compositional"]})
 
 
-def run_features(root: Path, loaded: LoadedModel, images: ImageOptions, circuits: list[dict] | None, config: AnalyzeConfig,
+def run_features(root: Path, loaded: LoadedModel, images: ImageSet, circuits: list[dict] | None, config: AnalyzeConfig,
                  progress: bool = True) -> dict:
     """Feature statistics over the harvested patch rows of the original images (not the augmented
     views, whose patches are not image patches), circuit dependence on
@@ -62,11 +62,11 @@ def run_features(root: Path, loaded: LoadedModel, images: ImageOptions, circuits
     stats.save(out)
     heads = circuit_heads_from(circuits or [], layer_or_minus_one(hook))
     zstats = ZStats.empty(model)
-    for n, batch in enumerate(images.batches(loaded, progress=False)):
+    for n, batch in enumerate(images.batches(progress=False)):
         if n * images.batch_size >= config.zstats_images:
             break
         zstats.update(model, batch.images_BCHW)
-    load = images.image_loader(loaded)
+    load = images.load
     rows = circuit_dependence(model, sae, hook, load, stats, heads, zstats, config.dependence, progress=progress)
     buf = io.StringIO()
     if rows:
@@ -74,7 +74,7 @@ def run_features(root: Path, loaded: LoadedModel, images: ImageOptions, circuits
         writer.writeheader()
         writer.writerows(rows)
     write_text(root / LAYOUT.dependence_csv, buf.getvalue())
-    pre = preprocess_config(loaded)
+    pre = images.preprocess
     top = [r["feature"] for r in rows[: config.gallery_features]]
     figures = []
     if top:

@@ -6,7 +6,7 @@ from vitcircuits.files import write_json
 from vitcircuits.heads.atlas import AtlasConfig, HeadAtlas
 from vitcircuits.heads.figures import plot_atlas, plot_distance_vs_layer, plot_head_overlays, plot_modular_scores
 from vitcircuits.heads.scan import overlay_heads, scan_heads, summarize
-from vitcircuits.inputs import ImageOptions, images_manifest, preprocess_config
+from vitcircuits.inputs import ImageSet, images_manifest
 from vitcircuits.layout import LAYOUT
 from vitcircuits.models.loading import LoadedModel
 from vitcircuits.plotting.attention import patch_attention
@@ -14,16 +14,16 @@ from vitcircuits.plotting.figures import denormalize
 from vitcircuits.runs import Run
 
 
-def run_heads(run: Run, loaded: LoadedModel, images: ImageOptions, config: AtlasConfig) -> HeadAtlas:
+def run_heads(run: Run, loaded: LoadedModel, images: ImageSet, config: AtlasConfig) -> HeadAtlas:
     """The head atlas over all images, saved with its figures in the run's heads folder."""
-    batches = images.batches(loaded)
+    batches = images.batches()
     atlas, kept = scan_heads(loaded.model, batches, config, loaded.model_id)
-    write_json(run.file(LAYOUT.heads_figures), write_heads_outputs(run, loaded, atlas, kept))
+    write_json(run.file(LAYOUT.heads_figures), write_heads_outputs(run, loaded, images, atlas, kept))
     run.write_manifest(images=images_manifest(batches), heads={"summary": summarize(atlas)})
     return atlas
 
 
-def write_heads_outputs(run: Run, loaded: LoadedModel, atlas: HeadAtlas, kept) -> list[tuple[str, str]]:
+def write_heads_outputs(run: Run, loaded: LoadedModel, images: ImageSet, atlas: HeadAtlas, kept) -> list[tuple[str, str]]:
     """Save the atlas and its figures; return (path relative to the run, caption) of each figure."""
     folder = run.file(LAYOUT.heads)
     atlas.save(folder)
@@ -32,7 +32,7 @@ def write_heads_outputs(run: Run, loaded: LoadedModel, atlas: HeadAtlas, kept) -
         (plot_modular_scores(atlas, folder / "modular_scores.png"), "modular_score with 95 % bootstrap intervals and this grid's baselines."),
         (plot_distance_vs_layer(atlas, folder / "distance_vs_layer.png"), "Mean attention distance per head and layer, with baselines."),
     ]
-    preprocess = preprocess_config(loaded)
+    preprocess = images.preprocess
     layout = loaded.model.layout
     query = (layout.rows // 2, layout.cols // 2)
     maps = {index: patch_attention(loaded.model, image, query) for index, _, image in kept}

@@ -4,12 +4,11 @@ the circuit's heads ablated, against random heads of the same layers
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 
 from vitcircuits.composition.necessity import LabelledBatches, NecessityConfig, circuit_heads, necessity_report
 from vitcircuits.data.loader import ImageBatches
 from vitcircuits.files import read_json, write_json
-from vitcircuits.inputs import ImageOptions
+from vitcircuits.inputs import ImageSet
 from vitcircuits.layout import LAYOUT
 from vitcircuits.models.loading import LoadedModel
 from vitcircuits.runs import Run
@@ -25,7 +24,7 @@ def run_necessity(run: Run, loaded: LoadedModel, batches: ImageBatches, heads: S
     return report
 
 
-def necessity_stage(run: Run, loaded: LoadedModel, images: ImageOptions, config: NecessityConfig, max_images: int | None) -> None:
+def necessity_stage(run: Run, loaded: LoadedModel, images: ImageSet, config: NecessityConfig, max_images: int | None) -> None:
     """``hunt``'s stage: ablate the supported circuits' heads on at most ``max_images`` labelled
     images; ``necessity.json`` says why when it cannot."""
     overview = read_json(run.file(LAYOUT.overview_summary))
@@ -36,6 +35,5 @@ def necessity_stage(run: Run, loaded: LoadedModel, images: ImageOptions, config:
     if reason:
         write_json(run.file(LAYOUT.necessity_json), {"skipped": reason})
         return
-    limit = min(filter(None, (images.max_images, max_images)), default=None)
     groups = dict(loaded.pretrained_cfg.get("class_groups") or {})
-    run_necessity(run, loaded, replace(images, max_images=limit).batches(loaded), heads, groups, config)
+    run_necessity(run, loaded, images.first(max_images).batches(), heads, groups, config)

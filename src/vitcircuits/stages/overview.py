@@ -8,7 +8,7 @@ import io
 import torch
 
 from vitcircuits.files import write_json, write_text
-from vitcircuits.inputs import ImageOptions, check_folder_classes, images_manifest, preprocess_config
+from vitcircuits.inputs import ImageSet, check_folder_classes, images_manifest
 from vitcircuits.layout import LAYOUT
 from vitcircuits.models.loading import LoadedModel
 from vitcircuits.plotting.attention import default_queries, patch_attention, plot_head_grid
@@ -17,10 +17,10 @@ from vitcircuits.runs import Run
 
 
 @torch.no_grad()
-def run_overview(run: Run, loaded: LoadedModel, images: ImageOptions, n_attention_images: int) -> None:
+def run_overview(run: Run, loaded: LoadedModel, images: ImageSet, n_attention_images: int) -> None:
     """Predictions over all images, and attention-map grids of the first ``n_attention_images``."""
     model = loaded.model
-    batches = images.batches(loaded)
+    batches = images.batches()
     check_folder_classes(loaded, batches)
     rows, to_draw = [], []
     for batch in batches:
@@ -30,7 +30,7 @@ def run_overview(run: Run, loaded: LoadedModel, images: ImageOptions, n_attentio
         rows += [(i, p, label, pred) for i, p, label, pred in zip(batch.indices, batch.paths, labels, preds)]
         room = n_attention_images - len(to_draw)
         to_draw += [(batch.indices[j], batch.paths[j], batch.images_BCHW[j : j + 1]) for j in range(min(room, len(batch.indices)))]
-    pre = preprocess_config(loaded)
+    pre = images.preprocess
     figures = []
     for index, image_id, image_1CHW in to_draw:
         image_HW3 = denormalize(image_1CHW[0], pre.mean, pre.std)

@@ -12,7 +12,7 @@ import torch
 from vitcircuits.cache import CacheConfig, write_cache
 from vitcircuits.data.augment import AugmentConfig
 from vitcircuits.files import write_json
-from vitcircuits.inputs import ImageOptions, provenance
+from vitcircuits.inputs import ImageSet, provenance
 from vitcircuits.layout import LAYOUT
 from vitcircuits.models.hooks import check_hooks
 from vitcircuits.models.loading import LoadedModel
@@ -96,7 +96,7 @@ def choose_hook(circuits: list[dict], n_layers: int) -> tuple[str, str]:
     return f"blocks.{layer}.hook_resid_post", "no supported composition circuit: the middle layer"
 
 
-def run_sae(run: Run, loaded: LoadedModel, images: ImageOptions, config: SAEStageConfig) -> None:
+def run_sae(run: Run, loaded: LoadedModel, images: ImageSet, config: SAEStageConfig) -> None:
     """``hunt``'s stage: train the SAE at the configured hook, or after the strongest supported
     composition receiver; with too few rows, ``metrics.json`` says why it was skipped."""
     hook, reason = (config.hook, "given") if config.hook else choose_hook(read_circuits(run.path), loaded.model.cfg.n_layers)
@@ -109,15 +109,15 @@ def run_sae(run: Run, loaded: LoadedModel, images: ImageOptions, config: SAEStag
     run.write_manifest(sae={"hook": hook, "hook_reason": reason, "held_out": {k: v for k, v in metrics["held_out"].items() if k != "density_histogram"}})
 
 
-def run_sae_train(run: Run, loaded: LoadedModel, images: ImageOptions, config: SAEStageConfig, hook: str, reason: str,
+def run_sae_train(run: Run, loaded: LoadedModel, images: ImageSet, config: SAEStageConfig, hook: str, reason: str,
                   progress: bool = True) -> dict:
     """Harvest ``hook`` (resumable), train the SAE (resumable from its checkpoints), evaluate it on
     held-out images and splice it into the model; write ``metrics.json`` and return it."""
     model = loaded.model
     check_hooks(model, (hook,))
     cache_config = CacheConfig((hook,), config.include_prefix, config.shard_rows, views=config.views, augment=AugmentConfig(seed=config.seed))
-    batches = images.batches(loaded, progress=progress)
-    made_from = provenance(loaded, batches)
+    batches = images.batches(progress=progress)
+    made_from = provenance(loaded, images)
     writer = write_cache(run.file(LAYOUT.activations), model, batches, cache_config, made_from)
     reader = ShardReader(run.file(LAYOUT.activations), hook)
     n_train = sum(int(((r.image_index_N % config.holdout_every) != 0).sum()) for r in reader.rows())
@@ -135,7 +135,7 @@ def run_sae_train(run: Run, loaded: LoadedModel, images: ImageOptions, config: S
     data_key = config_hash({"index": {k: writer.index[k] for k in ("config", "made_from")}, "holdout_every": config.holdout_every})
     sae, history = train_sae(rows, sae_config, train_config, out_dir=run.file(LAYOUT.sae_training), resume=True, progress=progress, data_key=data_key)
     evaluation = evaluate_sae(sae, (r.acts_ND for r in reader.split(True, config.holdout_every)))
-    fidelity = downstream_fidelity(model, sae, hook, _held_out_batches(loaded, images, config), FidelityConfig(include_prefix=config.include_prefix),
+    fidelity = downstream_fidelity(model, sae, hook, _held_out_batches(images, config), FidelityConfig(include_prefix=config.include_prefix),
                                    progress=progress)
     save_sae(sae, run.file(LAYOUT.sae_weights))
     metrics = {
@@ -156,10 +156,10 @@ def layer_or_minus_one(hook: str) -> int:
     return -1 if layer is None else layer
 
 
-def _held_out_batches(loaded: LoadedModel, images: ImageOptions, config: SAEStageConfig) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+def _held_out_batches(images: ImageSet, config: SAEStageConfig) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """Up to ``fidelity_images`` held-out images with their labels, in batches."""
     out, n = [], 0
-    for batch in images.batches(loaded, progress=False):
+    for batch in images.batches(progress=False):
         keep = [j for j, i in enumerate(batch.indices) if i % config.holdout_every == 0][: config.fidelity_images - n]
         if keep:
             out.append((batch.images_BCHW[keep], None if batch.labels_B is None else batch.labels_B[keep]))

@@ -105,3 +105,21 @@ def test_shuffle_keeps_patches_and_moves_them():
     for i in range(2):
         assert sorted(map(tuple, a[i].tolist())) == sorted(map(tuple, b[i].tolist()))
     assert not torch.equal(x, y)
+
+
+def test_the_stage_decodes_the_images_once_and_keeps_the_transfer_images_from_that_pass():
+    planted = build_planted_circuits(CIRCUIT_CONFIG)
+    x = images()
+    acc = new_accumulator(planted.model, AtlasConfig(n_boot=10))
+    accumulate(planted.model, acc, x, list(range(len(x))))
+    atlas = build_atlas(planted.model, acc, AtlasConfig(n_boot=10), "test")
+    calls = []
+
+    def image_batches():
+        calls.append(len(calls))
+        return (x[i : i + 8] for i in range(0, len(x), 8))
+
+    once = run_composition(planted.model, image_batches, atlas, ComposeConfig(max_transfer_images=12))
+    assert calls == [0], "one pass over the images"
+    clean = once.transfer["clean"]
+    assert clean.n_train_images + clean.n_test_images == 12, "the transfer probes read the first 12 images of that pass"

@@ -115,9 +115,10 @@ def resolve_metric(model: HookedViT, choice: str, probe: TaskMetric | None = Non
 
 def run_composition(model: HookedViT, image_batches: Callable[[], Iterable[torch.Tensor]], atlas: HeadAtlas, config: ComposeConfig,
                     probe: TaskMetric | None = None, progress: bool = False) -> CompositionResult:
-    """Everything but writing files. ``image_batches()`` yields fresh image batches each call;
-    ``probe`` is the fitted probe metric when ``config.task_metric`` is ``probe``; ``progress``
-    shows progress bars."""
+    """Everything but writing files. ``image_batches()`` yields the image batches; it is called once,
+    so the images are decoded once (the samples and the transfer probes' images are kept from that
+    pass); ``probe`` is the fitted probe metric when ``config.task_metric`` is ``probe``;
+    ``progress`` shows progress bars."""
     with progress_steps(progress) as steps:
         return _run(model, image_batches, atlas, config, probe, steps)
 
@@ -133,7 +134,10 @@ def _run(model: HookedViT, image_batches: Callable[[], Iterable[torch.Tensor]], 
     heads = [(layer, head) for layer, head, _ in senders]
     stats = ZStats.empty(model)
     generator = torch.Generator().manual_seed(config.patching.seed)
-    patch_batches, task_images_BCHW = _samples(image_batches, config, want_task=config.task_images > 0)
+    grid = min(model.layout.rows, model.layout.cols)
+    transfer_config = replace(config.transfer, radius=min(config.transfer.radius, (grid - 1) // 2))
+    transfer_images = config.max_transfer_images if transfer_config.radius >= 1 else 0
+    patch_batches, task_images_BCHW, transfer_batches = _samples(image_batches(), config, config.task_images > 0, transfer_images)
     pairs = [(x, shuffle_patches(x, model.cfg.patch_size, generator)) for x in patch_batches]
     for images_BCHW, _ in pairs:
         stats.update(model, images_BCHW)
@@ -148,13 +152,10 @@ def _run(model: HookedViT, image_batches: Callable[[], Iterable[torch.Tensor]], 
     supported = sorted({tuple(c["receivers"][0]) for c in circuits if c["verdict"] == "supported"})
     if supported:
         ablations["supported receivers ablated"] = supported
-    grid = min(model.layout.rows, model.layout.cols)
-    transfer_config = replace(config.transfer, radius=min(config.transfer.radius, (grid - 1) // 2))
     transfer, transfer_skipped = {}, None if transfer_config.radius >= 1 else f"a patch grid {grid} wide has no ring of neighbours around an inner patch"
     if transfer_config.radius >= 1:
-        batches = _Reiterable(_limited(image_batches, config.max_transfer_images))
         try:
-            transfer = transfer_curves(model, batches, transfer_config, {k: v for k, v in ablations.items() if v}, stats, config.patching.ablation)
+            transfer = transfer_curves(model, transfer_batches, transfer_config, {k: v for k, v in ablations.items() if v}, stats, config.patching.ablation)
         except TooFewImages as err:
             transfer_skipped = f"too few images for the transfer probes: {err}"
     result = CompositionResult(scores, senders, rows, circuits, {"clean": clean.mean()[: len(heads)].numpy(), "shuffled": shuffled.mean().numpy()},
@@ -171,28 +172,30 @@ PATCH_BATCH = 32
 """Images per path-patching batch when they are a sample."""
 
 
-def _samples(image_batches: Callable[[], Iterable[torch.Tensor]], config: ComposeConfig,
-             want_task: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """One pass over the images for both: the path-patching batches (all images, or a seeded
-    uniform sample of ``max_patch_images``; image folders are often sorted by class) and, with
-    ``want_task``, the task-patching images (a seeded uniform sample of ``task_images``)."""
+def _samples(batches: Iterable[torch.Tensor], config: ComposeConfig, want_task: bool,
+             transfer_images: int | None) -> tuple[list[torch.Tensor], torch.Tensor | None, list[torch.Tensor]]:
+    """One pass over the images for everything the stage needs: the path-patching batches (all
+    images, or a seeded uniform sample of ``max_patch_images``; image folders are often sorted by
+    class), with ``want_task`` the task-patching images (a seeded uniform sample of
+    ``task_images``), and the batches of the first ``transfer_images`` images (None: all) for the
+    transfer probes, which read them twice."""
     seed = config.patching.seed
+    transfer: list[torch.Tensor] = []
+
+    def keeping_transfer():
+        seen = 0
+        for images_BCHW in batches:
+            if transfer_images is None or seen < transfer_images:
+                transfer.append(images_BCHW if transfer_images is None else images_BCHW[: transfer_images - seen])
+                seen += transfer[-1].shape[0]
+            yield images_BCHW
+
     if config.max_patch_images is None:
-        patch_batches = list(image_batches())
-        return patch_batches, _reservoir(patch_batches, [config.task_images], seed)[0] if want_task else None
+        patch_batches = list(keeping_transfer())
+        return patch_batches, _reservoir(patch_batches, [config.task_images], seed)[0] if want_task else None, transfer
     sizes = [config.max_patch_images, config.task_images] if want_task else [config.max_patch_images]
-    patch_BCHW, *task = _reservoir(image_batches(), sizes, seed)
-    return list(patch_BCHW.split(PATCH_BATCH)), task[0] if want_task else None
-
-
-class _Reiterable:
-    """An iterable that calls a generator function on every iteration."""
-
-    def __init__(self, make: Callable[[], Iterable[torch.Tensor]]) -> None:
-        self.make = make
-
-    def __iter__(self):
-        return iter(self.make())
+    patch_BCHW, *task = _reservoir(keeping_transfer(), sizes, seed)
+    return list(patch_BCHW.split(PATCH_BATCH)), task[0] if want_task else None, transfer
 
 
 @torch.no_grad()
@@ -213,18 +216,6 @@ def attention_kept(model: HookedViT, pairs: list[tuple[torch.Tensor, torch.Tenso
         total = tv_LH if total is None else total + tv_LH
         n += images_BCHW.shape[0]
     return (1.0 - total / n).cpu().numpy()
-
-
-def _limited(image_batches: Callable[[], Iterable[torch.Tensor]], max_images: int | None) -> Callable[[], Iterable[torch.Tensor]]:
-    def gen():
-        seen = 0
-        for images_BCHW in image_batches():
-            if max_images is not None and seen >= max_images:
-                return
-            take = images_BCHW if max_images is None else images_BCHW[: max_images - seen]
-            seen += take.shape[0]
-            yield take
-    return gen
 
 
 def _reservoir(batches: Iterable[torch.Tensor], sizes: Sequence[int], seed: int) -> list[torch.Tensor]:

@@ -116,9 +116,10 @@ def run_sae_train(run: Run, loaded: LoadedModel, images: ImageSet, config: SAESt
     model = loaded.model
     check_hooks(model, (hook,))
     cache_config = CacheConfig((hook,), config.include_prefix, config.shard_rows, views=config.views, augment=AugmentConfig(seed=config.seed))
-    batches = images.batches(progress=progress)
+    held_out: list[tuple[torch.Tensor, torch.Tensor | None]] = []
     made_from = provenance(loaded, images)
-    writer = write_cache(run.file(LAYOUT.activations), model, batches, cache_config, made_from)
+    writer = write_cache(run.file(LAYOUT.activations), model, _keeping_held_out(images.batches(progress=progress), config, held_out),
+                         cache_config, made_from)
     reader = ShardReader(run.file(LAYOUT.activations), hook)
     n_train = sum(int(((r.image_index_N % config.holdout_every) != 0).sum()) for r in reader.rows())
     if n_train == reader.n_rows:
@@ -135,7 +136,7 @@ def run_sae_train(run: Run, loaded: LoadedModel, images: ImageSet, config: SAESt
     data_key = config_hash({"index": {k: writer.index[k] for k in ("config", "made_from")}, "holdout_every": config.holdout_every})
     sae, history = train_sae(rows, sae_config, train_config, out_dir=run.file(LAYOUT.sae_training), resume=True, progress=progress, data_key=data_key)
     evaluation = evaluate_sae(sae, (r.acts_ND for r in reader.split(True, config.holdout_every)))
-    fidelity = downstream_fidelity(model, sae, hook, _held_out_batches(images, config), FidelityConfig(include_prefix=config.include_prefix),
+    fidelity = downstream_fidelity(model, sae, hook, held_out, FidelityConfig(include_prefix=config.include_prefix),
                                    progress=progress)
     save_sae(sae, run.file(LAYOUT.sae_weights))
     metrics = {
@@ -156,14 +157,13 @@ def layer_or_minus_one(hook: str) -> int:
     return -1 if layer is None else layer
 
 
-def _held_out_batches(images: ImageSet, config: SAEStageConfig) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Up to ``fidelity_images`` held-out images with their labels, in batches."""
-    out, n = [], 0
-    for batch in images.batches(progress=False):
+def _keeping_held_out(batches, config: SAEStageConfig, held_out: list[tuple[torch.Tensor, torch.Tensor | None]]):
+    """Pass ``batches`` on unchanged, keeping up to ``fidelity_images`` held-out images with their
+    labels in ``held_out`` (so the harvest's pass is the stage's only decode)."""
+    n = 0
+    for batch in batches:
         keep = [j for j, i in enumerate(batch.indices) if i % config.holdout_every == 0][: config.fidelity_images - n]
         if keep:
-            out.append((batch.images_BCHW[keep], None if batch.labels_B is None else batch.labels_B[keep]))
+            held_out.append((batch.images_BCHW[keep], None if batch.labels_B is None else batch.labels_B[keep]))
             n += len(keep)
-        if n >= config.fidelity_images:
-            break
-    return out
+        yield batch

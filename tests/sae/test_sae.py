@@ -6,10 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from vitcircuits.sae.harvest import ShuffleBuffer
 from vitcircuits.sae.io import load_sae, save_sae
 from vitcircuits.sae.metrics import density_histogram, evaluate_sae
 from vitcircuits.sae.model import SAE, SAEConfig
-from vitcircuits.sae.train import ShuffleBuffer, TrainConfig, geometric_median, train_sae
+from vitcircuits.sae.train import TrainConfig, geometric_median, train_sae
 
 
 def planted_dictionary(n=20000, d=32, m=64, active=3, noise=0.01, seed=0):

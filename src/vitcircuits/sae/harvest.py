@@ -6,7 +6,7 @@ out for evaluation (with all their views), so no evaluation row shares an image 
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +15,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from vitcircuits.files import read_json
-from vitcircuits.sae.train import ShuffleBuffer
 
 POSITION_KEYS = ("image_index", "view", "row", "col")
 
@@ -86,6 +85,45 @@ class ShardReader:
             keep_N = (rows.image_index_N % holdout_every == 0) == held_out
             if keep_N.any():
                 yield rows.select(keep_N)
+
+
+class ShuffleBuffer:
+    """Shuffle a stream of activation batches with bounded memory.
+
+    Rows from ``source`` (an iterable of ``[*, D]`` tensors) accumulate until ``capacity_rows`` are held;
+    the pool is then shuffled and whole ``batch_size`` batches are emitted until fewer than
+    ``capacity_rows // 2`` remain. At the end the rest is shuffled and emitted (the last batch may be
+    smaller). Every source row is yielded exactly once per pass; at most ``capacity_rows - 1`` plus one
+    source batch are held. Each pass re-iterates ``source`` and uses the same seed, so passes over a
+    deterministic source are identical. ``peak_rows`` records the largest pool seen.
+    """
+
+    def __init__(self, source: Iterable[torch.Tensor], capacity_rows: int, batch_size: int, seed: int = 0) -> None:
+        if capacity_rows < 2 * batch_size:
+            raise ValueError(f"capacity_rows ({capacity_rows}) must be at least 2 * batch_size ({batch_size})")
+        self.source, self.capacity_rows, self.batch_size, self.seed = source, capacity_rows, batch_size, seed
+        self.peak_rows = 0
+
+    def _shuffled(self, pool_ND: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        self.peak_rows = max(self.peak_rows, pool_ND.shape[0])
+        return pool_ND[torch.randperm(pool_ND.shape[0], generator=gen)]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        gen = torch.Generator().manual_seed(self.seed)
+        held: list[torch.Tensor] = []
+        n_held = 0
+        for batch in self.source:
+            batch_ND = batch.reshape(-1, batch.shape[-1])
+            held.append(batch_ND)
+            n_held += batch_ND.shape[0]
+            if n_held < self.capacity_rows:
+                continue
+            pool_ND = self._shuffled(torch.cat(held), gen)
+            n_out = (n_held - self.capacity_rows // 2) // self.batch_size * self.batch_size
+            yield from pool_ND[:n_out].split(self.batch_size)
+            held, n_held = [pool_ND[n_out:]], n_held - n_out
+        if n_held:
+            yield from self._shuffled(torch.cat(held), gen).split(self.batch_size)
 
 
 def training_batches(reader: ShardReader, batch_size: int, epochs: int, holdout_every: int, capacity_rows: int, seed: int) -> Iterator[torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Training of sparse autoencoders: schedule, AuxK loss, dead-latent tracking, checkpoints, shuffling.
+"""Training of sparse autoencoders: schedule, AuxK loss, dead-latent tracking, checkpoints.
 
 The data order is a deterministic function of the seed and the step, so a run resumed from a
 checkpoint reproduces the weights of an uninterrupted run exactly:
@@ -6,7 +6,7 @@ checkpoint reproduces the weights of an uninterrupted run exactly:
 * a ``[N, D]`` tensor is read in a fresh seeded permutation per epoch (``N // batch_size`` full batches
   per epoch, the remainder of each permutation unused);
 * an iterable of ``[*, D]`` tensors is re-batched into ``batch_size`` rows; a re-iterable source (a list,
-  a :class:`ShuffleBuffer`) must yield the same rows on every pass and is cycled, a one-shot iterator
+  a :class:`~vitcircuits.sae.harvest.ShuffleBuffer`) must yield the same rows on every pass and is cycled, a one-shot iterator
   ends training early when exhausted. On resume the first ``step`` batches are skipped.
 
 Checkpoints live in ``out_dir/checkpoints/step_XXXXXXXX/``: ``state.safetensors`` (SAE parameters and
@@ -107,45 +107,6 @@ class TrainConfig:
         if step >= decay_start:
             return self.lr * (total - step) / max(total - decay_start, 1)
         return self.lr
-
-
-class ShuffleBuffer:
-    """Shuffle a stream of activation batches with bounded memory.
-
-    Rows from ``source`` (an iterable of ``[*, D]`` tensors) accumulate until ``capacity_rows`` are held;
-    the pool is then shuffled and whole ``batch_size`` batches are emitted until fewer than
-    ``capacity_rows // 2`` remain. At the end the rest is shuffled and emitted (the last batch may be
-    smaller). Every source row is yielded exactly once per pass; at most ``capacity_rows - 1`` plus one
-    source batch are held. Each pass re-iterates ``source`` and uses the same seed, so passes over a
-    deterministic source are identical. ``peak_rows`` records the largest pool seen.
-    """
-
-    def __init__(self, source: Iterable[torch.Tensor], capacity_rows: int, batch_size: int, seed: int = 0) -> None:
-        if capacity_rows < 2 * batch_size:
-            raise ValueError(f"capacity_rows ({capacity_rows}) must be at least 2 * batch_size ({batch_size})")
-        self.source, self.capacity_rows, self.batch_size, self.seed = source, capacity_rows, batch_size, seed
-        self.peak_rows = 0
-
-    def _shuffled(self, pool_ND: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        self.peak_rows = max(self.peak_rows, pool_ND.shape[0])
-        return pool_ND[torch.randperm(pool_ND.shape[0], generator=gen)]
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        gen = torch.Generator().manual_seed(self.seed)
-        held: list[torch.Tensor] = []
-        n_held = 0
-        for batch in self.source:
-            batch_ND = batch.reshape(-1, batch.shape[-1])
-            held.append(batch_ND)
-            n_held += batch_ND.shape[0]
-            if n_held < self.capacity_rows:
-                continue
-            pool_ND = self._shuffled(torch.cat(held), gen)
-            n_out = (n_held - self.capacity_rows // 2) // self.batch_size * self.batch_size
-            yield from pool_ND[:n_out].split(self.batch_size)
-            held, n_held = [pool_ND[n_out:]], n_held - n_out
-        if n_held:
-            yield from self._shuffled(torch.cat(held), gen).split(self.batch_size)
 
 
 def geometric_median(x_ND: torch.Tensor, n_iter: int = 10, eps: float = 1e-8) -> torch.Tensor:

@@ -11,9 +11,10 @@ from typer.testing import CliRunner
 
 from vitcircuits.cli import app
 from vitcircuits.groundtruth.planted import PlantedConfig, random_like
-from vitcircuits.heads.atlas import AtlasConfig, accumulate, build_atlas, new_accumulator
+from vitcircuits.heads.atlas import AtlasConfig, HeadAtlas, accumulate, build_atlas, new_accumulator
 from vitcircuits.heads.figures import plot_atlas, plot_distance_vs_layer, plot_modular_scores
 from vitcircuits.heads.metrics import CI_METRICS
+from vitcircuits.models.loading import load_model
 from vitcircuits.plotting.figures import error_bars
 from vitcircuits.testing.checkpoints import save_timm_folder
 
@@ -84,3 +85,17 @@ def test_no_head_is_local_on_a_grid_where_uniform_attention_already_is():
             "mean_distance_patches": 1.0}
     assert classify(head, {"neighbour_mass": 0.2, "mean_distance_patches": 3.0}) == "modular"
     assert classify(head, {"neighbour_mass": 0.56, "mean_distance_patches": 1.2}) == "global"  # a 3x3 grid at radius 1
+
+
+def test_a_grid_without_interior_queries_writes_no_nan(tmp_path):
+    """On a grid too small for an interior query at radius 1 the interior mass is null, never NaN."""
+    args = {"img_size": 8, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2, "num_classes": 3}
+    folder = save_timm_folder(timm.create_model("vit_tiny_patch16_224", pretrained=False, **args), tmp_path / "m", "vit_tiny_patch16_224", args)
+    model = load_model(str(folder), device="cpu").model
+    acc = new_accumulator(model, AtlasConfig(n_boot=4))
+    accumulate(model, acc, torch.randn(2, 3, 8, 8), [0, 1])
+    atlas = build_atlas(model, acc, AtlasConfig(n_boot=4), "test")
+    atlas.save(tmp_path / "heads")
+    assert all(row["neighbour_mass_interior"] is None for row in atlas.rows)
+    assert "nan" not in (tmp_path / "heads" / "heads.csv").read_text().lower()
+    assert HeadAtlas.load(tmp_path / "heads").rows[0]["neighbour_mass_interior"] is None

@@ -92,7 +92,7 @@ class HeadAtlas:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=HEADS_COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in self.rows)
+        writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else "" if v is None else v) for k, v in r.items()} for r in self.rows)
         write_text(folder / "heads.csv", buf.getvalue())
         write_npz(folder / "kernels.npz", kernels=self.kernels_LHYX, raw_kernels=self.raw_kernels_LHYX,
                   positional_kernels=self.positional_kernels_LHYX, offset_counts=self.offset_counts_YX)

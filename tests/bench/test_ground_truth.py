@@ -7,6 +7,7 @@ import math
 from dataclasses import replace
 from functools import cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -78,8 +79,8 @@ def test_score_edges_hand_case():
 
 def test_score_kinds_hand_case():
     def row(layer, head, kind, modular=0.0, peak=(0, 0), peak_mass=0.0, self_mass=0.0, cls=0.0):
-        return {"layer": layer, "head": head, "kind": kind, "modular_score": modular, "peak_dy": peak[0], "peak_dx": peak[1],
-                "peak_mass": peak_mass, "self_mass": self_mass, "cls_mass": cls, "dist_mass": 0.0, "register_mass": 0.0}
+        return SimpleNamespace(layer=layer, head=head, kind=kind, modular_score=modular, peak_dy=peak[0], peak_dx=peak[1],
+                               peak_mass=peak_mass, self_mass=self_mass, cls_mass=cls, dist_mass=0.0, register_mass=0.0)
     rows = [row(0, 0, "modular", modular=0.9), row(0, 1, "modular", modular=0.6), row(0, 2, "directional", peak=(0, -1), peak_mass=1.0),
             row(0, 3, "self", self_mass=1.0, peak_mass=1.0), row(0, 4, "modular", modular=0.95)]
     truth = {(0, 0): "modular", (0, 1): "other", (0, 2): "directional", (0, 3): "self", (0, 4): None}  # (0, 4) unscored

@@ -18,13 +18,13 @@ def test_dinov2_small_has_four_cardinal_shift_heads_and_no_modular_head():
     loaded = load_model(str(DINO_DIR), img_size=224, device="cpu")
     batches = ImageOptions(images=str(IMAGENET_DIR), batch_size=12, max_images=24).open(loaded).batches(progress=False)
     atlas, _ = scan_heads(loaded.model, batches, AtlasConfig(n_boot=50), loaded.model_id)
-    uniform = atlas.baselines["uniform"]["modular_score"]
+    uniform = atlas.baselines["uniform"].modular_score
     for (layer, head), offset in SHIFT_HEADS.items():
         row = atlas.row(layer, head)
-        assert row["kind"] == "directional", row
-        assert (row["peak_dy"], row["peak_dx"]) == offset
-        assert row["peak_mass"] > 0.45 and row["neighbour_mass"] > 0.55
-        assert uniform < row["modular_score_lo"] and row["modular_score_hi"] < 0.5
+        assert row.kind == "directional", row
+        assert (row.peak_dy, row.peak_dx) == offset
+        assert row.peak_mass > 0.45 and row.neighbour_mass > 0.55
+        assert uniform < row.modular_score_lo and row.modular_score_hi < 0.5
     assert atlas.heads_of_kind("modular") == []
-    assert max(r["modular_score"] for r in atlas.rows) < 0.5
-    assert sum(r["kind"] == "global" for r in atlas.rows if r["layer"] == 0) >= 4  # layer 0 looks far
+    assert max(r.modular_score for r in atlas.rows) < 0.5
+    assert sum(r.kind == "global" for r in atlas.rows if r.layer == 0) >= 4  # layer 0 looks far

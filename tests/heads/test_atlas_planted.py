@@ -29,17 +29,17 @@ def test_every_planted_head_gets_its_kind(planted_cfg):
     _, atlas = scan(planted.model, noise_images(planted_cfg))
     for (layer, head), kind in planted.truth.items():
         row = atlas.row(layer, head)
-        assert row["kind"] == kind, (layer, head, kind, row)
+        assert row.kind == kind, (layer, head, kind, row)
         if kind == "modular":
-            assert row["modular_score"] > 0.95 and row["modular_score_lo"] > 0.9
-            assert row["neighbour_mass_border"] > 0.95 and row["direction_coverage"] == 8
+            assert row.modular_score > 0.95 and row.modular_score_lo > 0.9
+            assert row.neighbour_mass_border > 0.95 and row.direction_coverage == 8
         elif kind == "directional":
-            assert (row["peak_dy"], row["peak_dx"]) == planted.offsets[(layer, head)]
-            assert row["modular_score"] < 0.2
+            assert (row.peak_dy, row.peak_dx) == planted.offsets[(layer, head)]
+            assert row.modular_score < 0.2
         else:
-            assert row["modular_score"] < 0.2
-        assert row["content_dependence"] < 0.01  # planted heads attend by position alone
-        assert row["positional_kind"] == kind and row["positional_agreement"] > 0.95
+            assert row.modular_score < 0.2
+        assert row.content_dependence < 0.01  # planted heads attend by position alone
+        assert row.positional_kind == kind and row.positional_agreement > 0.95
     # the modular head's kernel: mass on exactly the 8 neighbours
     (ml, mh), = [k for k, v in planted.truth.items() if v == "modular"]
     window = atlas.window(1)[ml, mh]
@@ -50,15 +50,15 @@ def test_every_planted_head_gets_its_kind(planted_cfg):
     cy, cx = kernel.shape[0] // 2, kernel.shape[1] // 2
     kernel[cy - 1 : cy + 2, cx - 1 : cx + 2] = 0
     assert kernel.max() < 1e-3
-    assert atlas.baselines["neighbours"]["kind"] == "modular" and atlas.baselines["self"]["kind"] == "self"
-    assert atlas.baselines["uniform"]["kind"] == "global"
+    assert atlas.baselines["neighbours"].kind == "modular" and atlas.baselines["self"].kind == "self"
+    assert atlas.baselines["uniform"].kind == "global"
 
 
 def test_random_model_has_no_modular_head():
     planted_cfg = PlantedConfig()
     _, atlas = scan(random_like(planted_cfg).model, noise_images(planted_cfg))
     assert atlas.heads_of_kind("modular") == []
-    assert max(r["modular_score"] for r in atlas.rows) < 0.5
+    assert max(r.modular_score for r in atlas.rows) < 0.5
 
 
 def test_accumulators_merge_and_batching_do_not_change_results():

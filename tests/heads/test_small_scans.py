@@ -1,6 +1,7 @@
 """Small scans work: with one image, two bootstrap replicates or no replicate of positive weight,
 every interval contains its point estimate and the atlas figures draw (issue 13, item 4)."""
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -44,9 +45,9 @@ def test_small_scan_intervals_contain_estimates_and_figures_draw(tmp_path, n_ima
     if seed == 2:  # Poisson draws of image 0 under seed 2 are (0, 0): no replicate has weight
         assert not (acc.boot_weight_Z > 0).any()
     atlas = build_atlas(model, acc, config, "planted")
-    assert_intervals_contain_estimates(atlas.rows)
+    assert_intervals_contain_estimates([r.as_dict() for r in atlas.rows])
     if seed == 2:
-        assert all(r["modular_score_lo"] == r["modular_score"] == r["modular_score_hi"] for r in atlas.rows)
+        assert all(r.modular_score_lo == r.modular_score == r.modular_score_hi for r in atlas.rows)
     for plot, name in ((plot_atlas, "atlas.png"), (plot_modular_scores, "modular_scores.png"), (plot_distance_vs_layer, "distance.png")):
         assert plot(atlas, tmp_path / name).read_bytes().startswith(PNG), name
 
@@ -80,11 +81,11 @@ def test_heads_command_on_a_small_run_writes_the_figures(tmp_path, extra):
 def test_no_head_is_local_on_a_grid_where_uniform_attention_already_is():
     from vitcircuits.heads.kinds import classify
 
-    head = {"cls_mass": 0.0, "dist_mass": 0.0, "register_mass": 0.0, "self_mass": 0.1, "peak_dy": 0, "peak_dx": 1, "peak_mass": 0.2,
-            "neighbour_mass": 0.9, "direction_coverage": 8, "direction_entropy": 0.95, "top_direction_share": 0.2,
-            "mean_distance_patches": 1.0}
-    assert classify(head, {"neighbour_mass": 0.2, "mean_distance_patches": 3.0}) == "modular"
-    assert classify(head, {"neighbour_mass": 0.56, "mean_distance_patches": 1.2}) == "global"  # a 3x3 grid at radius 1
+    head = SimpleNamespace(cls_mass=0.0, dist_mass=0.0, register_mass=0.0, self_mass=0.1, peak_dy=0, peak_dx=1, peak_mass=0.2,
+                           neighbour_mass=0.9, direction_coverage=8, direction_entropy=0.95, top_direction_share=0.2,
+                           mean_distance_patches=1.0)
+    assert classify(head, SimpleNamespace(neighbour_mass=0.2, mean_distance_patches=3.0)) == "modular"
+    assert classify(head, SimpleNamespace(neighbour_mass=0.56, mean_distance_patches=1.2)) == "global"  # a 3x3 grid at radius 1
 
 
 def test_a_grid_without_interior_queries_writes_no_nan(tmp_path):
@@ -96,6 +97,6 @@ def test_a_grid_without_interior_queries_writes_no_nan(tmp_path):
     accumulate(model, acc, torch.randn(2, 3, 8, 8), [0, 1])
     atlas = build_atlas(model, acc, AtlasConfig(n_boot=4), "test")
     atlas.save(tmp_path / "heads")
-    assert all(row["neighbour_mass_interior"] is None for row in atlas.rows)
+    assert all(row.neighbour_mass_interior is None for row in atlas.rows)
     assert "nan" not in (tmp_path / "heads" / "heads.csv").read_text().lower()
-    assert HeadAtlas.load(tmp_path / "heads").rows[0]["neighbour_mass_interior"] is None
+    assert HeadAtlas.load(tmp_path / "heads").rows[0].neighbour_mass_interior is None

@@ -160,9 +160,9 @@ def test_api_run_matches_run_files(server, run_dir):
     assert run["images"][0]["label_name"] == "airplane"
 
     atlas = HeadAtlas.load(run_dir / "heads")
-    assert [(r["layer"], r["head"], r["kind"]) for r in run["atlas"]] == [(r["layer"], r["head"], r["kind"]) for r in atlas.rows]
-    assert np.allclose([r["modular_score"] for r in run["atlas"]], [r["modular_score"] for r in atlas.rows])
-    assert np.allclose([r["neighbour_mass"] for r in run["atlas"]], [r["neighbour_mass"] for r in atlas.rows])
+    assert [(r["layer"], r["head"], r["kind"]) for r in run["atlas"]] == [(r.layer, r.head, r.kind) for r in atlas.rows]
+    assert np.allclose([r["modular_score"] for r in run["atlas"]], [r.modular_score for r in atlas.rows])
+    assert np.allclose([r["neighbour_mass"] for r in run["atlas"]], [r.neighbour_mass for r in atlas.rows])
     kernels = np.array(run["kernels"], dtype=float)  # None (offsets outside the grid) becomes NaN
     assert kernels.shape == (4, 4, 2 * run["kernel_radius"] + 1, 2 * run["kernel_radius"] + 1)
     np.testing.assert_allclose(kernels, atlas.window(run["kernel_radius"]), rtol=1e-6, equal_nan=True)

@@ -130,7 +130,7 @@ def _run(model: HookedViT, image_batches: Callable[[], Iterable[torch.Tensor]], 
     if L < 2:
         return CompositionResult(scores, [], [], [], {}, [])
     metric = resolve_metric(model, config.task_metric, probe)
-    senders = [(layer, head, atlas.row(layer, head)["kind"]) for layer in range(L - 1) for head in range(H)]
+    senders = [(layer, head, atlas.row(layer, head).kind) for layer in range(L - 1) for head in range(H)]
     heads = [(layer, head) for layer, head, _ in senders]
     stats = ZStats.empty(model)
     generator = torch.Generator().manual_seed(config.patching.seed)

@@ -33,12 +33,13 @@ from vitcircuits.composition.scan import CompositionResult, run_composition
 from vitcircuits.composition.task_patching import EdgeKey
 from vitcircuits.groundtruth.planted_family import FamilyConfig, FamilyMember, build_family_member
 from vitcircuits.heads.atlas import AtlasConfig, HeadAtlas, accumulate, build_atlas, new_accumulator
+from vitcircuits.heads.metrics import HeadRow
 
-KIND_SCORES: dict[str, Callable[[dict], float]] = {
-    "modular": lambda row: row["modular_score"],
-    "directional": lambda row: row["peak_mass"] if (row["peak_dy"], row["peak_dx"]) != (0, 0) else 0.0,
-    "self": lambda row: row["self_mass"],
-    "cls/sink": lambda row: row["cls_mass"] + row["dist_mass"] + row["register_mass"],
+KIND_SCORES: dict[str, Callable[[HeadRow], float]] = {
+    "modular": lambda row: row.modular_score,
+    "directional": lambda row: row.peak_mass if (row.peak_dy, row.peak_dx) != (0, 0) else 0.0,
+    "self": lambda row: row.self_mass,
+    "cls/sink": lambda row: row.cls_mass + row.dist_mass + row.register_mass,
 }
 """Kind -> continuous atlas score ranked for its ROC-AUC: ``modular_score``; the kernel's peak
 mass when the peak is at a non-zero offset (else 0); ``self_mass``; the prefix-token mass."""
@@ -93,20 +94,20 @@ def score_edges(truth_edges: Iterable[Hashable], negatives: Iterable[Hashable], 
     return out
 
 
-def score_kinds(truth: Mapping[tuple[int, int], str | None], rows: Iterable[dict]) -> dict[str, dict]:
+def score_kinds(truth: Mapping[tuple[int, int], str | None], rows: Iterable[HeadRow]) -> dict[str, dict]:
     """Per kind of :data:`SCORED_KINDS`: precision/recall of the atlas label and ROC-AUC of its
     score, over the heads whose ``truth`` is not None."""
-    rows = [row for row in rows if truth.get((row["layer"], row["head"])) is not None]
+    rows = [row for row in rows if truth.get((row.layer, row.head)) is not None]
     out = {}
     for kind, score in KIND_SCORES.items():
-        labels = [truth[(row["layer"], row["head"])] == kind for row in rows]
-        hit = [row["kind"] == kind for row in rows]
+        labels = [truth[(row.layer, row.head)] == kind for row in rows]
+        hit = [row.kind == kind for row in rows]
         tp = sum(h and y for h, y in zip(hit, labels))
         fp, fn = sum(h and not y for h, y in zip(hit, labels)), sum(y and not h for h, y in zip(hit, labels))
         out[kind] = {"n_pos": sum(labels), "n_neg": len(labels) - sum(labels), "tp": tp, "fp": fp, "fn": fn,
                      "precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn),
                      "roc_auc": roc_auc(labels, [score(row) for row in rows]),
-                     "mislabelled": [[row["layer"], row["head"], truth[(row["layer"], row["head"])], row["kind"]]
+                     "mislabelled": [[row.layer, row.head, truth[(row.layer, row.head)], row.kind]
                                      for row, h, y in zip(rows, hit, labels) if h != y]}
     return out
 

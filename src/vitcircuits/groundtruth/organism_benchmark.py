@@ -114,7 +114,7 @@ def run_organism(config: OrganismBenchConfig = OrganismBenchConfig()) -> dict:
         "n_edges": len(effects),
         "true_edges": [[*edge, round(effects[edge]["margin_drop"], 4), verdicts[edge]] for edge, _ in ranked if edge in true_edges],
         "top_edges": [{"edge": list(edge), **{k: round(v, 4) for k, v in e.items()}, "verdict": verdicts[edge]} for edge, e in ranked[:15]],
-        "atlas_kinds": {f"L{r['layer']}H{r['head']}": r["kind"] for r in atlas.rows},
+        "atlas_kinds": {f"L{r.layer}H{r.head}": r.kind for r in atlas.rows},
         "supported": [list(edge_key(row)) for row in result.candidates if row["verdict"] == "supported"],
         "detectors": scores,
         "attribution_agreement": result.attribution_agreement,

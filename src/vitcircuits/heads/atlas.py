@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,7 @@ import torch
 
 from vitcircuits.files import read_json, write_json, write_npz, write_text
 from vitcircuits.heads.kinds import KindThresholds, classify
-from vitcircuits.heads.metrics import COVERAGE_SHARE, baseline_rows, head_metrics, mean_kernels
+from vitcircuits.heads.metrics import COVERAGE_SHARE, HeadRow, baseline_rows, head_metrics, mean_kernels
 from vitcircuits.heads.offsets import HeadStatsAccumulator
 from vitcircuits.heads.positional import pattern_agreement, positional_accumulator
 from vitcircuits.models.config import TokenLayout
@@ -53,12 +53,12 @@ class HeadAtlas:
     layout: TokenLayout
     patch_size: tuple[int, int]
     config: AtlasConfig
-    rows: list[dict]
+    rows: list[HeadRow]
     kernels_LHYX: np.ndarray
     raw_kernels_LHYX: np.ndarray
     positional_kernels_LHYX: np.ndarray
     offset_counts_YX: np.ndarray
-    baselines: dict[str, dict]
+    baselines: dict[str, HeadRow]
 
     @property
     def n_layers(self) -> int:
@@ -68,14 +68,14 @@ class HeadAtlas:
     def n_heads(self) -> int:
         return self.kernels_LHYX.shape[1]
 
-    def row(self, layer: int, head: int) -> dict:
+    def row(self, layer: int, head: int) -> HeadRow:
         return self.rows[layer * self.n_heads + head]
 
     def heads_of_kind(self, kind: str) -> list[tuple[int, int]]:
-        return [(r["layer"], r["head"]) for r in self.rows if r["kind"] == kind]
+        return [(r.layer, r.head) for r in self.rows if r.kind == kind]
 
     def kind_grid(self) -> list[list[str]]:
-        return [[self.row(layer, head)["kind"] for head in range(self.n_heads)] for layer in range(self.n_layers)]
+        return [[self.row(layer, head).kind for head in range(self.n_heads)] for layer in range(self.n_layers)]
 
     def window(self, radius: int) -> np.ndarray:
         """Kernels cropped to offsets within ``radius`` of the centre, ``[L, H, 2r+1, 2r+1]`` (NaN-padded)."""
@@ -92,12 +92,14 @@ class HeadAtlas:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=HEADS_COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else "" if v is None else v) for k, v in r.items()} for r in self.rows)
+        writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else "" if v is None else v) for k, v in r.as_dict().items()} for r in self.rows)
         write_text(folder / "heads.csv", buf.getvalue())
         write_npz(folder / "kernels.npz", kernels=self.kernels_LHYX, raw_kernels=self.raw_kernels_LHYX,
                   positional_kernels=self.positional_kernels_LHYX, offset_counts=self.offset_counts_YX)
         write_json(folder / "atlas.json", {"model_id": self.model_id, "layout": asdict(self.layout), "patch_size": list(self.patch_size),
-                                           "config": asdict(self.config), "baselines": self.baselines, "rows": self.rows})
+                                           "config": asdict(self.config),
+                                           "baselines": {name: b.as_dict(positional=False) for name, b in self.baselines.items()},
+                                           "rows": [r.as_dict() for r in self.rows]})
 
     @classmethod
     def load(cls, folder: str | Path) -> HeadAtlas:
@@ -110,9 +112,9 @@ class HeadAtlas:
         config["thresholds"] = KindThresholds(**config["thresholds"])
         return cls(
             model_id=meta["model_id"], layout=TokenLayout(**layout), patch_size=tuple(meta["patch_size"]),
-            config=AtlasConfig(**config), rows=meta["rows"], kernels_LHYX=arrays["kernels"],
+            config=AtlasConfig(**config), rows=[HeadRow(**r) for r in meta["rows"]], kernels_LHYX=arrays["kernels"],
             raw_kernels_LHYX=arrays["raw_kernels"], positional_kernels_LHYX=arrays["positional_kernels"],
-            offset_counts_YX=arrays["offset_counts"], baselines=meta["baselines"],
+            offset_counts_YX=arrays["offset_counts"], baselines={name: HeadRow(**b) for name, b in meta["baselines"].items()},
         )
 
 
@@ -136,18 +138,18 @@ def build_atlas(model: HookedViT, acc: HeadStatsAccumulator, config: AtlasConfig
     """Metrics, kinds and positional comparison from accumulated statistics."""
     rows = head_metrics(acc, config.coverage_share)
     baselines = baseline_rows(model.layout, config.radius, model.cfg.patch_size)
-    uniform = dict(baselines["uniform"])
+    uniform = replace(baselines["uniform"])
     positional = positional_accumulator(model, config.radius)
     positional_rows = head_metrics(positional, config.coverage_share)
     empirical_LHPP = acc.pattern_sum_LHPP / acc.n_images
     agreement = pattern_agreement(empirical_LHPP, positional.pattern_sum_LHPP)
     for row, prow in zip(rows, positional_rows):
-        row["kind"] = classify(row, uniform, config.thresholds)
-        row["positional_agreement"] = float(agreement[row["layer"], row["head"]])
-        row["positional_modular_score"] = prow["modular_score"]
-        row["positional_kind"] = classify(prow, uniform, config.thresholds)
-    for name, base in baselines.items():
-        base["kind"] = classify(base, uniform, config.thresholds)
+        row.kind = classify(row, uniform, config.thresholds)
+        row.positional_agreement = float(agreement[row.layer, row.head])
+        row.positional_modular_score = prow.modular_score
+        row.positional_kind = classify(prow, uniform, config.thresholds)
+    for base in baselines.values():
+        base.kind = classify(base, uniform, config.thresholds)
     return HeadAtlas(
         model_id=model_id, layout=model.layout, patch_size=model.cfg.patch_size, config=config, rows=rows,
         kernels_LHYX=mean_kernels(acc), raw_kernels_LHYX=mean_kernels(acc, raw=True),

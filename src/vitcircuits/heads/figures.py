@@ -32,7 +32,7 @@ def plot_atlas(atlas: HeadAtlas, path: str | Path, radius: int = 3) -> Path:
             ax = axes[layer, head]
             cell = window[layer, head]
             ax.imshow(cell / max(np.nanmax(cell), 1e-12), cmap=HEATMAP, vmin=0, vmax=1, interpolation="nearest")
-            kind = atlas.row(layer, head)["kind"]
+            kind = atlas.row(layer, head).kind
             for spine in ax.spines.values():
                 spine.set_edgecolor(KIND_COLOURS[kind])
                 spine.set_linewidth(2.5)
@@ -46,7 +46,7 @@ def plot_atlas(atlas: HeadAtlas, path: str | Path, radius: int = 3) -> Path:
                 ax.set_ylabel(f"L{layer}", fontsize=7)
     handles = [plt.Rectangle((0, 0), 1, 1, color=KIND_COLOURS[k]) for k in KINDS]
     fig.legend(handles, KINDS, loc="lower center", ncol=len(KINDS), fontsize=7, frameon=False)
-    fig.suptitle(f"Head atlas of {atlas.model_id}: offset kernels (±{radius} patches), n={atlas.rows[0]['n_images']} images", fontsize=9)
+    fig.suptitle(f"Head atlas of {atlas.model_id}: offset kernels (±{radius} patches), n={atlas.rows[0].n_images} images", fontsize=9)
     fig.subplots_adjust(bottom=0.06)
     return save_figure(fig, path)
 
@@ -57,13 +57,13 @@ def plot_distance_vs_layer(atlas: HeadAtlas, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     rng = np.random.default_rng(0)
     for kind in KINDS:
-        rows = [r for r in atlas.rows if r["kind"] == kind]
+        rows = [r for r in atlas.rows if r.kind == kind]
         if rows:
-            x = np.array([r["layer"] for r in rows]) + rng.uniform(-0.15, 0.15, len(rows))
-            ax.scatter(x, [r["mean_distance_px"] for r in rows], s=16, color=KIND_COLOURS[kind], label=kind, edgecolor="black", linewidth=0.3)
+            x = np.array([r.layer for r in rows]) + rng.uniform(-0.15, 0.15, len(rows))
+            ax.scatter(x, [r.mean_distance_px for r in rows], s=16, color=KIND_COLOURS[kind], label=kind, edgecolor="black", linewidth=0.3)
     styles = {"uniform": ("--", "uniform attention"), "neighbours": (":", "uniform over 8 neighbours"), "self": ("-.", "pure self")}
     for name, (style, label) in styles.items():
-        ax.axhline(atlas.baselines[name]["mean_distance_px"], linestyle=style, color="black", linewidth=1, label=f"baseline: {label}")
+        ax.axhline(atlas.baselines[name].mean_distance_px, linestyle=style, color="black", linewidth=1, label=f"baseline: {label}")
     ax.set_xlabel("layer")
     ax.set_ylabel("mean attention distance (pixels)")
     ax.set_xticks(range(atlas.n_layers))
@@ -77,11 +77,11 @@ def plot_modular_scores(atlas: HeadAtlas, path: str | Path) -> Path:
     (error bars clipped at 0: see :func:`error_bars`)."""
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for r in atlas.rows:
-        x = r["layer"] + (r["head"] - (atlas.n_heads - 1) / 2) * 0.6 / max(atlas.n_heads, 1)
-        ax.errorbar(x, r["modular_score"], yerr=error_bars([r["modular_score"]], [r["modular_score_lo"]], [r["modular_score_hi"]]),
-                    fmt="o", markersize=3, color=KIND_COLOURS[r["kind"]], ecolor="black", elinewidth=0.6)
+        x = r.layer + (r.head - (atlas.n_heads - 1) / 2) * 0.6 / max(atlas.n_heads, 1)
+        ax.errorbar(x, r.modular_score, yerr=error_bars([r.modular_score], [r.modular_score_lo], [r.modular_score_hi]),
+                    fmt="o", markersize=3, color=KIND_COLOURS[r.kind], ecolor="black", elinewidth=0.6)
     for name, style in (("uniform", "--"), ("neighbours", ":"), ("self", "-.")):
-        ax.axhline(atlas.baselines[name]["modular_score"], linestyle=style, color="black", linewidth=1, label=f"baseline: {name}")
+        ax.axhline(atlas.baselines[name].modular_score, linestyle=style, color="black", linewidth=1, label=f"baseline: {name}")
     ax.set_xlabel("layer")
     ax.set_ylabel("modular_score (95 % CI)")
     ax.set_ylim(-0.02, 1.02)

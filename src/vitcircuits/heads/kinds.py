@@ -19,6 +19,10 @@ centre), they never apply.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vitcircuits.heads.metrics import HeadRow
 
 KINDS = ("modular", "directional", "self", "cls/sink", "global", "mixed")
 
@@ -45,20 +49,20 @@ class KindThresholds:
     """Fraction of the uniform-attention mean distance above which a head is global."""
 
 
-def classify(row: dict, uniform: dict, t: KindThresholds = KindThresholds()) -> str:
+def classify(row: HeadRow, uniform: HeadRow, t: KindThresholds = KindThresholds()) -> str:
     """The kind of one head from its metrics row; ``uniform`` is the metrics row of uniform
     attention on the same grid."""
-    if row["cls_mass"] + row["dist_mass"] + row["register_mass"] >= t.sink_mass:
+    if row.cls_mass + row.dist_mass + row.register_mass >= t.sink_mass:
         return "cls/sink"
-    if row["self_mass"] >= t.self_mass:
+    if row.self_mass >= t.self_mass:
         return "self"
-    if (row["peak_dy"], row["peak_dx"]) != (0, 0) and row["peak_mass"] >= t.shift_mass:
+    if (row.peak_dy, row.peak_dx) != (0, 0) and row.peak_mass >= t.shift_mass:
         return "directional"
-    if row["neighbour_mass"] >= t.local_mass > uniform["neighbour_mass"]:
-        if row["direction_coverage"] >= t.modular_directions and row["direction_entropy"] >= t.modular_entropy:
+    if row.neighbour_mass >= t.local_mass > uniform.neighbour_mass:
+        if row.direction_coverage >= t.modular_directions and row.direction_entropy >= t.modular_entropy:
             return "modular"
-        if row["top_direction_share"] >= t.directional_share:
+        if row.top_direction_share >= t.directional_share:
             return "directional"
-    if row["mean_distance_patches"] >= t.global_distance * uniform["mean_distance_patches"]:
+    if row.mean_distance_patches >= t.global_distance * uniform.mean_distance_patches:
         return "global"
     return "mixed"

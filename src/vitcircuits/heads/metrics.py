@@ -23,6 +23,7 @@ fall on one side of it; with no replicate of positive weight the interval is the
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -32,6 +33,60 @@ from vitcircuits.models.config import TokenLayout
 
 COVERAGE_SHARE = 1.0 / 16
 CI_METRICS = ("neighbour_mass", "self_mass", "prefix_mass", "mean_distance_patches", "modular_score")
+
+
+@dataclass
+class HeadRow:
+    """One head's metrics (:func:`head_metrics`), then its kind and positional comparison
+    (:func:`~vitcircuits.heads.atlas.build_atlas`). ``heads.csv`` and ``atlas.json`` hold these
+    fields; docs/heads.md defines each."""
+
+    layer: int
+    head: int
+    modular_score: float
+    neighbour_mass: float
+    neighbour_mass_raw: float
+    neighbour_mass_interior: float | None
+    """None on a grid without an interior query."""
+    neighbour_mass_border: float | None
+    """None on a grid without a border query."""
+    self_mass: float
+    cls_mass: float
+    dist_mass: float
+    register_mass: float
+    mean_distance_patches: float
+    mean_distance_px: float
+    direction_coverage: int
+    direction_entropy: float
+    top_direction_share: float
+    peak_dy: int
+    peak_dx: int
+    peak_mass: float
+    content_dependence: float
+    n_images: int
+    neighbour_mass_lo: float
+    neighbour_mass_hi: float
+    self_mass_lo: float
+    self_mass_hi: float
+    prefix_mass_lo: float
+    prefix_mass_hi: float
+    mean_distance_patches_lo: float
+    mean_distance_patches_hi: float
+    modular_score_lo: float
+    modular_score_hi: float
+    kind: str | None = None
+    """Set by the atlas (:func:`~vitcircuits.heads.kinds.classify`)."""
+    positional_agreement: float | None = None
+    positional_modular_score: float | None = None
+    positional_kind: str | None = None
+
+    def as_dict(self, positional: bool = True) -> dict:
+        """The row as written to ``atlas.json`` (without the positional comparison for a baseline head)."""
+        out = asdict(self)
+        if not positional:
+            for name in ("positional_agreement", "positional_modular_score", "positional_kind"):
+                out.pop(name)
+        return out
 
 
 def direction_entropy(shares: np.ndarray) -> np.ndarray:
@@ -55,7 +110,7 @@ def mean_kernels(acc: HeadStatsAccumulator, raw: bool = False) -> np.ndarray:
     return kernel.reshape(acc.n_layers, acc.n_heads, *acc.geometry.kernel_shape)
 
 
-def head_metrics(acc: HeadStatsAccumulator, coverage_share: float = COVERAGE_SHARE) -> list[dict]:
+def head_metrics(acc: HeadStatsAccumulator, coverage_share: float = COVERAGE_SHARE) -> list[HeadRow]:
     """One dict per head with the point estimates and bootstrap intervals."""
     if acc.n_images == 0:
         raise ValueError("no images were accumulated")
@@ -86,32 +141,32 @@ def head_metrics(acc: HeadStatsAccumulator, coverage_share: float = COVERAGE_SHA
     for layer in range(L):
         for head in range(H):
             peak = int(np.argmax(kernel_flat[layer, head]))
-            row = {
-                "layer": layer,
-                "head": head,
-                "modular_score": float(estimates["modular_score"][layer, head]),
-                "neighbour_mass": float(estimates["neighbour_mass"][layer, head]),
-                "neighbour_mass_raw": float(raw_neighbour_LHP[layer, head].mean()),
-                "neighbour_mass_interior": float(neighbour_LHP[layer, head][interior].mean()) if interior.any() else None,
-                "neighbour_mass_border": float(neighbour_LHP[layer, head][~interior].mean()) if (~interior).any() else None,
-                "self_mass": float(estimates["self_mass"][layer, head]),
-                "cls_mass": float(prefix[layer, head, 0]),
-                "dist_mass": float(prefix[layer, head, 1]),
-                "register_mass": float(prefix[layer, head, 2]),
-                "mean_distance_patches": float(estimates["mean_distance_patches"][layer, head]),
-                "mean_distance_px": float(acc.distance_px_sum_LH[layer, head] / n),
-                "direction_coverage": int((shares[layer, head] >= coverage_share).sum()),
-                "direction_entropy": float(entropy[layer, head]),
-                "top_direction_share": float(shares[layer, head].max()),
-                "peak_dy": peak // cols_k - (acc.layout.rows - 1),
-                "peak_dx": peak % cols_k - (acc.layout.cols - 1),
-                "peak_mass": float(kernel_flat[layer, head, peak]),
-                "content_dependence": float(content[layer, head]),
-                "n_images": n,
-            }
+            row = dict(
+                layer=layer,
+                head=head,
+                modular_score=float(estimates["modular_score"][layer, head]),
+                neighbour_mass=float(estimates["neighbour_mass"][layer, head]),
+                neighbour_mass_raw=float(raw_neighbour_LHP[layer, head].mean()),
+                neighbour_mass_interior=float(neighbour_LHP[layer, head][interior].mean()) if interior.any() else None,
+                neighbour_mass_border=float(neighbour_LHP[layer, head][~interior].mean()) if (~interior).any() else None,
+                self_mass=float(estimates["self_mass"][layer, head]),
+                cls_mass=float(prefix[layer, head, 0]),
+                dist_mass=float(prefix[layer, head, 1]),
+                register_mass=float(prefix[layer, head, 2]),
+                mean_distance_patches=float(estimates["mean_distance_patches"][layer, head]),
+                mean_distance_px=float(acc.distance_px_sum_LH[layer, head] / n),
+                direction_coverage=int((shares[layer, head] >= coverage_share).sum()),
+                direction_entropy=float(entropy[layer, head]),
+                top_direction_share=float(shares[layer, head].max()),
+                peak_dy=peak // cols_k - (acc.layout.rows - 1),
+                peak_dx=peak % cols_k - (acc.layout.cols - 1),
+                peak_mass=float(kernel_flat[layer, head, peak]),
+                content_dependence=float(content[layer, head]),
+                n_images=n,
+            )
             for name in CI_METRICS:
                 row[f"{name}_lo"], row[f"{name}_hi"] = (float(v) for v in intervals[name][:, layer, head])
-            out.append(row)
+            out.append(HeadRow(**row))
     return out
 
 
@@ -134,7 +189,7 @@ def bootstrap_intervals(acc: HeadStatsAccumulator, estimates: dict[str, np.ndarr
     return out
 
 
-def baseline_rows(layout: TokenLayout, radius: int, patch_hw: tuple[int, int]) -> dict[str, dict]:
+def baseline_rows(layout: TokenLayout, radius: int, patch_hw: tuple[int, int]) -> dict[str, HeadRow]:
     """Metrics of three reference heads on this grid: uniform attention over all tokens, uniform
     over the 8 (radius-R) neighbours, and pure self-attention."""
     P, start, N = layout.n_patches, layout.patch_start, layout.n_tokens

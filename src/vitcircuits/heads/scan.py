@@ -28,14 +28,14 @@ def scan_heads(model: HookedViT, batches: Iterable, config: AtlasConfig, model_i
 
 def overlay_heads(atlas: HeadAtlas) -> list[tuple[int, int]]:
     """The heads shown on real images: the most modular ones (by modular_score)."""
-    ranked = sorted(atlas.rows, key=lambda r: -r["modular_score"])
-    return [(r["layer"], r["head"]) for r in ranked[:N_OVERLAY_HEADS]]
+    ranked = sorted(atlas.rows, key=lambda r: -r.modular_score)
+    return [(r.layer, r.head) for r in ranked[:N_OVERLAY_HEADS]]
 
 
 def summarize(atlas: HeadAtlas) -> str:
     counts = {}
     for r in atlas.rows:
-        counts[r["kind"]] = counts.get(r["kind"], 0) + 1
+        counts[r.kind] = counts.get(r.kind, 0) + 1
     modular = ", ".join(f"L{layer}H{head}" for layer, head in atlas.heads_of_kind("modular")) or "none"
     return f"kinds: {counts}; modular heads: {modular}"
 

@@ -282,7 +282,7 @@ class RunState:
             window = atlas.window(radius)
             kernels = [[[[finite(v) for v in line] for line in window[layer, head]] for head in range(atlas.n_heads)]
                        for layer in range(atlas.n_layers)]
-            rows = [{k: finite(v) for k, v in r.items()} for r in atlas.rows]
+            rows = [{k: finite(v) for k, v in r.as_dict().items()} for r in atlas.rows]
         return {"atlas": rows, "kernels": kernels, "kernel_radius": radius,
                 "layout": {"rows": atlas.layout.rows, "cols": atlas.layout.cols}}
 

@@ -40,6 +40,6 @@ def write_heads_outputs(run: Run, loaded: LoadedModel, images: ImageSet, atlas: 
         row = atlas.row(layer, head)
         panels = [(denormalize(image[0], preprocess.mean, preprocess.std), maps[index][layer, head], image_id) for index, image_id, image in kept]
         name = f"overlay_L{layer}H{head}.png"
-        caption = f"Layer {layer} head {head} ({row['kind']}, modular_score {row['modular_score']:.2f}): attention from the centre patch"
+        caption = f"Layer {layer} head {head} ({row.kind}, modular_score {row.modular_score:.2f}): attention from the centre patch"
         figures.append((plot_head_overlays(panels, query, folder / name, caption), caption))
     return [(str(path.relative_to(run.path)), caption) for path, caption in figures]

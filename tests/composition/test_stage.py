@@ -47,18 +47,18 @@ def test_planted_circuits_supported_and_nothing_else(tmp_path):
     result = compose(planted.model, images())
     rows = _edges(result)
     assert len(rows) == 3 * CIRCUIT_CONFIG.n_heads**2, "every edge of the 2-layer model gets a verdict"
-    supported = {key for key, row in rows.items() if row["verdict"] == "supported"}
+    supported = {key for key, row in rows.items() if row.verdict == "supported"}
     assert supported == {(*e, k) for e, k in planted.edges.items()}
     for (sl, sh, rl, rh), kind in planted.edges.items():
         row = rows[(sl, sh, rl, rh, kind)]
         reading = "positional" if kind == "v" else "content-matching"  # the V receiver attends by position
         circuit = next(c for c in result.circuits if c["senders"] == [[sl, sh]] and c["receivers"] == [[rl, rh]] and c["kind"] == kind)
         assert circuit["shuffle_reading"] == reading
-        assert row["composes_patch"]["n_null"] >= MIN_NULL and row["matters"]["n_null"] >= MIN_NULL
-        assert row["composes_patch"]["lo"] <= row["composes_patch"]["effect"] <= row["composes_patch"]["hi"]
+        assert row.composes_patch["n_null"] >= MIN_NULL and row.matters["n_null"] >= MIN_NULL
+        assert row.composes_patch["lo"] <= row.composes_patch["effect"] <= row.composes_patch["hi"]
     for (sl, sh, rl, rh), kind in planted.decoy_edges.items():
         decoy = rows[(sl, sh, rl, rh, kind)]
-        assert decoy["verdict"] != "supported" and decoy["weight_z"] > 3  # composition-looking weights, nothing else
+        assert decoy.verdict != "supported" and decoy.weight_z > 3  # composition-looking weights, nothing else
     write_composition(tmp_path, result, 2, CIRCUIT_CONFIG.n_heads)
     data = json.loads((tmp_path / "circuits.json").read_text())
     assert data["ablation"] == "mean" and data["circuits"][0]["verdict"] == "supported"
@@ -87,9 +87,9 @@ def test_silent_layer_mates_give_no_nan_and_keep_the_circuit(tmp_path):
     rows = _edges(result)
     kept = {(*edge, kind) for edge, kind in planted.edges.items() if edge[:2] == (sl, sh)}
     assert (sl, sh, rl, rh, "k") in kept and len(kept) == 2
-    assert {key for key, row in rows.items() if row["verdict"] == "supported"} == kept
-    silent = [row for row in rows.values() if row["silent"]]
-    assert len(silent) == 3 * (H - 1) * H and all(row["verdict"] != "supported" and row["weight_score"] == 0 for row in silent)
+    assert {key for key, row in rows.items() if row.verdict == "supported"} == kept
+    silent = [row for row in rows.values() if row.silent]
+    assert len(silent) == 3 * (H - 1) * H and all(row.verdict != "supported" and row.weight_score == 0 for row in silent)
     assert all(_no_nan(row) for row in rows.values())
     write_composition(tmp_path, result, 2, H)
     text = (tmp_path / "composition.csv").read_text() + (tmp_path / "circuits.json").read_text()

@@ -61,34 +61,68 @@ def verdict(composes: bool, matters: bool | None) -> str:
     return "weak" if composes or matters else "none"
 
 
-def edge_key(row: dict) -> tuple[int, int, int, int, str]:
-    return row["sender_layer"], row["sender_head"], row["receiver_layer"], row["receiver_head"], row["kind"]
+@dataclass
+class EdgeRow:
+    """Every line of evidence of one edge ``sender → receiver → input`` and its verdict
+    (:func:`~vitcircuits.composition.edges.edge_rows`); the evidence lines are
+    :meth:`~vitcircuits.composition.evidence.Line.as_dict` documents."""
+
+    sender_layer: int
+    sender_head: int
+    sender_kind: str
+    """The sender's atlas kind (a label only)."""
+    receiver_layer: int
+    receiver_head: int
+    kind: str
+    """The receiver's input: ``q``, ``k`` or ``v``."""
+    verdict: str
+    silent: bool
+    read_at: list[str]
+    """The query sets at which the edge composes (``patch``, ``prefix``)."""
+    composes_patch: dict
+    composes_prefix: dict | None
+    """None for a model without prefix tokens."""
+    ablation: str
+    matters: dict | None
+    """None for an edge not checked exactly."""
+    attribution: float | None
+    weight_score: float
+    baseline_mean: float
+    baseline_std: float
+    weight_z: float
+    weight_percentile: float | None
+    shuffle_effect: float
+    attention_kept: float
 
 
-def build_circuits(rows: list[dict], criteria: VerdictCriteria) -> list[dict]:
+def edge_key(row: EdgeRow) -> tuple[int, int, int, int, str]:
+    return row.sender_layer, row.sender_head, row.receiver_layer, row.receiver_head, row.kind
+
+
+def build_circuits(rows: list[EdgeRow], criteria: VerdictCriteria) -> list[dict]:
     """One circuit per edge row that is supported, weak or was checked exactly, with its
     evidence; sorted by verdict, then by the drop of the task metric."""
     circuits = []
     for row in rows:
-        if row["verdict"] == "none" and row["matters"] is None:
+        if row.verdict == "none" and row.matters is None:
             continue
         circuits.append({
-            "senders": [[row["sender_layer"], row["sender_head"]]],
-            "sender_kinds": [row["sender_kind"]],
-            "receivers": [[row["receiver_layer"], row["receiver_head"]]],
-            "kind": row["kind"],
-            "verdict": row["verdict"],
-            "silent": row["silent"],
-            "read_at": row["read_at"],
-            "shuffle_reading": "positional" if row["attention_kept"] >= criteria.attention_kept else "content-matching",
+            "senders": [[row.sender_layer, row.sender_head]],
+            "sender_kinds": [row.sender_kind],
+            "receivers": [[row.receiver_layer, row.receiver_head]],
+            "kind": row.kind,
+            "verdict": row.verdict,
+            "silent": row.silent,
+            "read_at": row.read_at,
+            "shuffle_reading": "positional" if row.attention_kept >= criteria.attention_kept else "content-matching",
             "evidence": {
-                "composes": {"metric": EFFECT_OF_KIND[row["kind"]], "patch": row["composes_patch"], "prefix": row["composes_prefix"],
-                             "ablation": row["ablation"]},
-                "matters": row["matters"],
-                "attribution": row["attribution"],
-                "weights": {"value": row["weight_score"], "baseline_mean": row["baseline_mean"], "baseline_std": row["baseline_std"],
-                            "z": row["weight_z"], "percentile_earlier": row["weight_percentile"]},
-                "shuffle": {"effect": row["shuffle_effect"], "attention_kept": row["attention_kept"]},
+                "composes": {"metric": EFFECT_OF_KIND[row.kind], "patch": row.composes_patch, "prefix": row.composes_prefix,
+                             "ablation": row.ablation},
+                "matters": row.matters,
+                "attribution": row.attribution,
+                "weights": {"value": row.weight_score, "baseline_mean": row.baseline_mean, "baseline_std": row.baseline_std,
+                            "z": row.weight_z, "percentile_earlier": row.weight_percentile},
+                "shuffle": {"effect": row.shuffle_effect, "attention_kept": row.attention_kept},
             },
             "criteria": asdict(criteria),
         })

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from vitcircuits.composition.ablation import ZStats
-from vitcircuits.composition.circuits import verdict
+from vitcircuits.composition.circuits import EdgeRow, verdict
 from vitcircuits.composition.config import ComposeConfig
 from vitcircuits.composition.edge_attribution import EdgeAttribution, attribution_chunk, edge_attribution_batch, spearman
 from vitcircuits.composition.evidence import MIN_NULL, Line, below_floor, bootstrap_intervals, fill_count, judge
@@ -125,7 +125,7 @@ def _matters_lines(task: TaskEvidence, n_boot: int, seed: int) -> dict[EdgeKey, 
 
 
 def edge_rows(scores: CompositionScores, senders: list[tuple[int, int, str]], clean: PatchEffects, shuffled: PatchEffects,
-              kept_LH: np.ndarray, task: TaskEvidence | None, has_prefix: bool, config: ComposeConfig) -> list[dict]:
+              kept_LH: np.ndarray, task: TaskEvidence | None, has_prefix: bool, config: ComposeConfig) -> list[EdgeRow]:
     """One row per edge whose sender is in ``senders`` (module docstring of
     :mod:`~vitcircuits.composition.circuits`)."""
     S = len(senders)
@@ -156,7 +156,7 @@ def edge_rows(scores: CompositionScores, senders: list[tuple[int, int, str]], cl
                     edge = (sl, sh, rl, rh, kind)
                     line = matters.get(edge)
                     earlier = np.delete(weight[:rl, :, rl, rh].ravel(), sl * H + sh)
-                    rows.append({
+                    rows.append(EdgeRow(**{
                         "sender_layer": sl, "sender_head": sh, "sender_kind": sender_kind, "receiver_layer": rl, "receiver_head": rh,
                         "kind": kind, "verdict": verdict(bool(read_at), line.beyond if line else None),
                         "silent": bool(silent[sl, sh, rl, rh]), "read_at": read_at,
@@ -168,5 +168,5 @@ def edge_rows(scores: CompositionScores, senders: list[tuple[int, int, str]], cl
                         "weight_percentile": float((earlier < weight[sl, sh, rl, rh]).mean()) if earlier.size else None,
                         "shuffle_effect": float(shuffled_mean[i, p, rl, rh, METRICS.index(VERDICT_METRIC[kind])]),
                         "attention_kept": float(kept_LH[rl, rh]),
-                    })
+                    }))
     return rows

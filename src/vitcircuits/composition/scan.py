@@ -24,7 +24,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from vitcircuits.composition.ablation import ZStats
-from vitcircuits.composition.circuits import build_circuits
+from vitcircuits.composition.circuits import EdgeRow, build_circuits
 from vitcircuits.composition.config import ComposeConfig
 from vitcircuits.composition.edges import Steps, edge_rows, task_evidence
 from vitcircuits.composition.evidence import fill_count
@@ -48,7 +48,7 @@ class CompositionResult:
     scores: CompositionScores
     senders: list[tuple[int, int, str]]
     """Every head but those of the last layer, with its atlas kind."""
-    candidates: list[dict]
+    candidates: list[EdgeRow]
     """One row per edge with all its evidence and its verdict."""
     circuits: list[dict]
     effects: dict[str, np.ndarray]

@@ -27,7 +27,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 import numpy as np
 import torch
 
-from vitcircuits.composition.circuits import edge_key
+from vitcircuits.composition.circuits import EdgeRow, edge_key
 from vitcircuits.composition.config import ComposeConfig
 from vitcircuits.composition.scan import CompositionResult, run_composition
 from vitcircuits.composition.task_patching import EdgeKey
@@ -112,10 +112,10 @@ def score_kinds(truth: Mapping[tuple[int, int], str | None], rows: Iterable[Head
     return out
 
 
-def _composes_score(row: dict) -> float:
+def _composes_score(row: EdgeRow) -> float:
     """The composes line as a number: the largest effect over its bar (the null's 95th percentile
     or the floor, whichever is higher) across the query sets; ≥ 1 when it passes."""
-    lines = [line for line in (row["composes_patch"], row["composes_prefix"]) if line is not None]
+    lines = [line for line in (row.composes_patch, row.composes_prefix) if line is not None]
     return max(line["effect"] / max(line["null_q95"], line["floor"]) for line in lines)
 
 
@@ -124,13 +124,13 @@ def edge_scores(result: CompositionResult) -> dict[str, dict[EdgeKey, float]]:
     out: dict[str, dict[EdgeKey, float]] = {name: {} for name in EDGE_DETECTORS}
     for row in result.candidates:
         key = edge_key(row)
-        out["verdict"][key] = float(row["verdict"] == "supported")
+        out["verdict"][key] = float(row.verdict == "supported")
         out["composes"][key] = _composes_score(row)
-        out["weight_z"][key] = row["weight_z"]
-        if row["attribution"] is not None:
-            out["attribution"][key] = row["attribution"]
-        if row["matters"] is not None:
-            out["task_effect"][key] = row["matters"]["effect"]
+        out["weight_z"][key] = row.weight_z
+        if row.attribution is not None:
+            out["attribution"][key] = row.attribution
+        if row.matters is not None:
+            out["task_effect"][key] = row.matters["effect"]
     return out
 
 
@@ -157,7 +157,7 @@ def run_member(member: FamilyMember, n_images: int = 16, batch_size: int = 8, n_
     population = detectors["verdict"].keys()
     positives = {(*edge, kind) for edge, kind in member.edges.items()}
     edges = {name: score_edges(positives, population, values, threshold=0.5 if name == "verdict" else None) for name, values in detectors.items()}
-    verdicts = {edge_key(row): row["verdict"] for row in result.candidates}
+    verdicts = {edge_key(row): row.verdict for row in result.candidates}
     cfg = member.config
     return {
         "seed": cfg.seed, "grid": list(cfg.grid), "n_layers": cfg.n_layers, "n_heads": member.model.cfg.n_heads, "sender_layer": cfg.sender_layer,

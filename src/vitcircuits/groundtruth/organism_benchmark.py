@@ -106,7 +106,7 @@ def run_organism(config: OrganismBenchConfig = OrganismBenchConfig()) -> dict:
                                     for name, population in detectors.items()}
                    for threshold in SENSITIVITY_THRESHOLDS}
     ranked = sorted(effects.items(), key=lambda item: -item[1]["margin_drop"])
-    verdicts = {edge_key(row): row["verdict"] for row in result.candidates}
+    verdicts = {edge_key(row): row.verdict for row in result.candidates}
     cfg = loaded.model.cfg
     return {
         "config": asdict(config),
@@ -115,7 +115,7 @@ def run_organism(config: OrganismBenchConfig = OrganismBenchConfig()) -> dict:
         "true_edges": [[*edge, round(effects[edge]["margin_drop"], 4), verdicts[edge]] for edge, _ in ranked if edge in true_edges],
         "top_edges": [{"edge": list(edge), **{k: round(v, 4) for k, v in e.items()}, "verdict": verdicts[edge]} for edge, e in ranked[:15]],
         "atlas_kinds": {f"L{r.layer}H{r.head}": r.kind for r in atlas.rows},
-        "supported": [list(edge_key(row)) for row in result.candidates if row["verdict"] == "supported"],
+        "supported": [list(edge_key(row)) for row in result.candidates if row.verdict == "supported"],
         "detectors": scores,
         "attribution_agreement": result.attribution_agreement,
         "task_metric": result.task_metric,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from vitcircuits.composition.circuits import EFFECT_OF_KIND, VERDICTS, edge_key
+from vitcircuits.composition.circuits import EFFECT_OF_KIND, VERDICTS, EdgeRow, edge_key
 from vitcircuits.composition.config import ComposeConfig
 from vitcircuits.composition.figures import plot_circuit_graph, plot_patch_heatmaps, plot_weight_heatmaps
 from vitcircuits.composition.necessity import LabelledBatches
@@ -33,7 +33,7 @@ def run_compose(run: Run, loaded: LoadedModel, images: ImageSet, config: Compose
     cfg = loaded.model.cfg
     figures = write_composition(run.file(LAYOUT.composition), result, cfg.n_layers, cfg.n_heads)
     write_json(run.file(LAYOUT.composition_figures), [(str(p.relative_to(run.path)), c) for p, c in figures])
-    counts = {v: sum(row["verdict"] == v for row in result.candidates) for v in VERDICTS}
+    counts = {v: sum(row.verdict == v for row in result.candidates) for v in VERDICTS}
     run.write_manifest(composition={"verdicts": counts, "ablation": config.patching.ablation})
 
 
@@ -65,16 +65,16 @@ EDGE_COLUMNS = (
 """Columns of ``composition.csv`` beside the weight scores, on the q/k/v rows (empty where not measured)."""
 
 
-def _edge_columns(row: dict) -> dict:
-    flat = {"verdict": row["verdict"], "composes": bool(row["read_at"]), "read_at": "+".join(row["read_at"]),
-            "patch_metric": EFFECT_OF_KIND[row["kind"]], "attribution": row["attribution"], "weight_percentile": row["weight_percentile"],
-            "shuffle_effect": row["shuffle_effect"], "attention_kept": row["attention_kept"], "ablation": row["ablation"]}
-    for prefix, line in (("patch", row["composes_patch"]), ("prefix", row["composes_prefix"]), ("task", row["matters"])):
+def _edge_columns(row: EdgeRow) -> dict:
+    flat = {"verdict": row.verdict, "composes": bool(row.read_at), "read_at": "+".join(row.read_at),
+            "patch_metric": EFFECT_OF_KIND[row.kind], "attribution": row.attribution, "weight_percentile": row.weight_percentile,
+            "shuffle_effect": row.shuffle_effect, "attention_kept": row.attention_kept, "ablation": row.ablation}
+    for prefix, line in (("patch", row.composes_patch), ("prefix", row.composes_prefix), ("task", row.matters)):
         if line is not None:
             flat.update({f"{prefix}_{'drop' if prefix == 'task' else 'effect'}": line["effect"], f"{prefix}_lo": line["lo"],
                          f"{prefix}_hi": line["hi"], f"{prefix}_null_q95": line["null_q95"], f"{prefix}_z": line["z"]})
-    if row["matters"] is not None:
-        flat.update(matters=row["matters"]["beyond"], task_floor=row["matters"]["floor"])
+    if row.matters is not None:
+        flat.update(matters=row.matters["beyond"], task_floor=row.matters["floor"])
     return flat
 
 
@@ -90,10 +90,10 @@ def write_composition(folder: Path, result: CompositionResult, n_layers: int, n_
             row = {**row, **_edge_columns(edges[key])}
         writer.writerow({k: _cell(v) for k, v in row.items()})
     write_text(folder / Path(LAYOUT.composition_csv).name, buf.getvalue())
-    counts = {v: sum(row["verdict"] == v for row in result.candidates) for v in VERDICTS}
+    counts = {v: sum(row.verdict == v for row in result.candidates) for v in VERDICTS}
     write_json(folder / Path(LAYOUT.circuits).name, {
         "senders": [{"layer": layer, "head": head, "kind": kind} for layer, head, kind in result.senders],
-        "ablation": result.candidates[0]["ablation"] if result.candidates else None,
+        "ablation": result.candidates[0].ablation if result.candidates else None,
         "n_edges": len(result.candidates),
         "verdicts": counts,
         "rule": "supported = composes (receiver reads the sender beyond its null, at patch or prefix queries) and matters "
@@ -112,7 +112,7 @@ def write_composition(folder: Path, result: CompositionResult, n_layers: int, n_
                 "Weight-based composition z-scores (sender rows × receiver columns) per kind, against random heads.")]
     if result.candidates:
         figures.append((plot_patch_heatmaps(result, folder / "patch_heatmaps.png"),
-                        f"Path-patching effects of every sender head ({result.candidates[0]['ablation']} ablation) on every later head, "
+                        f"Path-patching effects of every sender head ({result.candidates[0].ablation} ablation) on every later head, "
                         "at patch queries."))
     if result.circuits:
         figures.append((plot_circuit_graph(result, folder / "circuit_graph.png", n_layers, n_heads),

@@ -5,14 +5,10 @@ import pickle
 
 import numpy as np
 import pytest
-import timm
-from PIL import Image
 from typer.testing import CliRunner
 
 from vitcircuits.cli import app
-from vitcircuits.testing.checkpoints import save_timm_folder
-
-ARGS = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 3}
+from vitcircuits.testing.checkpoints import noise_image_folder, tiny_vit_folder
 
 
 class Payload:
@@ -28,19 +24,13 @@ class Payload:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
-    good = save_timm_folder(timm.create_model("vit_tiny_patch16_224", pretrained=False, **ARGS), root / "good", "vit_tiny_patch16_224", ARGS)
-    truncated = save_timm_folder(timm.create_model("vit_tiny_patch16_224", pretrained=False, **ARGS), root / "truncated", "vit_tiny_patch16_224", ARGS)
+    good, truncated, garbage = (tiny_vit_folder(root / name, depth=2) for name in ("good", "truncated", "garbage"))
     weights = truncated / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    garbage = save_timm_folder(timm.create_model("vit_tiny_patch16_224", pretrained=False, **ARGS), root / "garbage", "vit_tiny_patch16_224", ARGS)
     (garbage / "model.safetensors").write_bytes(os.urandom(4096))
     malicious = root / "evil.pth"
     malicious.write_bytes(pickle.dumps({"weight": Payload(root / "pwned")}))
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    images = noise_image_folder(root / "images", 6)
     a_file = root / "a_file"
     a_file.write_text("not a folder")
     damaged = root / "damaged_run"

@@ -3,24 +3,15 @@ import json
 
 import numpy as np
 import pytest
-import timm
-from PIL import Image
 from typer.testing import CliRunner
 
 from vitcircuits.cli import app
-from vitcircuits.testing.checkpoints import save_timm_folder
+from vitcircuits.testing.checkpoints import noise_image_folder, tiny_vit_folder
 
 
 @pytest.fixture()
 def model_and_images(tmp_path):
-    args = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 3, "num_heads": 2, "num_classes": 3}
-    folder = save_timm_folder(timm.create_model("vit_tiny_patch16_224", pretrained=False, **args), tmp_path / "m", "vit_tiny_patch16_224", args)
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"{i:02d}.png")
-    return folder, images
+    return tiny_vit_folder(tmp_path / "m"), noise_image_folder(tmp_path / "images", 12)
 
 
 def test_heads_then_compose_from_it(model_and_images, tmp_path):

@@ -6,9 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-import timm
 import torch
-from PIL import Image
 from typer.testing import CliRunner
 
 from vitcircuits.cli import app
@@ -17,21 +15,14 @@ from vitcircuits.runs import Run
 from vitcircuits.sae.model import SAEConfig
 from vitcircuits.sae.train import TrainConfig, train_sae
 from vitcircuits.stages import StageRunner
-from vitcircuits.testing.checkpoints import save_timm_folder
+from vitcircuits.testing.checkpoints import noise_image_folder, tiny_vit_folder
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("integrity")
-    args = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 3, "num_heads": 2, "num_classes": 3}
-    model = save_timm_folder(timm.create_model("vit_tiny_patch16_224", pretrained=False, **args), root / "m", "vit_tiny_patch16_224", args)
-    folders = {}
-    for name, seed in (("a", 0), ("b", 1)):
-        folder = folders[name] = root / name
-        folder.mkdir()
-        rng = np.random.default_rng(seed)
-        for i in range(24):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{name}{i:02d}.png")
+    model = tiny_vit_folder(root / "m")
+    folders = {name: noise_image_folder(root / name, 24, seed, prefix=name) for name, seed in (("a", 0), ("b", 1))}
     first = root / "first"
     _hunt(model, folders["a"], first)
     return model, folders, first

@@ -2,30 +2,21 @@
 written (issue: small runs)."""
 import json
 
-import numpy as np
 import pytest
-import timm
-from PIL import Image
 from typer.testing import CliRunner
 
 from vitcircuits.cli import app
-from vitcircuits.testing.checkpoints import save_timm_folder
+from vitcircuits.testing.checkpoints import noise_image_folder, tiny_vit_folder
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    args = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 3, "num_heads": 2, "num_classes": 3}
-    root = tmp_path_factory.mktemp("small")
-    return save_timm_folder(timm.create_model("vit_tiny_patch16_224", pretrained=False, **args), root / "m", "vit_tiny_patch16_224", args)
+    return tiny_vit_folder(tmp_path_factory.mktemp("small") / "m")
 
 
 @pytest.mark.parametrize("n_images", [1, 5, 20])
 def test_hunt_on_few_images_writes_the_report(model, tmp_path, n_images):
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(n_images)
-    for i in range(n_images):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"{i:02d}.png")
+    images = noise_image_folder(tmp_path / "images", n_images, seed=n_images)
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["hunt", "--model", str(model), "--images", str(images), "--out", str(out), "--quick", "--device", "cpu"])
     assert result.exit_code == 0, result.output

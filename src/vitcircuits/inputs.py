@@ -125,10 +125,10 @@ def preprocess_config(loaded: LoadedModel) -> PreprocessConfig:
     return PreprocessConfig.from_pretrained_cfg(loaded.pretrained_cfg, img_size=loaded.model.cfg.img_size)
 
 
-def check_folder_classes(loaded: LoadedModel, batches: ImageBatches) -> None:
+def check_folder_classes(loaded: LoadedModel, images: ImageSet) -> None:
     """Warn once when class folders (labelled by their sorted order) are not the model's classes by
     name: the labels may then not be the model's class indices."""
-    source = batches.source
+    source = images.source
     names = loaded.label_names
     if source.labels != "folders" or not names or source.classes is None:
         return

@@ -5,9 +5,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import timm
 import torch
-from PIL import Image
 from typer.testing import CliRunner
 
 from vitcircuits.cli import app
@@ -17,7 +15,7 @@ from vitcircuits.heads.figures import plot_atlas, plot_distance_vs_layer, plot_m
 from vitcircuits.heads.metrics import CI_METRICS
 from vitcircuits.models.loading import load_model
 from vitcircuits.plotting.figures import error_bars
-from vitcircuits.testing.checkpoints import save_timm_folder
+from vitcircuits.testing.checkpoints import noise_image_folder, tiny_vit_folder
 
 PNG = b"\x89PNG"
 
@@ -61,13 +59,7 @@ def test_error_bars_are_clipped_at_zero():
 
 @pytest.mark.parametrize("extra", [["--max-images", "1"], ["--n-boot", "2"]], ids=["one_image", "n_boot_2"])
 def test_heads_command_on_a_small_run_writes_the_figures(tmp_path, extra):
-    args = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 3}
-    folder = save_timm_folder(timm.create_model("vit_tiny_patch16_224", pretrained=False, **args), tmp_path / "m", "vit_tiny_patch16_224", args)
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"{i:02d}.png")
+    folder, images = tiny_vit_folder(tmp_path / "m", depth=2), noise_image_folder(tmp_path / "images", 4)
     out = tmp_path / "h"
     result = CliRunner().invoke(app, ["heads", "--model", str(folder), "--images", str(images), "--device", "cpu", "--out", str(out), *extra])
     assert result.exit_code == 0, result.output
@@ -90,8 +82,7 @@ def test_no_head_is_local_on_a_grid_where_uniform_attention_already_is():
 
 def test_a_grid_without_interior_queries_writes_no_nan(tmp_path):
     """On a grid too small for an interior query at radius 1 the interior mass is null, never NaN."""
-    args = {"img_size": 8, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2, "num_classes": 3}
-    folder = save_timm_folder(timm.create_model("vit_tiny_patch16_224", pretrained=False, **args), tmp_path / "m", "vit_tiny_patch16_224", args)
+    folder = tiny_vit_folder(tmp_path / "m", img_size=8, embed_dim=16, depth=1)
     model = load_model(str(folder), device="cpu").model
     acc = new_accumulator(model, AtlasConfig(n_boot=4))
     accumulate(model, acc, torch.randn(2, 3, 8, 8), [0, 1])

@@ -76,3 +76,13 @@ def test_a_truncated_shard_is_named(tmp_path):
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(ValueError, match="shard_00001.safetensors: unreadable activation shard"):
         list(ShardReader(tmp_path, "blocks.0.hook_resid_post").rows())
+
+
+def test_training_row_count_from_the_index_equals_the_rows_read(tmp_path):
+    model = random_like(PlantedConfig(grid=(4, 4), patch_size=8, n_layers=1)).model
+    write_cache(tmp_path, model, _batches(23, 4), CacheConfig(("blocks.0.hook_resid_post",), shard_rows=40, views=2), {"images": "synthetic"})
+    reader = ShardReader(tmp_path, "blocks.0.hook_resid_post")
+    assert len(reader.index["shards"]) > 2
+    for every in (2, 3, 10):
+        read = sum(int((r.image_index_N % every != 0).sum()) for r in reader.rows())
+        assert reader.n_training_rows(every) == read > 0

@@ -58,7 +58,7 @@ def necessity_cmd(
     run, loaded, images = options.open("necessity", {"necessity": asdict(config), "circuits": str(circuits) if circuits else None, "heads": chosen})
     groups = parse_groups(group, loaded.label_names) if group else dict(loaded.pretrained_cfg.get("class_groups") or {})
     batches = images.batches()
-    check_folder_classes(loaded, batches)
+    check_folder_classes(loaded, images)
     with run.timed("necessity"):
         report = run_necessity(run, loaded, batches, chosen, groups, config)
     run.write_manifest(images=images_manifest(batches))

@@ -53,6 +53,12 @@ class ShardReader:
     def n_rows(self) -> int:
         return sum(shard["rows"] for shard in self.index["shards"])
 
+    def n_training_rows(self, holdout_every: int) -> int:
+        """Rows of the images not held out (index not a multiple of ``holdout_every``), from the index
+        alone: every image of a shard has the same number of rows (its views times the kept tokens)."""
+        return sum(shard["rows"] // len(shard["images"]) * sum(i % holdout_every != 0 for i in shard["images"])
+                   for shard in self.index["shards"])
+
     @property
     def width(self) -> int:
         with self._open(0) as f:

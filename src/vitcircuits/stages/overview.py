@@ -21,7 +21,7 @@ def run_overview(run: Run, loaded: LoadedModel, images: ImageSet, n_attention_im
     """Predictions over all images, and attention-map grids of the first ``n_attention_images``."""
     model = loaded.model
     batches = images.batches()
-    check_folder_classes(loaded, batches)
+    check_folder_classes(loaded, images)
     rows, to_draw = [], []
     for batch in batches:
         out = model(batch.images_BCHW)

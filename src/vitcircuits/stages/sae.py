@@ -121,7 +121,7 @@ def run_sae_train(run: Run, loaded: LoadedModel, images: ImageSet, config: SAESt
     writer = write_cache(run.file(LAYOUT.activations), model, _keeping_held_out(images.batches(progress=progress), config, held_out),
                          cache_config, made_from)
     reader = ShardReader(run.file(LAYOUT.activations), hook)
-    n_train = sum(int(((r.image_index_N % config.holdout_every) != 0).sum()) for r in reader.rows())
+    n_train = reader.n_training_rows(config.holdout_every)
     if n_train == reader.n_rows:
         raise TooFewRows(f"no held-out rows (images whose index is a multiple of {config.holdout_every}) to measure an SAE on")
     batch_size = fitted_batch(n_train, config.batch_size)

@@ -1,4 +1,5 @@
-"""Write models in the layouts loaders read: timm hub folders and a HuggingFace hub cache.
+"""Write models and images in the layouts loaders read: timm hub folders, a HuggingFace hub cache
+and folders of noise images.
 
 Used by tests to load models "by name" with ``HF_HUB_OFFLINE=1`` and no network.
 """
@@ -9,8 +10,14 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+import timm
+from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
+
+TINY_VIT = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 3, "num_heads": 2, "num_classes": 3}
+"""A randomly initialised ``vit_tiny_patch16_224`` small enough for command-line tests (8 x 8 grid)."""
 
 
 def save_timm_folder(model: nn.Module, folder: str | Path, architecture: str, model_args: dict | None = None) -> Path:
@@ -43,3 +50,19 @@ def populate_hf_cache(cache_dir: str | Path, repo_id: str, files: dict[str, Path
     for name, source in files.items():
         shutil.copyfile(source, snapshot / name)
     return snapshot
+
+
+def tiny_vit_folder(folder: str | Path, **overrides) -> Path:
+    """A random :data:`TINY_VIT` (with ``overrides``) saved in timm hub layout."""
+    args = {**TINY_VIT, **overrides}
+    return save_timm_folder(timm.create_model("vit_tiny_patch16_224", pretrained=False, **args), folder, "vit_tiny_patch16_224", args)
+
+
+def noise_image_folder(folder: str | Path, n: int, seed: int = 0, size: tuple[int, int] = (32, 32), prefix: str = "") -> Path:
+    """``n`` seeded uniform-noise RGB PNGs named ``{prefix}00.png``, ``{prefix}01.png`` …"""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"{prefix}{i:02d}.png")
+    return folder

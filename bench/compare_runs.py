@@ -3,8 +3,8 @@
     python bench/compare_runs.py RUN_A RUN_B
 
 CSV files must be byte-identical. JSON files must be equal once the fields that record when and
-where a run happened are dropped (timings, versions, finish times, absolute paths of the run
-folder itself). Prints one line per differing or missing file and exits 1 if there is any, so a
+where a run happened are dropped (timings, versions, finish times, the engine, absolute paths of
+the run folder itself). Prints one line per differing or missing file and exits 1 if there is any, so a
 refactor can be checked to leave the outputs of ``make demo`` unchanged.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-VOLATILE = {"timings_s", "versions", "finished", "seconds", "started", "timings"}
+VOLATILE = {"timings_s", "versions", "finished", "seconds", "started", "timings", "engine"}
 """JSON keys that record when and on what machine a run happened, not what it found."""
 
 

@@ -47,7 +47,7 @@ def test_force_with_other_images_recomputes_every_artefact(setup, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(first, run)
     _hunt(model, folders["b"], run, "--force")
-    for name in ("sae/activations/shard_00000.safetensors", "sae/sae/sae_weights.safetensors", "overview/predictions.csv", "heads/atlas.json"):
+    for name in ("sae/activations/shard_00000000.safetensors", "sae/sae/sae_weights.safetensors", "overview/predictions.csv", "heads/atlas.json"):
         assert _bytes(run, name) != _bytes(first, name), f"{name} was reused from the other images"
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["images"]["source"] == str(folders["b"])

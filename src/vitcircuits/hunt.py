@@ -15,6 +15,7 @@ from pathlib import Path
 
 from vitcircuits.composition.config import ComposeConfig
 from vitcircuits.composition.necessity import NecessityConfig
+from vitcircuits.engine import EngineOptions
 from vitcircuits.files import read_json, write_json
 from vitcircuits.heads.atlas import AtlasConfig
 from vitcircuits.inputs import ImageOptions, ModelOptions
@@ -129,9 +130,10 @@ def copy_truth(run: Run, truth: str | Path, loaded: LoadedModel) -> None:
 
 
 def hunt(out: str, model: ModelOptions, images: ImageOptions, config: HuntConfig, *, force: bool = False, resume: bool = False,
-         truth: str | Path | None = None) -> str:
+         truth: str | Path | None = None, engine: EngineOptions = EngineOptions()) -> str:
     """Run every stage (skipping finished ones when resuming); returns the report path. ``truth``: a
-    file of known causal edges to set the verdicts against in the report."""
+    file of known causal edges to set the verdicts against in the report; ``engine``: where the
+    image passes run (the results do not depend on it, so it is not part of any stage's hash)."""
     run_config = {"model": model.to_dict(), "images": images.to_dict(), "hunt": asdict(config)}
     run = Run.create(out, "hunt", run_config, force=force, resume=resume)
     if force:
@@ -141,9 +143,10 @@ def hunt(out: str, model: ModelOptions, images: ImageOptions, config: HuntConfig
         loaded = model.load()
     if truth is not None:
         copy_truth(run, truth, loaded)
-    run.write_manifest(model=loaded.manifest(), seed=model.seed)
+    started = engine.start(model, loaded)
+    run.write_manifest(model=loaded.manifest(), seed=model.seed, engine=started.describe())
     runner = StageRunner(run)
-    image_set = images.open(loaded)
+    image_set = images.open(loaded, started)
     key = {"model": model.to_dict(), "weights": loaded.weights_sha256, "images": images.to_dict(), "image_list_sha256": image_set.image_list_sha256}
     for stage in STAGES:
         runner.stage(stage.name, {**key, **stage.depends_on(config, runner.done)},

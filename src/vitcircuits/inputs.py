@@ -4,16 +4,21 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from vitcircuits.data.images import BadImage, resolve_source
 from vitcircuits.data.items import ImageSource, SkippedImage
-from vitcircuits.data.loader import ImageBatches, ImageDataset, image_list_sha256, iter_batches
+from vitcircuits.data.loader import ImageBatches, ImageDataset, LoadSummary, image_list_sha256, iter_batches
 from vitcircuits.data.names import display_id
 from vitcircuits.data.transforms import PreprocessConfig
+from vitcircuits.engine import LOCAL, Engine, ImagePass, Streamed
 from vitcircuits.models.loading import LoadedModel, load_model
+
+if TYPE_CHECKING:
+    from vitcircuits.engine import R
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,10 +69,11 @@ class ImageOptions:
     num_workers: int = 0
     """DataLoader worker processes for decoding."""
 
-    def open(self, loaded: LoadedModel) -> ImageSet:
-        """The images, resolved once, preprocessed for this model (its pretrained_cfg at its input size)."""
+    def open(self, loaded: LoadedModel, engine: Engine = LOCAL) -> ImageSet:
+        """The images, resolved once, preprocessed for this model (its pretrained_cfg at its input
+        size), streamed by ``engine``."""
         return ImageSet(source=resolve_source(self.images, max_images=self.max_images), preprocess=preprocess_config(loaded),
-                        batch_size=self.batch_size, num_workers=self.num_workers)
+                        batch_size=self.batch_size, num_workers=self.num_workers, engine=engine)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,7 +83,8 @@ class ImageOptions:
 class ImageSet:
     """The images of a run for one model: resolved once (:func:`~vitcircuits.data.images.resolve_source`),
     then batched for every pass, loaded by index for analyses that revisit particular images, and
-    labelled where the source has labels (in the batches' ``labels_B``)."""
+    labelled where the source has labels (in the batches' ``labels_B``). :meth:`map` runs a
+    mergeable pass over every image through the run's engine (:mod:`vitcircuits.engine`)."""
 
     source: ImageSource
     """The resolved, ordered items (ids, labels, what was ignored)."""
@@ -87,9 +94,27 @@ class ImageSet:
     """Images per forward pass."""
     num_workers: int = 0
     """DataLoader worker processes for decoding."""
+    engine: Engine = field(default=LOCAL, compare=False, repr=False)
+    """Where :meth:`map` runs (in this process by default)."""
 
     def __len__(self) -> int:
         return len(self.source)
+
+    def __getstate__(self) -> dict:
+        """Sent to workers without the engine (and without cached decoders)."""
+        return {"source": self.source, "preprocess": self.preprocess, "batch_size": self.batch_size, "num_workers": self.num_workers}
+
+    def __setstate__(self, state: dict) -> None:
+        for name, value in {**state, "engine": LOCAL}.items():
+            object.__setattr__(self, name, value)
+
+    def map(self, loaded: LoadedModel, work: ImagePass[R], progress: bool = True) -> Streamed[R]:
+        """Run ``work`` over every image (see :mod:`vitcircuits.engine`)."""
+        return self.engine.map(self, loaded, work, progress)
+
+    def slice(self, start: int, stop: int) -> ImageSet:
+        """The items at positions ``[start, stop)`` of the list (source indices kept)."""
+        return replace(self, source=replace(self.source, items=self.source.items[start:stop]))
 
     @property
     def image_list_sha256(self) -> str:
@@ -101,7 +126,7 @@ class ImageSet:
 
     def first(self, n: int | None) -> ImageSet:
         """The first ``n`` images (all for None)."""
-        return self if n is None else replace(self, source=replace(self.source, items=self.source.items[:n]))
+        return self if n is None else self.slice(0, n)
 
     def load(self, indices: list[int]) -> torch.Tensor:
         """The images at these source indices ``[B, 3, H, W]``; a bad image raises :class:`BadImage`."""
@@ -139,13 +164,13 @@ def check_folder_classes(loaded: LoadedModel, images: ImageSet) -> None:
             len(source.classes), ", ".join(source.classes[:3]), len(names), ", ".join(wanted[:3]))
 
 
-def images_manifest(batches: ImageBatches) -> dict:
+def images_manifest(read: ImageBatches | LoadSummary) -> dict:
     """The manifest's ``images`` section: source, counts, list hash, where labels come from and the
     class names, files the source ignored (counted), and skipped inputs with reasons.
 
     Every string is printable and strict UTF-8 whatever the file names: ids, the source and class
     names are stored escaped (:func:`~vitcircuits.data.names.display_id`), reasons one line."""
-    summary = batches.summary()
+    summary = read.summary() if isinstance(read, ImageBatches) else read
     ignored = summary.ignored
     return {
         "source": display_id(summary.spec),
@@ -164,11 +189,15 @@ def images_manifest(batches: ImageBatches) -> dict:
 def provenance(loaded: LoadedModel, images: ImageSet) -> dict:
     """What cached rows are made from: the model, its weights (the file's sha256, or a digest of
     seeded random weights), its dtype, the image list and the preprocessing."""
-    weights = loaded.weights_sha256
-    if weights is None:
-        digest = hashlib.sha256()
-        for tensor in loaded.model.state_dict().values():
-            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        weights = f"random:{digest.hexdigest()}"
-    return {"model": loaded.model_id, "weights_sha256": weights, "dtype": str(next(loaded.model.parameters()).dtype),
+    return {"model": loaded.model_id, "weights_sha256": weights_digest(loaded), "dtype": str(next(loaded.model.parameters()).dtype),
             "image_list_sha256": images.image_list_sha256, "n_images": len(images), "preprocess": asdict(images.preprocess)}
+
+
+def weights_digest(loaded: LoadedModel) -> str:
+    """The weights file's sha256, or for seeded random weights ``random:`` and a digest of the tensors."""
+    if loaded.weights_sha256 is not None:
+        return loaded.weights_sha256
+    digest = hashlib.sha256()
+    for tensor in loaded.model.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return f"random:{digest.hexdigest()}"

@@ -72,9 +72,9 @@ def test_reader_errors_name_the_folder(tmp_path):
 def test_a_truncated_shard_is_named(tmp_path):
     model = random_like(PlantedConfig(grid=(4, 4), patch_size=8, n_layers=1)).model
     write_cache(tmp_path, model, _batches(4, 2), CacheConfig(("blocks.0.hook_resid_post",), shard_rows=16), {"images": "synthetic"})
-    shard = tmp_path / "shard_00001.safetensors"
+    shard = tmp_path / "shard_00000002.safetensors"
     shard.write_bytes(shard.read_bytes()[:100])
-    with pytest.raises(ValueError, match="shard_00001.safetensors: unreadable activation shard"):
+    with pytest.raises(ValueError, match="shard_00000002.safetensors: unreadable activation shard"):
         list(ShardReader(tmp_path, "blocks.0.hook_resid_post").rows())
 
 

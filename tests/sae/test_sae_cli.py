@@ -41,7 +41,7 @@ def test_train_writes_metrics_sae_and_fidelity(trained):
 
 def test_resume_does_not_recompute(trained):
     out, args = trained
-    shard = out / "sae" / "activations" / "shard_00000.safetensors"
+    shard = out / "sae" / "activations" / "shard_00000000.safetensors"
     before = shard.stat().st_mtime_ns, (out / "sae" / "sae" / "sae_weights.safetensors").read_bytes()
     result = CliRunner().invoke(app, [*args, "--resume"])
     assert result.exit_code == 0, result.output

@@ -77,7 +77,7 @@ def cache(
     shard_rows: Annotated[int, typer.Option("--shard-rows", min=1, help="rows per shard")] = 65536,
 ) -> None:
     """Cache per-token activations to safetensors shards (in activations/), keeping (image, row, col) per row."""
-    from vitcircuits.cache import CacheConfig, clear_cache, write_cache
+    from vitcircuits.cache import CacheConfig, clear_cache, harvest
     from vitcircuits.inputs import provenance
     from vitcircuits.models.hooks import check_hooks
 
@@ -86,12 +86,11 @@ def cache(
     check_hooks(loaded.model, cache_cfg.hooks)
     if options.force:
         clear_cache(run.file(LAYOUT.cache))
-    batches = images.batches()
     with run.timed("cache"):
-        writer = write_cache(run.file(LAYOUT.cache), loaded.model, batches, cache_cfg, provenance(loaded, images))
-    run.write_manifest(images=images_manifest(batches), outputs={"shards": len(writer.index["shards"]),
-                                                                  "rows": sum(s["rows"] for s in writer.index["shards"])})
-    Console(stderr=True).print(f"wrote {len(writer.index['shards'])} shard(s) to {run.file(LAYOUT.cache)}")
+        index, streamed = harvest(run.file(LAYOUT.cache), images, loaded, cache_cfg, provenance(loaded, images))
+    shards = index.index["shards"]
+    run.write_manifest(images=images_manifest(streamed.summary), outputs={"shards": len(shards), "rows": sum(s["rows"] for s in shards)})
+    Console(stderr=True).print(f"wrote {len(shards)} shard(s) to {run.file(LAYOUT.cache)}")
 
 
 @app.command()
@@ -158,7 +157,8 @@ def hunt_cmd(
         images = replace(images, max_images=QUICK_IMAGES)
     config = HuntConfig.quick() if quick else HuntConfig()
     config = replace(config, compose=replace(config.compose, task_metric=task_metric))
-    report = hunt(str(options.out), options.model, images, config, force=options.force, resume=options.resume, truth=truth)
+    report = hunt(str(options.out), options.model, images, config, force=options.force, resume=options.resume, truth=truth,
+                  engine=options.engine)
     Console().print(f"report: {report}")
 
 

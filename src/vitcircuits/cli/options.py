@@ -18,6 +18,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from vitcircuits.engine import EngineOptions
 from vitcircuits.inputs import ImageOptions, ImageSet, ModelOptions
 from vitcircuits.models.loading import LoadedModel
 from vitcircuits.runs import Run
@@ -46,6 +47,12 @@ _SHARED = (
     ("seed", SeedOpt, 0),
     ("num_workers", Annotated[int, typer.Option("--num-workers", min=0, help="image-decoding worker processes")], 0),
     ("random_weights", RandomOpt, False),
+    ("engine", Annotated[str, typer.Option("--engine", help="where image passes run: local (this process) or ray (model replicas on a Ray cluster)")],
+     "local"),
+    ("ray_address", Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster to join (auto: the one `ray start` runs here); "
+                                                          "default: start a local one")], None),
+    ("workers", Annotated[int, typer.Option("--workers", min=1, help="model replicas with --engine ray")], 2),
+    ("gpus_per_worker", Annotated[float, typer.Option("--gpus-per-worker", min=0, help="GPUs per replica with --engine ray (then on cuda)")], 0.0),
     ("force", Annotated[bool, typer.Option("--force", help="start over in a non-empty --out run folder")], False),
 )
 """``(name, annotation, default)`` of the options every run-writing command takes."""
@@ -62,24 +69,29 @@ class RunOptions:
     """Which images, batched how."""
     out: Path
     """The run folder."""
+    engine: EngineOptions = EngineOptions()
+    """Where the image passes run."""
     force: bool = False
     """Start over in a non-empty run folder."""
     resume: bool = False
     """Continue a run in a non-empty run folder."""
 
     def open(self, command: str, config: dict) -> tuple[Run, LoadedModel, ImageSet]:
-        """Create the run folder, load the model, start the manifest (model, seed) and resolve the images."""
+        """Create the run folder, load the model, start the engine, start the manifest (model, seed,
+        engine) and resolve the images."""
         run = Run.create(self.out, command, {"model": self.model.to_dict(), "images": self.images.to_dict(), **config},
                          force=self.force, resume=self.resume)
         loaded = self.model.load()
-        run.write_manifest(model=loaded.manifest(), seed=self.model.seed)
-        return run, loaded, self.images.open(loaded)
+        engine = self.engine.start(self.model, loaded)
+        run.write_manifest(model=loaded.manifest(), seed=self.model.seed, engine=engine.describe())
+        return run, loaded, self.images.open(loaded, engine)
 
 
 def run_options(*, batch_size: int = 32, resume: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Give a command the shared options (``--model``, ``--images``, ``--out``, ``--arch``,
     ``--img-size``, ``--device``, ``--dtype``, ``--batch-size`` (default ``batch_size``),
-    ``--max-images``, ``--seed``, ``--num-workers``, ``--random-weights``, ``--force`` and, with
+    ``--max-images``, ``--seed``, ``--num-workers``, ``--random-weights``, ``--engine``,
+    ``--ray-address``, ``--workers``, ``--gpus-per-worker``, ``--force`` and, with
     ``resume``, ``--resume``); the command takes them as one keyword argument ``options``."""
     batch = ("batch_size", Annotated[int, typer.Option("--batch-size", min=1, help="images per forward pass")], batch_size)
     shared = [*_SHARED[:7], batch, *_SHARED[7:], *([_RESUME] if resume else [])]
@@ -97,6 +109,8 @@ def run_options(*, batch_size: int = 32, resume: bool = False) -> Callable[[Call
                 model=ModelOptions(model=v["model"], arch=v["arch"], img_size=v["img_size"], random_weights=v["random_weights"],
                                    device=v["device"], dtype=v["dtype"], seed=v["seed"]),
                 images=ImageOptions(images=v["images"], batch_size=v["batch_size"], max_images=v["max_images"], num_workers=v["num_workers"]),
+                engine=EngineOptions(engine=v["engine"], ray_address=v["ray_address"], workers=v["workers"],
+                                     gpus_per_worker=v["gpus_per_worker"]),
                 out=v["out"], force=v["force"], resume=v.get("resume", False))
             return command(options=options, **kwargs)
 

@@ -3,27 +3,61 @@ metrics, kinds and baselines (:func:`~vitcircuits.heads.atlas.build_atlas`)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 from rich.console import Console
 
 from vitcircuits.heads.atlas import AtlasConfig, HeadAtlas, accumulate, build_atlas, new_accumulator
+from vitcircuits.heads.offsets import HeadStatsAccumulator
 from vitcircuits.models.hooked_vit import HookedViT
 
 N_OVERLAY_HEADS = 4
 N_OVERLAY_IMAGES = 3
 
 
+@dataclass
+class Scanned:
+    """A partial scan: the accumulated statistics and the first few images (index, id, tensor)."""
+
+    acc: HeadStatsAccumulator
+    kept: list[tuple[int, str, torch.Tensor]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AtlasPass:
+    """The head scan as an :class:`~vitcircuits.engine.ImagePass`: statistics over disjoint images
+    add up (:meth:`HeadStatsAccumulator.merge`), and the bootstrap weights depend on the image
+    index only, so any split of the images gives the same atlas."""
+
+    config: AtlasConfig
+
+    def start(self, model: HookedViT) -> Scanned:
+        return Scanned(new_accumulator(model, self.config))
+
+    def step(self, model: HookedViT, part: Scanned, batch) -> Scanned:
+        accumulate(model, part.acc, batch.images_BCHW, list(batch.indices))
+        room = N_OVERLAY_IMAGES - len(part.kept)
+        part.kept += [(batch.indices[j], batch.paths[j], batch.images_BCHW[j : j + 1]) for j in range(min(room, len(batch.indices)))]
+        return part
+
+    def finish(self, model: HookedViT, part: Scanned) -> Scanned:
+        return part
+
+    def merge(self, first: Scanned, later: Scanned) -> Scanned:
+        first.acc.merge(later.acc)
+        first.kept = (first.kept + later.kept)[:N_OVERLAY_IMAGES]
+        return first
+
+
 def scan_heads(model: HookedViT, batches: Iterable, config: AtlasConfig, model_id: str) -> tuple[HeadAtlas, list[tuple[int, str, torch.Tensor]]]:
     """Accumulate over all ``batches`` (each with ``images_BCHW``, ``indices`` and ``paths``, the
-    image ids); also keep a few images (index, id, tensor) for overlays."""
-    acc = new_accumulator(model, config)
-    kept: list[tuple[int, str, torch.Tensor]] = []
+    image ids) in this process; also keep a few images (index, id, tensor) for overlays."""
+    work = AtlasPass(config)
+    part = work.start(model)
     for batch in batches:
-        accumulate(model, acc, batch.images_BCHW, list(batch.indices))
-        room = N_OVERLAY_IMAGES - len(kept)
-        kept += [(batch.indices[j], batch.paths[j], batch.images_BCHW[j : j + 1]) for j in range(min(room, len(batch.indices)))]
-    return build_atlas(model, acc, config, model_id), kept
+        part = work.step(model, part, batch)
+    return build_atlas(model, part.acc, config, model_id), part.kept
 
 
 def overlay_heads(atlas: HeadAtlas) -> list[tuple[int, int]]:

@@ -3,9 +3,9 @@ saved with its figures and overlays of the most modular heads on images."""
 from __future__ import annotations
 
 from vitcircuits.files import write_json
-from vitcircuits.heads.atlas import AtlasConfig, HeadAtlas
+from vitcircuits.heads.atlas import AtlasConfig, HeadAtlas, build_atlas
 from vitcircuits.heads.figures import plot_atlas, plot_distance_vs_layer, plot_head_overlays, plot_modular_scores
-from vitcircuits.heads.scan import overlay_heads, scan_heads, summarize
+from vitcircuits.heads.scan import AtlasPass, overlay_heads, summarize
 from vitcircuits.inputs import ImageSet, images_manifest
 from vitcircuits.layout import LAYOUT
 from vitcircuits.models.loading import LoadedModel
@@ -16,10 +16,10 @@ from vitcircuits.runs import Run
 
 def run_heads(run: Run, loaded: LoadedModel, images: ImageSet, config: AtlasConfig) -> HeadAtlas:
     """The head atlas over all images, saved with its figures in the run's heads folder."""
-    batches = images.batches()
-    atlas, kept = scan_heads(loaded.model, batches, config, loaded.model_id)
-    write_json(run.file(LAYOUT.heads_figures), write_heads_outputs(run, loaded, images, atlas, kept))
-    run.write_manifest(images=images_manifest(batches), heads={"summary": summarize(atlas)})
+    streamed = images.map(loaded, AtlasPass(config))
+    atlas = build_atlas(loaded.model, streamed.result.acc, config, loaded.model_id)
+    write_json(run.file(LAYOUT.heads_figures), write_heads_outputs(run, loaded, images, atlas, streamed.result.kept))
+    run.write_manifest(images=images_manifest(streamed.summary), heads={"summary": summarize(atlas)})
     return atlas
 
 

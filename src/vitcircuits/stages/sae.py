@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import torch
-
-from vitcircuits.cache import CacheConfig, write_cache
+from vitcircuits.cache import CacheConfig, harvest
 from vitcircuits.data.augment import AugmentConfig
 from vitcircuits.files import write_json
 from vitcircuits.inputs import ImageSet, provenance
@@ -116,10 +114,10 @@ def run_sae_train(run: Run, loaded: LoadedModel, images: ImageSet, config: SAESt
     model = loaded.model
     check_hooks(model, (hook,))
     cache_config = CacheConfig((hook,), config.include_prefix, config.shard_rows, views=config.views, augment=AugmentConfig(seed=config.seed))
-    held_out: list[tuple[torch.Tensor, torch.Tensor | None]] = []
     made_from = provenance(loaded, images)
-    writer = write_cache(run.file(LAYOUT.activations), model, _keeping_held_out(images.batches(progress=progress), config, held_out),
-                         cache_config, made_from)
+    index, streamed = harvest(run.file(LAYOUT.activations), images, loaded, cache_config, made_from, keep_every=config.holdout_every,
+                              keep_max=config.fidelity_images, progress=progress)
+    held_out = streamed.result.kept
     reader = ShardReader(run.file(LAYOUT.activations), hook)
     n_train = reader.n_training_rows(config.holdout_every)
     if n_train == reader.n_rows:
@@ -133,7 +131,7 @@ def run_sae_train(run: Run, loaded: LoadedModel, images: ImageSet, config: SAESt
                                seed=config.seed, checkpoint_every=max(1, steps // 10), log_every=max(1, steps // 50),
                                init_sample_rows=min(n_train, 16384))
     rows = training_batches(reader, batch_size, config.epochs, config.holdout_every, config.shuffle_rows, config.seed)
-    data_key = config_hash({"index": {k: writer.index[k] for k in ("config", "made_from")}, "holdout_every": config.holdout_every})
+    data_key = config_hash({"index": {k: index.index[k] for k in ("config", "made_from")}, "holdout_every": config.holdout_every})
     sae, history = train_sae(rows, sae_config, train_config, out_dir=run.file(LAYOUT.sae_training), resume=True, progress=progress, data_key=data_key)
     evaluation = evaluate_sae(sae, (r.acts_ND for r in reader.split(True, config.holdout_every)))
     fidelity = downstream_fidelity(model, sae, hook, held_out, FidelityConfig(include_prefix=config.include_prefix),
@@ -155,15 +153,3 @@ def layer_or_minus_one(hook: str) -> int:
     """The block a hook is in, or -1 for hooks before the first block."""
     layer = hook_layer(hook)
     return -1 if layer is None else layer
-
-
-def _keeping_held_out(batches, config: SAEStageConfig, held_out: list[tuple[torch.Tensor, torch.Tensor | None]]):
-    """Pass ``batches`` on unchanged, keeping up to ``fidelity_images`` held-out images with their
-    labels in ``held_out`` (so the harvest's pass is the stage's only decode)."""
-    n = 0
-    for batch in batches:
-        keep = [j for j, i in enumerate(batch.indices) if i % config.holdout_every == 0][: config.fidelity_images - n]
-        if keep:
-            held_out.append((batch.images_BCHW[keep], None if batch.labels_B is None else batch.labels_B[keep]))
-            n += len(keep)
-        yield batch

@@ -1,0 +1,146 @@
+"""How a pass over the images runs: in this process, or spread over a Ray cluster's model replicas.
+
+A pass (:class:`ImagePass`) is work over images whose partial results merge: the atlas
+accumulators, the predictions, the activation shards. :meth:`Engine.map` runs it over an
+:class:`~vitcircuits.inputs.ImageSet` and returns the merged result with the pass's
+:class:`~vitcircuits.data.loader.LoadSummary`.
+
+- ``local`` (the default): one partial result, fed batch by batch in source order.
+- ``ray`` (:mod:`vitcircuits.engine.ray`): the image list is cut into shards of whole batches; each
+  worker holds one model replica and turns shards into partial results; the driver merges them in
+  shard order, so the result does not depend on which worker ran which shard or when. A worker
+  that dies is restarted and its shards are run again; a shard's result is merged once, when it
+  arrives, so no image is counted twice or lost.
+
+Merging changes the order of floating-point sums (an atlas summed shard by shard instead of batch
+by batch): results agree to rounding, and everything counted (images, rows, their order) is equal.
+The tests state the tolerances.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Generic, Literal, Protocol, TypeVar
+
+from vitcircuits.data.loader import ImageBatch, LoadSummary
+from vitcircuits.models.hooked_vit import HookedViT
+
+if TYPE_CHECKING:
+    from vitcircuits.inputs import ImageSet, ModelOptions
+    from vitcircuits.models.loading import LoadedModel
+
+R = TypeVar("R")
+
+
+class ImagePass(Protocol, Generic[R]):
+    """Work over images that splits into shards and merges back (picklable: Ray sends it to workers)."""
+
+    def start(self, model: HookedViT) -> R:
+        """An empty partial result."""
+
+    def step(self, model: HookedViT, partial: R, batch: ImageBatch) -> R:
+        """``partial`` with one more batch (images in source order within a shard)."""
+
+    def finish(self, model: HookedViT, partial: R) -> R:
+        """``partial`` at the end of a shard, on the worker (flush what it buffers)."""
+
+    def merge(self, first: R, later: R) -> R:
+        """Two partial results of consecutive, disjoint image ranges, ``first`` before ``later``
+        (on the driver, in shard order)."""
+
+
+@dataclass(frozen=True)
+class Streamed(Generic[R]):
+    """A pass's merged result and what the pass read."""
+
+    result: R
+    summary: LoadSummary
+
+
+class Engine(Protocol):
+    """Runs passes over images (module docstring)."""
+
+    name: str
+
+    def map(self, images: ImageSet, loaded: LoadedModel, work: ImagePass[R], progress: bool = True) -> Streamed[R]:
+        """Run ``work`` over every image of ``images``; ``loaded`` is the driver's model."""
+
+    def describe(self) -> dict:
+        """The manifest's ``engine`` section."""
+
+
+class LocalEngine:
+    """Every pass in this process: one decoding pass over the images, cut into the same shards
+    (of ``shard_images``) and merged the same way as on a cluster."""
+
+    name = "local"
+
+    def __init__(self, shard_images: int = 256) -> None:
+        self.shard_images = shard_images
+
+    def map(self, images: ImageSet, loaded: LoadedModel, work: ImagePass[R], progress: bool = True) -> Streamed[R]:
+        model = loaded.model
+        size = shard_size(self.shard_images, images.batch_size)
+        position = {item.index: p for p, item in enumerate(images.source.items)}
+        batches = images.batches(progress=progress)
+        merged, partial, current = work.start(model), None, -1
+        for batch in batches:
+            shard = position[batch.indices[0]] // size
+            if shard != current:
+                if partial is not None:
+                    merged = work.merge(merged, work.finish(model, partial))
+                partial, current = work.start(model), shard
+            partial = work.step(model, partial, batch)
+        if partial is not None:
+            merged = work.merge(merged, work.finish(model, partial))
+        return Streamed(merged, batches.summary())
+
+    def describe(self) -> dict:
+        return {"engine": "local", "shard_images": self.shard_images}
+
+
+LOCAL = LocalEngine()
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineOptions:
+    """Where the image passes of a command run (same meaning in every command)."""
+
+    engine: Literal["local", "ray"] = "local"
+    """``local`` (in this process) or ``ray`` (model replicas on a Ray cluster)."""
+    ray_address: str | None = None
+    """Cluster to join (``auto``: the one ``ray start`` runs on this node; ``ray://host:port``);
+    None starts a local cluster for this command."""
+    workers: int = 2
+    """Model replicas (Ray actors), each one process."""
+    gpus_per_worker: float = 0.0
+    """GPUs each replica reserves (fractions share a GPU); with any, replicas run on ``cuda``."""
+    cpus_per_worker: float = 1.0
+    """CPUs each replica reserves (its torch threads)."""
+    shard_images: int = 256
+    """Images per shard, rounded up to whole batches: the unit that is retried when a worker dies."""
+
+    def __post_init__(self) -> None:
+        if self.engine not in ("local", "ray"):
+            raise ValueError(f"--engine: unknown engine {self.engine!r} (local or ray)")
+        if self.workers < 1 or self.shard_images < 1 or self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
+            raise ValueError("--workers and --shard-images must be ≥ 1, --gpus-per-worker ≥ 0")
+
+    def start(self, model: ModelOptions, loaded: LoadedModel) -> Engine:
+        """The engine; for ``ray``, connect to the cluster and start the replicas (each loads
+        ``model`` and checks its weights against ``loaded``'s)."""
+        if self.engine == "local":
+            return LocalEngine(self.shard_images)
+        from vitcircuits.engine.ray import RayEngine
+
+        return RayEngine(self, model, loaded)
+
+
+def shard_size(shard_images: int, batch_size: int) -> int:
+    """Images per shard: ``shard_images`` rounded up to whole batches."""
+    return -(-shard_images // batch_size) * batch_size
+
+
+def shard_spans(n_items: int, shard_images: int, batch_size: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` positions of consecutive shards covering ``n_items``."""
+    size = shard_size(shard_images, batch_size)
+    return [(start, min(n_items, start + size)) for start in range(0, n_items, size)]

@@ -25,13 +25,6 @@ HOOK = "blocks.1.hook_resid_post"
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def loaded():
     return MODEL.load()
 
@@ -39,7 +32,8 @@ def loaded():
 @pytest.fixture(scope="module")
 def on_ray(cluster, loaded):
     engine = EngineOptions(engine="ray", workers=2, shard_images=50).start(MODEL, loaded)
-    return IMAGES.open(loaded, engine)
+    yield IMAGES.open(loaded, engine)
+    engine.close()
 
 
 @pytest.fixture(scope="module")

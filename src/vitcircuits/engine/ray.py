@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -88,15 +89,39 @@ class RayEngine:
                          log_to_driver=False, logging_level=logging.WARNING)
             else:
                 ray.init(address=options.ray_address, log_to_driver=False, logging_level=logging.WARNING)
+        total = ray.cluster_resources()  # more than the cluster has would wait forever; less waits for busy ones
+        cpus, gpus = options.workers * options.cpus_per_worker, options.workers * options.gpus_per_worker
+        if total.get("CPU", 0) < cpus or total.get("GPU", 0) < gpus:
+            raise RuntimeError(f"--workers {options.workers}: they need {cpus:g} CPUs and {gpus:g} GPUs, and the Ray cluster has "
+                               f"{total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs")
         device = ("cuda" if options.gpus_per_worker > 0 else "cpu") if model.device == "auto" else model.device
         actor = ray.remote(num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker, max_restarts=MAX_RESTARTS,
                            max_task_retries=-1)(Replica)
         self.workers = [actor.remote(replace(model, device=device), weights_digest(loaded)) for _ in range(options.workers)]
+        self.pids()  # every replica has loaded its model, or the command fails here
+
+    def _get(self, refs):
+        """``ray.get``, with a worker's failure raised as its own exception (or one line of why the
+        worker died)."""
+        ray = _ray()
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayTaskError as err:
+            raise err.cause if isinstance(err.cause, Exception) else RuntimeError(str(err).splitlines()[-1]) from None
+        except ray.exceptions.RayActorError as err:
+            lines = [line for line in re.sub(r"\x1b\[[0-9;]*m", "", str(err)).splitlines() if line.strip()]
+            raise RuntimeError(f"a Ray worker died and could not be restarted: {lines[-1].strip() if lines else type(err).__name__}") from None
+
+    def close(self) -> None:
+        """Stop the replicas now (they also stop when the engine is garbage-collected)."""
+        ray = _ray()
+        for worker in self.workers:
+            ray.kill(worker)
+        self.workers = []
 
     def pids(self) -> list[int]:
         """The workers' process ids (for tests that kill one)."""
-        ray = _ray()
-        return ray.get([w.pid.remote() for w in self.workers])
+        return self._get([w.pid.remote() for w in self.workers])
 
     def map(self, images: ImageSet, loaded: LoadedModel, work: ImagePass[R], progress: bool = True) -> Streamed[R]:
         ray = _ray()
@@ -120,7 +145,7 @@ class RayEngine:
                 for ref in done:
                     s, w = running.pop(ref)
                     load[w] -= 1
-                    arrived[s] = ray.get(ref)
+                    arrived[s] = self._get(ref)
                     bar.advance(task, len(shards[s]))
                 while next_shard in arrived:
                     partial, summary = arrived.pop(next_shard)

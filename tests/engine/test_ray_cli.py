@@ -1,0 +1,65 @@
+"""Commands with ``--engine ray`` write the same run as the local engine, and fail in one line
+when the workers cannot be had."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from vitcircuits.cli import app
+from vitcircuits.engine import EngineOptions
+from vitcircuits.inputs import ModelOptions
+
+pytest.importorskip("ray", reason="the ray engine needs the ray extra (pip install 'vitcircuits[ray]')")
+
+MODEL = ModelOptions(model="bundled:shapes-vit", device="cpu")
+HOOK = "blocks.1.hook_resid_post"
+
+
+def test_a_worker_with_other_weights_is_refused_in_one_line(cluster):
+    other = ModelOptions(model="bundled:shapes-vit-3x2", device="cpu").load()
+    with pytest.raises(RuntimeError, match="a worker loaded other weights than the driver"):
+        EngineOptions(engine="ray", workers=1).start(MODEL, other)
+
+
+def test_more_workers_than_the_cluster_has_is_one_line(cluster):
+    with pytest.raises(RuntimeError, match="--workers 3: they need 3 CPUs"):
+        EngineOptions(engine="ray", workers=3).start(MODEL, MODEL.load())
+
+
+def _cli(args):
+    return CliRunner().invoke(app, args)
+
+
+def _compare(a, b) -> list[str]:
+    spec = importlib.util.spec_from_file_location("bench_compare_runs", Path(__file__).resolve().parents[2] / "bench" / "compare_runs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.compare(a, b)
+
+
+def test_commands_give_the_same_run_on_ray(tmp_path, cluster):
+    common = ["--model", "bundled:shapes-vit", "--images", "bundled:shapes", "--max-images", "120", "--device", "cpu", "--batch-size", "40"]
+    for command, extra in (("cache", ["--hooks", HOOK, "--shard-rows", "900"]), ("heads", [])):
+        local = _cli([command, *common, *extra, "--out", str(tmp_path / f"{command}-local")])
+        spread = _cli([command, *common, *extra, "--out", str(tmp_path / f"{command}-ray"), "--engine", "ray", "--workers", "2"])
+        assert local.exit_code == spread.exit_code == 0, (local.output, spread.output)
+        assert _compare(tmp_path / f"{command}-local", tmp_path / f"{command}-ray") == []
+    manifest = json.loads((tmp_path / "heads-ray" / "manifest.json").read_text())
+    assert manifest["engine"]["engine"] == "ray" and manifest["engine"]["workers"] == 2
+
+
+def test_an_unknown_engine_is_one_line(tmp_path):
+    result = _cli(["heads", "--model", "bundled:shapes-vit", "--images", "bundled:shapes", "--out", str(tmp_path / "r"), "--engine", "spark"])
+    assert result.exit_code == 2 and "--engine" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_hunt_is_the_same_answer_on_ray(tmp_path, cluster):
+    common = ["hunt", "--model", "bundled:shapes-vit", "--images", "bundled:shapes", "--device", "cpu", "--quick", "--max-images", "120"]
+    assert _cli([*common, "--out", str(tmp_path / "local")]).exit_code == 0
+    assert _cli([*common, "--out", str(tmp_path / "ray"), "--engine", "ray"]).exit_code == 0
+    assert _compare(tmp_path / "local", tmp_path / "ray") == []

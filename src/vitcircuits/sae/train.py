@@ -35,6 +35,7 @@ from vitcircuits.files import read_json, write_json
 from vitcircuits.sae.io import atomic_save_safetensors, save_sae
 from vitcircuits.sae.metrics import explained_variance
 from vitcircuits.sae.model import SAE, SAEConfig
+from vitcircuits.sae.parallel import DataParallel
 
 B_DEC_INITS = ("mean", "geometric_median")
 CHECKPOINTS_DIR = "checkpoints"
@@ -275,6 +276,7 @@ def train_sae(
     resume: bool = False,
     progress: bool = True,
     data_key: str | None = None,
+    parallel: DataParallel | None = None,
 ) -> tuple[SAE, list[dict]]:
     """Train an SAE on raw activations (a ``[N, D]`` tensor or an iterable of ``[*, D]`` batches).
 
@@ -292,7 +294,13 @@ def train_sae(
     Returns the trained SAE (in eval mode, normalisation *not* folded) and the history: one dict per
     ``log_every`` steps (and the last step) with ``step, lr, loss, mse, aux, l1, l0,
     explained_variance, dead_fraction``.
+
+    ``parallel`` (default: from an initialised process group, :mod:`vitcircuits.sae.parallel`)
+    trains data-parallel: each rank takes its slice of every batch and gradients are averaged;
+    the history holds the means over ranks, and only rank 0 writes to ``out_dir``.
     """
+    parallel = parallel if parallel is not None else DataParallel.from_process_group()
+    writes = parallel is None or parallel.is_main
     scfg, tcfg = sae_config, train_config
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is None:
@@ -333,12 +341,17 @@ def train_sae(
             lr = tcfg.lr_at(step)
             for group in opt.param_groups:
                 group["lr"] = lr
+            if parallel is not None:
+                x_BD = parallel.local(x_BD)
             xn_BD = x_BD.to(dtype) * sae.norm_scale
             dead_F = steps_since_fired_F >= scfg.dead_steps_threshold
             step_out = _sparse_step(sae, xn_BD, dead_F) if sparse else _dense_step(sae, xn_BD, dead_F)
             loss, mse, aux, l1, recon_BD, feats, fired_F = step_out
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if parallel is not None:
+                parallel.average_gradients(sae)
+                fired_F = parallel.any(fired_F)
             sae.remove_parallel_decoder_grad_()
             if tcfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), tcfg.max_grad_norm)
@@ -348,23 +361,24 @@ def train_sae(
                 steps_since_fired_F = torch.where(fired_F, 0, steps_since_fired_F + 1)
                 if scfg.architecture == "batchtopk":
                     sae.update_threshold_(feats)
+                    if parallel is not None:
+                        sae.threshold.copy_(parallel.mean(sae.threshold))
             done = step + 1
             if done % tcfg.log_every == 0 or done == total:
-                record = {
-                    "step": done, "lr": lr, "loss": loss.item(), "mse": mse.item(), "aux": aux.item(), "l1": l1.item(),
-                    "l0": float((feats > 0).sum()) / xn_BD.shape[0],
-                    "explained_variance": explained_variance(xn_BD.detach(), recon_BD.detach()),
-                    "dead_fraction": float(dead_F.float().mean()),
-                }
+                values = torch.tensor([loss.item(), mse.item(), aux.item(), l1.item(), float((feats > 0).sum()) / xn_BD.shape[0],
+                                       explained_variance(xn_BD.detach(), recon_BD.detach())], dtype=torch.float64, device=loss.device)
+                values = (values if parallel is None else parallel.mean(values)).tolist()
+                record = {"step": done, "lr": lr, **dict(zip(("loss", "mse", "aux", "l1", "l0", "explained_variance"), values)),
+                          "dead_fraction": float(dead_F.float().mean())}
                 history.append(record)
                 bar.update(task, l0=record["l0"], ev=record["explained_variance"], dead=record["dead_fraction"])
             bar.update(task, completed=done)
-            if out is not None and ((tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0) or done == total):
+            if writes and out is not None and ((tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0) or done == total):
                 _save_checkpoint(out, sae, opt, steps_since_fired_F, done, history, scfg, tcfg, data_key)
                 saved = done
-    if out is not None and saved != done:  # the source ran out before total_steps
+    if writes and out is not None and saved != done:  # the source ran out before total_steps
         _save_checkpoint(out, sae, opt, steps_since_fired_F, done, history, scfg, tcfg, data_key)
     sae.eval()
-    if out is not None:
+    if writes and out is not None:
         save_sae(sae, out / "sae")
     return sae, history

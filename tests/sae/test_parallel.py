@@ -3,11 +3,16 @@ at every logged step and the same weights, to float rounding (stated tolerance: 
 the losses, 1e-5 absolute on the weights after 40 steps)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from typer.testing import CliRunner
 
+from vitcircuits.cli import app
+from vitcircuits.sae.io import load_sae
 from vitcircuits.sae.model import SAEConfig
 from vitcircuits.sae.parallel import DataParallel
 from vitcircuits.sae.train import TrainConfig, train_sae
@@ -51,3 +56,16 @@ def test_two_processes_train_the_single_process_sae(tmp_path, architecture):
 def test_a_batch_that_does_not_split_evenly_is_refused():
     with pytest.raises(ValueError, match="does not split into 3 equal parts"):
         DataParallel(0, 3).local(torch.zeros(64, 4))
+
+
+def test_sae_train_with_two_processes_writes_the_one_process_sae(tmp_path):
+    args = ["sae", "train", "--model", "bundled:cifar10-vit", "--images", "bundled:cifar10", "--max-images", "40", "--hook",
+            "blocks.2.hook_resid_post", "--epochs", "1", "--sae-batch", "256", "--expansion", "2", "--k", "8", "--device", "cpu"]
+    for n in (1, 2):
+        result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / f"p{n}"), "--processes", str(n)])
+        assert result.exit_code == 0, result.output
+    one, two = (load_sae(tmp_path / f"p{n}" / "sae" / "sae") for n in (1, 2))
+    for key, value in one.state_dict().items():
+        torch.testing.assert_close(two.state_dict()[key], value, rtol=0, atol=1e-5, msg=key)
+    history = [json.loads((tmp_path / f"p{n}" / "sae" / "metrics.json").read_text())["history"] for n in (1, 2)]
+    assert [h["loss"] for h in history[1]] == pytest.approx([h["loss"] for h in history[0]], rel=1e-5)

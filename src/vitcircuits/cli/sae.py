@@ -34,13 +34,15 @@ def train(
     lr: Annotated[float, typer.Option("--lr", help="peak learning rate")] = 4e-4,
     views: Annotated[int, typer.Option("--views", min=1, help="views per image: 1 + random crops/flips")] = 1,
     holdout_every: Annotated[int, typer.Option("--holdout-every", min=2, help="hold out images with index % N == 0")] = 10,
+    processes: Annotated[int, typer.Option("--processes", min=1, help="data-parallel training processes (gloo on cpu, one GPU each on cuda)")] = 1,
 ) -> None:
     """Harvest a hook, train an SAE on it (SAELens layout), and measure it on held-out images (in sae/)."""
     from vitcircuits.stages.composition import read_circuits
     from vitcircuits.stages.sae import SAEStageConfig, choose_hook, run_sae_train
 
     config = SAEStageConfig(hook=hook, architecture=architecture, k=k, expansion=expansion, l1_coefficient=l1, epochs=epochs,
-                            batch_size=sae_batch, lr=lr, views=views, holdout_every=holdout_every, seed=options.model.seed)
+                            batch_size=sae_batch, lr=lr, views=views, holdout_every=holdout_every, seed=options.model.seed,
+                            processes=processes)
     if hook is None and circuits is None:
         raise ValueError("give --hook, or --circuits RUN to train after the strongest composition receiver")
     run, loaded, images = options.open("sae-train", {"sae": asdict(config), "circuits": str(circuits) if circuits else None})

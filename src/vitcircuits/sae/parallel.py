@@ -15,10 +15,16 @@ buffer (bounded memory), which keeps the batches identical to a single process's
 """
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from vitcircuits.sae.model import SAE
 
 
 @dataclass(frozen=True)
@@ -64,3 +70,28 @@ class DataParallel:
         total = value.detach().clone()
         dist.all_reduce(total)
         return total / self.world
+
+
+def train_data_parallel(processes: int, rows: Callable[[], Iterable[torch.Tensor]], train: Callable[..., tuple[SAE, list[dict]]],
+                        device_type: str = "cpu") -> tuple[SAE, list[dict]]:
+    """Run ``train(rows(), progress=..., device=...)`` (a :func:`~vitcircuits.sae.train.train_sae`
+    with its configs bound) in ``processes`` spawned processes, gloo on the CPU or nccl with one GPU
+    per process on ``cuda``; return rank 0's SAE and history. ``rows`` and ``train`` must be
+    picklable (module-level functions or partials of them)."""
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(_train_rank, args=(processes, folder, rows, train, device_type), nprocs=processes, join=True)
+        result = torch.load(Path(folder) / "rank0.pt", weights_only=True)
+    sae = SAE(train.keywords["sae_config"])
+    sae.load_state_dict(result["state"])
+    return sae.eval(), result["history"]
+
+
+def _train_rank(rank: int, world: int, folder: str, rows, train, device_type: str) -> None:
+    cuda = device_type == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world)
+    try:
+        sae, history = train(rows(), progress=rank == 0, device=f"cuda:{rank}" if cuda else "cpu")
+        if rank == 0:
+            torch.save({"state": sae.state_dict(), "history": history}, Path(folder) / "rank0.pt")
+    finally:
+        dist.destroy_process_group()

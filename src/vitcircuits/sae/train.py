@@ -232,7 +232,8 @@ def _save_checkpoint(out_dir: Path, sae: SAE, opt: torch.optim.Optimizer, steps_
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    atomic_save_safetensors({**sae.state_dict(), "steps_since_fired": steps_since_fired_F}, tmp / "state.safetensors")
+    state = {name: tensor.cpu() for name, tensor in {**sae.state_dict(), "steps_since_fired": steps_since_fired_F}.items()}
+    atomic_save_safetensors(state, tmp / "state.safetensors")
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     state = {"step": step, "history": history, "sae_config": dataclasses.asdict(scfg), "train_config": dataclasses.asdict(tcfg),
              "data_key": data_key}
@@ -277,6 +278,7 @@ def train_sae(
     progress: bool = True,
     data_key: str | None = None,
     parallel: DataParallel | None = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[SAE, list[dict]]:
     """Train an SAE on raw activations (a ``[N, D]`` tensor or an iterable of ``[*, D]`` batches).
 
@@ -297,7 +299,8 @@ def train_sae(
 
     ``parallel`` (default: from an initialised process group, :mod:`vitcircuits.sae.parallel`)
     trains data-parallel: each rank takes its slice of every batch and gradients are averaged;
-    the history holds the means over ranks, and only rank 0 writes to ``out_dir``.
+    the history holds the means over ranks, and only rank 0 writes to ``out_dir``. Training runs
+    on ``device``; the SAE is returned on the CPU.
     """
     parallel = parallel if parallel is not None else DataParallel.from_process_group()
     writes = parallel is None or parallel.is_main
@@ -308,13 +311,14 @@ def train_sae(
     if tcfg.checkpoint_every and out is None:
         raise ValueError("checkpoint_every needs out_dir")
     dtype, total = scfg.torch_dtype, tcfg.steps
-    sae = SAE(scfg, generator=torch.Generator().manual_seed(tcfg.seed))
+    sae = SAE(scfg, generator=torch.Generator().manual_seed(tcfg.seed)).to(device)
     opt = torch.optim.Adam(sae.parameters(), lr=tcfg.lr, betas=tcfg.adam_betas)
-    steps_since_fired_F = torch.zeros(scfg.d_sae, dtype=torch.long)
+    steps_since_fired_F = torch.zeros(scfg.d_sae, dtype=torch.long, device=device)
     start, history = 0, []
     ckpt = _latest_checkpoint(out) if resume else None
     if ckpt is not None:
         start, history, steps_since_fired_F = _load_checkpoint(ckpt, sae, opt, scfg, tcfg, data_key)
+        steps_since_fired_F = steps_since_fired_F.to(device)
 
     if isinstance(activations, torch.Tensor):
         stream = _tensor_stream(activations.reshape(-1, scfg.d_in), tcfg.batch_size, tcfg.seed, start)
@@ -322,7 +326,7 @@ def train_sae(
         stream = itertools.islice(_rebatch(activations, tcfg.batch_size), start, None)
     if ckpt is None:
         sample_ND, stream = _init_sample(activations, stream, tcfg)
-        sample_ND = sample_ND.reshape(-1, scfg.d_in).to(dtype)
+        sample_ND = sample_ND.reshape(-1, scfg.d_in).to(device, dtype)
         sae.estimate_norm_scale_(sample_ND)
         xn_ND = sample_ND * sae.norm_scale
         b_dec_D = xn_ND.mean(0) if tcfg.b_dec_init == "mean" else geometric_median(xn_ND, tcfg.geometric_median_iters)
@@ -343,7 +347,7 @@ def train_sae(
                 group["lr"] = lr
             if parallel is not None:
                 x_BD = parallel.local(x_BD)
-            xn_BD = x_BD.to(dtype) * sae.norm_scale
+            xn_BD = x_BD.to(device, dtype) * sae.norm_scale
             dead_F = steps_since_fired_F >= scfg.dead_steps_threshold
             step_out = _sparse_step(sae, xn_BD, dead_F) if sparse else _dense_step(sae, xn_BD, dead_F)
             loss, mse, aux, l1, recon_BD, feats, fired_F = step_out
@@ -378,7 +382,7 @@ def train_sae(
                 saved = done
     if writes and out is not None and saved != done:  # the source ran out before total_steps
         _save_checkpoint(out, sae, opt, steps_since_fired_F, done, history, scfg, tcfg, data_key)
-    sae.eval()
+    sae = sae.to("cpu").eval()
     if writes and out is not None:
         save_sae(sae, out / "sae")
     return sae, history

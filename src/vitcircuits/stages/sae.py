@@ -6,6 +6,8 @@ why the stage was skipped instead.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
 
 from vitcircuits.cache import CacheConfig, harvest
 from vitcircuits.data.augment import AugmentConfig
@@ -21,6 +23,7 @@ from vitcircuits.sae.harvest import ShardReader, training_batches
 from vitcircuits.sae.io import save_sae
 from vitcircuits.sae.metrics import evaluate_sae
 from vitcircuits.sae.model import SAEConfig
+from vitcircuits.sae.parallel import train_data_parallel
 from vitcircuits.sae.train import TrainConfig, train_sae
 from vitcircuits.stages import config_hash
 from vitcircuits.stages.composition import read_circuits
@@ -61,6 +64,9 @@ class SAEStageConfig:
     """Held-out images used for downstream fidelity."""
     seed: int = 0
     """Seeds the initialisation, data order and augmentation."""
+    processes: int = 1
+    """Training processes (data-parallel, :mod:`vitcircuits.sae.parallel`): gloo on the CPU, one
+    GPU each with nccl on ``cuda``; the SAE is the one process's up to float rounding."""
 
 
 MIN_TRAIN_ROWS = 256
@@ -130,9 +136,14 @@ def run_sae_train(run: Run, loaded: LoadedModel, images: ImageSet, config: SAESt
     train_config = TrainConfig(lr=config.lr, warmup_steps=max(1, steps // 20), total_steps=steps, batch_size=batch_size,
                                seed=config.seed, checkpoint_every=max(1, steps // 10), log_every=max(1, steps // 50),
                                init_sample_rows=min(n_train, 16384))
-    rows = training_batches(reader, batch_size, config.epochs, config.holdout_every, config.shuffle_rows, config.seed)
+    rows = partial(_training_rows, run.file(LAYOUT.activations), hook, batch_size, config)
     data_key = config_hash({"index": {k: index.index[k] for k in ("config", "made_from")}, "holdout_every": config.holdout_every})
-    sae, history = train_sae(rows, sae_config, train_config, out_dir=run.file(LAYOUT.sae_training), resume=True, progress=progress, data_key=data_key)
+    train = partial(train_sae, sae_config=sae_config, train_config=train_config, out_dir=run.file(LAYOUT.sae_training), resume=True,
+                    data_key=data_key)
+    if config.processes > 1:
+        sae, history = train_data_parallel(config.processes, rows, train, model.device.type)
+    else:
+        sae, history = train(rows(), progress=progress, device=model.device)
     evaluation = evaluate_sae(sae, (r.acts_ND for r in reader.split(True, config.holdout_every)))
     fidelity = downstream_fidelity(model, sae, hook, held_out, FidelityConfig(include_prefix=config.include_prefix),
                                    progress=progress)
@@ -147,6 +158,11 @@ def run_sae_train(run: Run, loaded: LoadedModel, images: ImageSet, config: SAESt
     }
     write_json(run.file(LAYOUT.sae_metrics), metrics)
     return metrics
+
+
+def _training_rows(folder: Path, hook: str, batch_size: int, config: SAEStageConfig):
+    """The seeded stream of training batches from a harvest (built in each training process)."""
+    return training_batches(ShardReader(folder, hook), batch_size, config.epochs, config.holdout_every, config.shuffle_rows, config.seed)
 
 
 def layer_or_minus_one(hook: str) -> int:

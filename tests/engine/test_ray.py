@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from vitcircuits.cache import CacheConfig, CacheIndex, HarvestPass, harvest
+from vitcircuits.composition.necessity import NecessityConfig, PredictionsPass, ZStatsPass, assemble_report, joined_predictions, necessity_conditions
 from vitcircuits.engine import EngineOptions
 from vitcircuits.heads.atlas import AtlasConfig, build_atlas
 from vitcircuits.heads.scan import AtlasPass
@@ -108,3 +109,15 @@ def test_a_killed_worker_mid_harvest_leaves_every_row_once(tmp_path, loaded, on_
     assert torch.equal(images_a, images_b)
     torch.testing.assert_close(acts_b, acts_a, rtol=0, atol=1e-6)
     assert sorted(p.name for p in (tmp_path / "ray").glob("shard_*")) == sorted(s["file"] for s in index.index["shards"])
+
+
+def test_necessity_is_the_local_one(loaded, on_ray, local):
+    config = NecessityConfig(draws=3)
+    conditions = necessity_conditions([(0, 3), (3, 0)], loaded.model.cfg.n_heads, config)
+    reports = []
+    for images in (local, on_ray):
+        stats = images.map(loaded, ZStatsPass(), progress=False).result
+        predicted = images.map(loaded, PredictionsPass(conditions, stats, config), progress=False).result
+        reports.append(assemble_report(loaded.model, conditions, *joined_predictions(predicted), {"compositional": [0, 1, 2, 3]}, config))
+    assert reports[0] == reports[1] and reports[0]["n_images"] == 200
+    assert reports[0]["circuit"]["overall"] < reports[0]["clean"]["overall"]

@@ -57,10 +57,9 @@ def necessity_cmd(
     chosen = parse_heads(heads) if heads is not None else circuit_heads(read_circuits(circuits))
     run, loaded, images = options.open("necessity", {"necessity": asdict(config), "circuits": str(circuits) if circuits else None, "heads": chosen})
     groups = parse_groups(group, loaded.label_names) if group else dict(loaded.pretrained_cfg.get("class_groups") or {})
-    batches = images.batches()
     check_folder_classes(loaded, images)
     with run.timed("necessity"):
-        report = run_necessity(run, loaded, batches, chosen, groups, config)
-    run.write_manifest(images=images_manifest(batches))
+        report, summary = run_necessity(run, loaded, images, chosen, groups, config)
+    run.write_manifest(images=images_manifest(summary))
     typer.echo(format_report(report))
     Console().print(f"wrote {run.file(LAYOUT.necessity_json)}")

@@ -50,6 +50,12 @@ class ZStats:
         self.sum_LHd += z_LBNHd.sum((1, 2))
         self.n_images += z_LBNHd.shape[1]
 
+    def merge(self, other: ZStats) -> None:
+        """Add the sums of other images."""
+        self.sum_LHd += other.sum_LHd
+        self.sum_LNHd += other.sum_LNHd
+        self.n_images += other.n_images
+
     def mean_LHd(self) -> torch.Tensor:
         return (self.sum_LHd / (self.n_images * self.sum_LNHd.shape[1])).float()
 

@@ -90,8 +90,65 @@ class LabelledBatches:
 
     def __iter__(self):
         for batch in self.batches:
-            if batch.labels_B is not None and (keep_B := batch.labels_B >= 0).any():
-                yield batch.images_BCHW[keep_B], batch.labels_B[keep_B]
+            if (pair := labelled(batch)) is not None:
+                yield pair
+
+
+def labelled(batch) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(images_BCHW, labels_B)`` of the labelled images (label ≥ 0) of an image batch, or None."""
+    if batch.labels_B is None or not (keep_B := batch.labels_B >= 0).any():
+        return None
+    return batch.images_BCHW[keep_B], batch.labels_B[keep_B]
+
+
+@dataclass(frozen=True)
+class ZStatsPass:
+    """:func:`zstats_of` as an :class:`~vitcircuits.engine.ImagePass` over image batches."""
+
+    def start(self, model: HookedViT) -> ZStats:
+        return ZStats.empty(model)
+
+    def step(self, model: HookedViT, stats: ZStats, batch) -> ZStats:
+        if (pair := labelled(batch)) is not None:
+            stats.update(model, pair[0].to(model.device, model.dtype))
+        return stats
+
+    def finish(self, model: HookedViT, stats: ZStats) -> ZStats:
+        return stats
+
+    def merge(self, first: ZStats, later: ZStats) -> ZStats:
+        first.merge(later)
+        return first
+
+
+@dataclass(frozen=True)
+class PredictionsPass:
+    """:func:`ablated_predictions` as an :class:`~vitcircuits.engine.ImagePass` over image batches:
+    ``{condition: predictions, "labels": labels}`` lists, in image order. The ``resample``
+    ablation is seeded per batch by its first image index, so any split of the images gives the
+    same predictions."""
+
+    conditions: dict[str, list[Head]]
+    stats: ZStats | None
+    config: NecessityConfig
+
+    def start(self, model: HookedViT) -> dict[str, list[torch.Tensor]]:
+        return {"labels": [], **{name: [] for name in self.conditions}}
+
+    def step(self, model: HookedViT, part: dict[str, list[torch.Tensor]], batch) -> dict[str, list[torch.Tensor]]:
+        if (pair := labelled(batch)) is not None:
+            generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + int(batch.indices[0]))
+            hooks = _condition_hooks(self.conditions, self.stats, self.config, generator)
+            for name, predictions_B in _predict(model, pair[0], hooks).items():
+                part[name].append(predictions_B)
+            part["labels"].append(pair[1].cpu())
+        return part
+
+    def finish(self, model: HookedViT, part: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+        return part
+
+    def merge(self, first: dict[str, list[torch.Tensor]], later: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+        return {name: first[name] + later[name] for name in first}
 
 
 @torch.no_grad()
@@ -108,19 +165,47 @@ def ablated_predictions(model: HookedViT, batches: Iterable[tuple[torch.Tensor, 
                         stats: ZStats | None, config: NecessityConfig = NecessityConfig()) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Predicted classes under every condition (name -> heads to ablate; no heads: clean), in one
     pass over ``batches`` of ``(images_BCHW, labels_B)``; returns ``({name: predictions_B}, labels_B)``."""
-    generator = torch.Generator().manual_seed(config.seed)
-    hooks = {name: ablation_hooks(list(heads), config.ablation, stats, generator) if heads else [] for name, heads in conditions.items()}
+    hooks = _condition_hooks(conditions, stats, config, torch.Generator().manual_seed(config.seed))
     predictions: dict[str, list[torch.Tensor]] = {name: [] for name in conditions}
     labels = []
     for images_BCHW, labels_B in batches:
-        images_BCHW = images_BCHW.to(model.device, model.dtype)
         labels.append(labels_B.cpu())
-        for name, condition_hooks in hooks.items():
-            with model.hooks(condition_hooks):
-                predictions[name].append(model(images_BCHW).argmax(-1).cpu())
-    if not labels:
+        for name, predictions_B in _predict(model, images_BCHW, hooks).items():
+            predictions[name].append(predictions_B)
+    return joined_predictions({"labels": labels, **predictions})
+
+
+def _condition_hooks(conditions: Mapping[str, Sequence[Head]], stats: ZStats | None, config: NecessityConfig,
+                     generator: torch.Generator) -> dict[str, list]:
+    return {name: ablation_hooks(list(heads), config.ablation, stats, generator) if heads else [] for name, heads in conditions.items()}
+
+
+@torch.no_grad()
+def _predict(model: HookedViT, images_BCHW: torch.Tensor, hooks: Mapping[str, list]) -> dict[str, torch.Tensor]:
+    images_BCHW = images_BCHW.to(model.device, model.dtype)
+    predictions = {}
+    for name, condition_hooks in hooks.items():
+        with model.hooks(condition_hooks):
+            predictions[name] = model(images_BCHW).argmax(-1).cpu()
+    return predictions
+
+
+def joined_predictions(parts: dict[str, list[torch.Tensor]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``({condition: predictions_B}, labels_B)`` from per-batch lists."""
+    if not parts["labels"]:
         raise ValueError("no labelled images: necessity needs class labels (a labels.tsv beside the images, or class folders)")
-    return {name: torch.cat(p) for name, p in predictions.items()}, torch.cat(labels)
+    return {name: torch.cat(p) for name, p in parts.items() if name != "labels"}, torch.cat(parts["labels"])
+
+
+def necessity_conditions(heads: Sequence[Head], n_heads: int, config: NecessityConfig) -> dict[str, list[Head]]:
+    """What is ablated: nothing (``clean``), the ``circuit`` heads, and ``config.draws`` random
+    same-layer head sets (``random0`` …)."""
+    circuit = sorted({(int(layer), int(head)) for layer, head in heads})
+    if not circuit:
+        raise ValueError("no circuit heads to ablate (no circuit with the requested verdict)")
+    generator = np.random.default_rng(config.seed)
+    draws = [random_heads_like(circuit, n_heads, generator) for _ in range(config.draws)]
+    return {"clean": [], "circuit": circuit, **{f"random{i}": d for i, d in enumerate(draws)}}
 
 
 def necessity_report(model: HookedViT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], heads: Sequence[Head], groups: Groups,
@@ -128,18 +213,21 @@ def necessity_report(model: HookedViT, batches: Iterable[tuple[torch.Tensor, tor
     """Clean accuracy, accuracy with ``heads`` ablated, and with ``config.draws`` random same-layer
     head sets ablated (each draw's numbers, and their mean, std and 5-95 % range), per group. A
     group with no labelled image is left out, with the reason, in ``groups_left_out``.
-
     ``batches`` must be re-iterable when ``stats`` is None (one pass for the statistics, one for
-    the predictions); the statistics default to those of the same images.
+    the predictions); the statistics default to those of the same images. (On an image set with an
+    engine: :class:`ZStatsPass`, :class:`PredictionsPass`, then :func:`assemble_report`.)
     """
-    circuit = sorted({(int(layer), int(head)) for layer, head in heads})
-    if not circuit:
-        raise ValueError("no circuit heads to ablate (no circuit with the requested verdict)")
+    conditions = necessity_conditions(heads, model.cfg.n_heads, config)
     stats = stats if stats is not None else zstats_of(model, batches)
-    generator = np.random.default_rng(config.seed)
-    draws = [random_heads_like(circuit, model.cfg.n_heads, generator) for _ in range(config.draws)]
-    conditions = {"clean": [], "circuit": circuit, **{f"random{i}": d for i, d in enumerate(draws)}}
     predictions, labels_B = ablated_predictions(model, batches, conditions, stats, config)
+    return assemble_report(model, conditions, predictions, labels_B, groups, config)
+
+
+def assemble_report(model: HookedViT, conditions: Mapping[str, Sequence[Head]], predictions: Mapping[str, torch.Tensor],
+                    labels_B: torch.Tensor, groups: Groups, config: NecessityConfig) -> dict:
+    """The report of :func:`necessity_report` from the predictions under every condition."""
+    circuit = list(conditions["circuit"])
+    draws = [conditions[f"random{i}"] for i in range(config.draws)]
     empty = sorted(name for name, classes in groups.items() if not _in_group(labels_B, classes).any())
     groups = {name: classes for name, classes in groups.items() if name not in empty}
     accuracy = {name: group_accuracy(p, labels_B, groups) for name, p in predictions.items()}

@@ -187,7 +187,7 @@ class HookedViT(WeightViewsMixin, HookedRootModule):
         expected = (self.cfg.in_chans, *self.cfg.img_size)
         if tuple(images_BCHW.shape[1:]) != expected:
             raise ValueError(f"expected images of shape [B, {', '.join(map(str, expected))}], got {list(images_BCHW.shape)}")
-        images_BCHW = images_BCHW.to(device=self.device, dtype=self.dtype)
+        images_BCHW = images_BCHW.to(device=self.device, dtype=self.dtype, non_blocking=True)
         patches_BPD = self.hook_embed(self.embed(images_BCHW))
         B = patches_BPD.shape[0]
         prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.dist_token, self.reg_tokens) if t is not None]

@@ -103,14 +103,18 @@ def labelled(batch) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 @dataclass(frozen=True)
 class ZStatsPass:
-    """:func:`zstats_of` as an :class:`~vitcircuits.engine.ImagePass` over image batches."""
+    """:func:`zstats_of` as an :class:`~vitcircuits.engine.ImagePass` over image batches (of the
+    labelled images, or with ``labelled_only=False`` of every image)."""
+
+    labelled_only: bool = True
 
     def start(self, model: HookedViT) -> ZStats:
         return ZStats.empty(model)
 
     def step(self, model: HookedViT, stats: ZStats, batch) -> ZStats:
-        if (pair := labelled(batch)) is not None:
-            stats.update(model, pair[0].to(model.device, model.dtype))
+        images_BCHW = batch.images_BCHW if not self.labelled_only else (pair[0] if (pair := labelled(batch)) is not None else None)
+        if images_BCHW is not None:
+            stats.update(model, images_BCHW.to(model.device, model.dtype))
         return stats
 
     def finish(self, model: HookedViT, stats: ZStats) -> ZStats:

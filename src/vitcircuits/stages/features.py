@@ -8,7 +8,7 @@ import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vitcircuits.composition.ablation import ZStats
+from vitcircuits.composition.necessity import ZStatsPass
 from vitcircuits.files import read_json, write_json, write_text
 from vitcircuits.inputs import ImageSet
 from vitcircuits.layout import LAYOUT
@@ -32,7 +32,7 @@ class AnalyzeConfig:
     dependence: DependenceConfig = field(default_factory=DependenceConfig)
     """Features analysed, examples per feature, interventions and the compositional thresholds."""
     zstats_images: int = 64
-    """Images for the head means used by the circuit ablation."""
+    """Images (the first of the set) for the head means used by the circuit ablation."""
     gallery_features: int = 8
     """Features shown in each gallery."""
 
@@ -61,11 +61,7 @@ def run_features(root: Path, loaded: LoadedModel, images: ImageSet, circuits: li
     out = root / LAYOUT.features
     stats.save(out)
     heads = circuit_heads_from(circuits or [], layer_or_minus_one(hook))
-    zstats = ZStats.empty(model)
-    for n, batch in enumerate(images.batches(progress=False)):
-        if n * images.batch_size >= config.zstats_images:
-            break
-        zstats.update(model, batch.images_BCHW)
+    zstats = images.first(config.zstats_images).map(loaded, ZStatsPass(labelled_only=False), progress=False).result
     load = images.load
     rows = circuit_dependence(model, sae, hook, load, stats, heads, zstats, config.dependence, progress=progress)
     buf = io.StringIO()

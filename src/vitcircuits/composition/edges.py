@@ -3,8 +3,9 @@ nulls) and one row per edge with its three lines of evidence and its verdict
 (:mod:`~vitcircuits.composition.circuits` defines them)."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from vitcircuits.composition.patching import METRICS, PATHS, QUERY_SETS, VERDICT
 from vitcircuits.composition.task_metric import TaskMetric
 from vitcircuits.composition.task_patching import EdgeDrops, EdgeKey, all_edges, edge_drops
 from vitcircuits.composition.weights import CompositionScores
+from vitcircuits.engine import LOCAL, Engine
 from vitcircuits.models.hooked_vit import HookedViT
 
 Steps = Callable[[str, int], Callable[[], None]]
@@ -60,12 +62,45 @@ class TaskEvidence:
                 "spearman_top": rho(est[top], exact[top])}
 
 
+CHECK_CHUNK = 8
+"""Ablated runs per unit of spread work (edges, or random-direction draws)."""
+
+
+def _drops_chunk(images_BCHW: torch.Tensor, targets: torch.Tensor, stats: ZStats, metric: TaskMetric, seed: int, clean_I: torch.Tensor,
+                 model: HookedViT, item: tuple[list[EdgeKey], dict[EdgeKey, int]]):
+    edges, n_random = item
+    part = edge_drops(model, images_BCHW, targets, edges, stats, metric, n_random, seed=seed, into=EdgeDrops(clean_I))
+    return part.drops, part.random
+
+
+def spread_drops(engine: Engine, model: HookedViT, images_BCHW: torch.Tensor, targets: torch.Tensor, edges: Sequence[EdgeKey],
+                 stats: ZStats, metric: TaskMetric, n_random: dict[EdgeKey, int], seed: int, into: EdgeDrops,
+                 advance_of: Callable[[int], Callable[[], None]]) -> None:
+    """:func:`~vitcircuits.composition.task_patching.edge_drops` of the edges not yet in ``into``
+    and their random draws, in chunks of about :data:`CHECK_CHUNK` runs through ``map_items``.
+    Each edge and each draw is computed alone, so the chunking does not change the result."""
+    units = [([e], {}) for e in edges if e not in into.drops] + [([], {e: k}) for e, k in n_random.items() if k]
+    chunks: list[tuple[list[EdgeKey], dict[EdgeKey, int]]] = []
+    cost = CHECK_CHUNK
+    for unit_edges, unit_random in units:
+        if cost >= CHECK_CHUNK:
+            chunks.append(([], {}))
+            cost = 0
+        chunks[-1][0].extend(unit_edges)
+        chunks[-1][1].update(unit_random)
+        cost += len(unit_edges) + sum(unit_random.values())
+    fn = partial(_drops_chunk, images_BCHW.cpu(), targets.cpu(), stats, metric, seed, into.clean_I)
+    for drops, random in engine.map_items(model, fn, chunks, advance_of(len(chunks))):
+        into.drops.update(drops)
+        into.random.update(random)
+
+
 @torch.no_grad()
 def task_evidence(model: HookedViT, images_BCHW: torch.Tensor, stats: ZStats, metric: TaskMetric, config: ComposeConfig,
-                  steps: Steps = no_steps) -> TaskEvidence:
+                  steps: Steps = no_steps, engine: Engine = LOCAL) -> TaskEvidence:
     """Edge attribution over every edge, exact checks of all edges (small model) or of the top
-    ``task_candidates``, and the nulls of the checked edges that reach the floor. ``steps``
-    reports progress."""
+    ``task_candidates``, and the nulls of the checked edges that reach the floor; the checks run
+    on ``engine``'s model replicas. ``steps`` reports progress."""
     H = model.cfg.n_heads
     images_BCHW = images_BCHW.to(model.device, model.dtype)
     chunks = images_BCHW.split(attribution_chunk(model))
@@ -84,8 +119,8 @@ def task_evidence(model: HookedViT, images_BCHW: torch.Tensor, stats: ZStats, me
     estimate = lambda e: est_LHJLH[e[0], e[1], PATHS.index(e[4]), e[2], e[3]]  # noqa: E731
     checked = edges if everything else sorted(edges, key=lambda e: -estimate(e))[: config.task_candidates]
     seed = config.patching.seed
-    drops = edge_drops(model, images_BCHW, targets, checked, stats, metric, seed=seed, into=EdgeDrops(clean_I),
-                       advance=steps("composition: exact checks", len(checked)))
+    drops = EdgeDrops(clean_I)
+    spread_drops(engine, model, images_BCHW, targets, checked, stats, metric, {}, seed, drops, partial(steps, "composition: exact checks"))
     floor = metric.floor(drops.clean_I)
     null_senders, n_random = {}, {}
     for edge in checked:
@@ -100,8 +135,8 @@ def task_evidence(model: HookedViT, images_BCHW: torch.Tensor, stats: ZStats, me
         null_senders[edge] = others
         n_random[edge] = fill_count(len(others))
     needed = sorted({other for others in null_senders.values() for other in others})
-    advance = steps("composition: nulls of the checks", len(set(needed) - set(drops.drops)) + sum(n_random.values()))
-    edge_drops(model, images_BCHW, targets, needed, stats, metric, n_random, seed=seed, into=drops, advance=advance)
+    spread_drops(engine, model, images_BCHW, targets, needed, stats, metric, n_random, seed, drops,
+                 partial(steps, "composition: nulls of the checks"))
     description = {"kind": metric.kind, "probe": metric.probe_CD is not None, "n_images": len(images_BCHW),
                    "target": {"embedding": "the clean final tokens", "margin": "the clean prediction"}[metric.kind],
                    "clean_mean": float(drops.clean_I.mean()), "floor": floor, "attribution_steps": config.attribution.steps,

@@ -34,6 +34,7 @@ from vitcircuits.composition.task_metric import TaskMetric
 from vitcircuits.composition.task_patching import EdgeKey
 from vitcircuits.composition.transfer import TooFewImages, TransferResult, transfer_curves
 from vitcircuits.composition.weights import CompositionScores, composition_scores
+from vitcircuits.engine import LOCAL, Engine
 from vitcircuits.heads.atlas import HeadAtlas
 from vitcircuits.models.hooked_vit import HookedViT
 from vitcircuits.sampling import reservoir
@@ -114,17 +115,17 @@ def resolve_metric(model: HookedViT, choice: str, probe: TaskMetric | None = Non
 
 
 def run_composition(model: HookedViT, image_batches: Callable[[], Iterable[torch.Tensor]], atlas: HeadAtlas, config: ComposeConfig,
-                    probe: TaskMetric | None = None, progress: bool = False) -> CompositionResult:
+                    probe: TaskMetric | None = None, progress: bool = False, engine: Engine = LOCAL) -> CompositionResult:
     """Everything but writing files. ``image_batches()`` yields the image batches; it is called once,
     so the images are decoded once (the samples and the transfer probes' images are kept from that
     pass); ``probe`` is the fitted probe metric when ``config.task_metric`` is ``probe``;
-    ``progress`` shows progress bars."""
+    ``progress`` shows progress bars; the exact task-level checks run on ``engine``'s replicas."""
     with progress_steps(progress) as steps:
-        return _run(model, image_batches, atlas, config, probe, steps)
+        return _run(model, image_batches, atlas, config, probe, steps, engine)
 
 
 def _run(model: HookedViT, image_batches: Callable[[], Iterable[torch.Tensor]], atlas: HeadAtlas, config: ComposeConfig,
-         probe: TaskMetric | None, steps: Steps) -> CompositionResult:
+         probe: TaskMetric | None, steps: Steps, engine: Engine) -> CompositionResult:
     scores = composition_scores(model, config.weights)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     if L < 2:
@@ -145,7 +146,7 @@ def _run(model: HookedViT, image_batches: Callable[[], Iterable[torch.Tensor]], 
     clean = _patch(model, [x for x, _ in pairs], heads, stats, config.patching, steps("composition: path patching", len(pairs)), draws)
     shuffled = _patch(model, [xs for _, xs in pairs], heads, stats, config.patching, steps("composition: shuffled images", len(pairs)))
     kept_LH = attention_kept(model, pairs)
-    task = task_evidence(model, task_images_BCHW, stats, metric, config, steps) if task_images_BCHW is not None else None
+    task = task_evidence(model, task_images_BCHW, stats, metric, config, steps, engine) if task_images_BCHW is not None else None
     rows = edge_rows(scores, senders, clean, shuffled, kept_LH, task, model.layout.patch_start > 0, config)
     circuits = build_circuits(rows, config.criteria)
     ablations = {"modular/directional senders ablated": [(layer, head) for layer, head, kind in senders if kind in SENDER_KINDS]}

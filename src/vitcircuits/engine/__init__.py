@@ -3,7 +3,8 @@
 A pass (:class:`ImagePass`) is work over images whose partial results merge: the atlas
 accumulators, the predictions, the activation shards. :meth:`Engine.map` runs it over an
 :class:`~vitcircuits.inputs.ImageSet` and returns the merged result with the pass's
-:class:`~vitcircuits.data.loader.LoadSummary`.
+:class:`~vitcircuits.data.loader.LoadSummary`. :meth:`Engine.map_items` spreads other independent
+model calls the same way (the exact task-level checks of the composition stage, chunks of edges).
 
 - ``local`` (the default): one partial result, fed batch by batch in source order.
 - ``ray`` (:mod:`vitcircuits.engine.ray`): the image list is cut into shards of whole batches; each
@@ -18,6 +19,7 @@ The tests state the tolerances.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, Literal, Protocol, TypeVar
 
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
     from vitcircuits.models.loading import LoadedModel
 
 R = TypeVar("R")
+T = TypeVar("T")
+U = TypeVar("U")
 
 
 class ImagePass(Protocol, Generic[R]):
@@ -64,6 +68,12 @@ class Engine(Protocol):
     def map(self, images: ImageSet, loaded: LoadedModel, work: ImagePass[R], progress: bool = True) -> Streamed[R]:
         """Run ``work`` over every image of ``images``; ``loaded`` is the driver's model."""
 
+    def map_items(self, model: HookedViT, fn: Callable[[HookedViT, T], U], items: Sequence[T],
+                  advance: Callable[[], None] = lambda: None) -> list[U]:
+        """``[fn(model, item) for item in items]`` in order, each call on ``model`` (the driver's)
+        or on a replica of it (``fn`` and the items must then be picklable); ``advance()`` after
+        each call ends."""
+
     def describe(self) -> dict:
         """The manifest's ``engine`` section."""
 
@@ -93,6 +103,14 @@ class LocalEngine:
         if partial is not None:
             merged = work.merge(merged, work.finish(model, partial))
         return Streamed(merged, batches.summary())
+
+    def map_items(self, model: HookedViT, fn: Callable[[HookedViT, T], U], items: Sequence[T],
+                  advance: Callable[[], None] = lambda: None) -> list[U]:
+        results = []
+        for item in items:
+            results.append(fn(model, item))
+            advance()
+        return results
 
     def describe(self) -> dict:
         return {"engine": "local", "shard_images": self.shard_images}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -64,6 +65,9 @@ class Replica:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def call(self, fn, item):
+        return fn(self.loaded.model, item)
 
     def run(self, work: ImagePass[R], shard: ImageSet) -> tuple[R, LoadSummary]:
         batches = shard.batches(progress=False)
@@ -123,36 +127,55 @@ class RayEngine:
         """The workers' process ids (for tests that kill one)."""
         return self._get([w.pid.remote() for w in self.workers])
 
-    def map(self, images: ImageSet, loaded: LoadedModel, work: ImagePass[R], progress: bool = True) -> Streamed[R]:
+    def _spread(self, n: int, submit: Callable, arrived: Callable[[int, object], None]) -> None:
+        """Run tasks ``0 … n-1`` (``submit(worker, i)`` returns the task's ref), at most
+        :data:`IN_FLIGHT` per worker, the least loaded first; ``arrived(i, result)`` as each ends."""
         ray = _ray()
+        queue, running, load = list(range(n)), {}, {w: 0 for w in range(len(self.workers))}
+        while queue or running:
+            for w in sorted(load, key=load.get):
+                while queue and load[w] < IN_FLIGHT:
+                    i = queue.pop(0)
+                    running[submit(self.workers[w], i)] = (i, w)
+                    load[w] += 1
+            done, _ = ray.wait(list(running), num_returns=1)
+            for ref in done:
+                i, w = running.pop(ref)
+                load[w] -= 1
+                arrived(i, self._get(ref))
+
+    def map_items(self, model, fn, items, advance: Callable[[], None] = lambda: None) -> list:
+        fn_ref = _ray().put(fn)  # sent once, however many items
+        results: dict[int, object] = {}
+
+        def arrived(i: int, result: object) -> None:
+            results[i] = result
+            advance()
+
+        self._spread(len(items), lambda worker, i: worker.call.remote(fn_ref, items[i]), arrived)
+        return [results[i] for i in range(len(items))]
+
+    def map(self, images: ImageSet, loaded: LoadedModel, work: ImagePass[R], progress: bool = True) -> Streamed[R]:
         spans = shard_spans(len(images), self.options.shard_images, images.batch_size)
         shards = [images.slice(start, stop) for start, stop in spans]
-        queue = list(range(len(shards)))
-        running: dict = {}
-        load = {i: 0 for i in range(len(self.workers))}
         arrived: dict[int, tuple[R, LoadSummary]] = {}
-        merged, summaries, next_shard = work.start(loaded.model), [], 0
+        state = {"merged": work.start(loaded.model), "next": 0}
+        summaries: list[LoadSummary] = []
         columns = (TextColumn(f"images ({len(self.workers)} workers)"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
             task = bar.add_task("images", total=len(images))
-            while queue or running:
-                for w in sorted(load, key=load.get):
-                    while queue and load[w] < IN_FLIGHT:
-                        s = queue.pop(0)
-                        running[self.workers[w].run.remote(work, shards[s])] = (s, w)
-                        load[w] += 1
-                done, _ = ray.wait(list(running), num_returns=1)
-                for ref in done:
-                    s, w = running.pop(ref)
-                    load[w] -= 1
-                    arrived[s] = self._get(ref)
-                    bar.advance(task, len(shards[s]))
-                while next_shard in arrived:
-                    partial, summary = arrived.pop(next_shard)
-                    merged = work.merge(merged, partial)
+
+            def merge_in_order(s: int, result: tuple[R, LoadSummary]) -> None:
+                arrived[s] = result
+                bar.advance(task, len(shards[s]))
+                while state["next"] in arrived:
+                    partial, summary = arrived.pop(state["next"])
+                    state["merged"] = work.merge(state["merged"], partial)
                     summaries.append(summary)
-                    next_shard += 1
-        return Streamed(merged, merge_summaries(images, summaries))
+                    state["next"] += 1
+
+            self._spread(len(shards), lambda worker, s: worker.run.remote(work, shards[s]), merge_in_order)
+        return Streamed(state["merged"], merge_summaries(images, summaries))
 
     def describe(self) -> dict:
         o = self.options

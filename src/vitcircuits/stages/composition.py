@@ -29,7 +29,8 @@ def run_compose(run: Run, loaded: LoadedModel, images: ImageSet, config: Compose
     verdict for every edge, labelled by the atlas of this run (or of the run ``atlas_from``)."""
     atlas = HeadAtlas.load((atlas_from or run.path) / LAYOUT.heads)
     probe = fit_image_probe(loaded, images) if config.task_metric == "probe" else None
-    result = run_composition(loaded.model, lambda: (b.images_BCHW for b in images.batches()), atlas, config, probe, progress=True)
+    result = run_composition(loaded.model, lambda: (b.images_BCHW for b in images.batches()), atlas, config, probe, progress=True,
+                             engine=images.engine)
     cfg = loaded.model.cfg
     figures = write_composition(run.file(LAYOUT.composition), result, cfg.n_layers, cfg.n_heads)
     write_json(run.file(LAYOUT.composition_figures), [(str(p.relative_to(run.path)), c) for p, c in figures])

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from forward import status_kib  # bench/forward.py, beside this script
 from safetensors.torch import save_file
 
 from vitcircuits.cache import CacheConfig, CacheIndex
@@ -30,14 +31,6 @@ from vitcircuits.sae.model import SAEConfig
 from vitcircuits.sae.train import TrainConfig, train_sae
 
 HOOK = "blocks.0.hook_resid_post"
-
-
-def status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"no {field} in /proc/self/status")
 
 
 def write_harvest(folder: Path, n_shards: int, shard_rows: int, width: int) -> int:

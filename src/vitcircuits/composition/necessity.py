@@ -112,9 +112,9 @@ class ZStatsPass:
         return ZStats.empty(model)
 
     def step(self, model: HookedViT, stats: ZStats, batch) -> ZStats:
-        images_BCHW = batch.images_BCHW if not self.labelled_only else (pair[0] if (pair := labelled(batch)) is not None else None)
-        if images_BCHW is not None:
-            stats.update(model, images_BCHW.to(model.device, model.dtype))
+        pair = labelled(batch) if self.labelled_only else (batch.images_BCHW, batch.labels_B)
+        if pair is not None:
+            stats.update(model, pair[0].to(model.device, model.dtype))
         return stats
 
     def finish(self, model: HookedViT, stats: ZStats) -> ZStats:
@@ -217,6 +217,7 @@ def necessity_report(model: HookedViT, batches: Iterable[tuple[torch.Tensor, tor
     """Clean accuracy, accuracy with ``heads`` ablated, and with ``config.draws`` random same-layer
     head sets ablated (each draw's numbers, and their mean, std and 5-95 % range), per group. A
     group with no labelled image is left out, with the reason, in ``groups_left_out``.
+
     ``batches`` must be re-iterable when ``stats`` is None (one pass for the statistics, one for
     the predictions); the statistics default to those of the same images. (On an image set with an
     engine: :class:`ZStatsPass`, :class:`PredictionsPass`, then :func:`assemble_report`.)

@@ -6,16 +6,19 @@ accumulators, the predictions, the activation shards. :meth:`Engine.map` runs it
 :class:`~vitcircuits.data.loader.LoadSummary`. :meth:`Engine.map_items` spreads other independent
 model calls the same way (the exact task-level checks of the composition stage, chunks of edges).
 
-- ``local`` (the default): one partial result, fed batch by batch in source order.
-- ``ray`` (:mod:`vitcircuits.engine.ray`): the image list is cut into shards of whole batches; each
-  worker holds one model replica and turns shards into partial results; the driver merges them in
-  shard order, so the result does not depend on which worker ran which shard or when. A worker
+Either way the image list is cut into shards of whole batches (``shard_images``), each shard
+becomes a partial result, and the partial results are merged in shard order:
+
+- ``local`` (the default): one decoding pass in this process, shard after shard.
+- ``ray`` (:mod:`vitcircuits.engine.ray`): each worker holds one model replica and turns shards
+  into partial results; the driver merges them in shard order, so the result does not depend on
+  which worker ran which shard or when. A worker
   that dies is restarted and its shards are run again; a shard's result is merged once, when it
   arrives, so no image is counted twice or lost.
 
-Merging changes the order of floating-point sums (an atlas summed shard by shard instead of batch
-by batch): results agree to rounding, and everything counted (images, rows, their order) is equal.
-The tests state the tolerances.
+The batches and the merge order are the same for both, so sums are added in the same order; what
+can differ is a worker's thread count inside a forward pass. The tests state the tolerances
+(measured here: equal to the last bit).
 """
 from __future__ import annotations
 

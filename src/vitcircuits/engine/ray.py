@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from vitcircuits.data.loader import LoadSummary
+from vitcircuits.data.loader import LoadSummary, image_list_sha256
 from vitcircuits.engine import EngineOptions, ImagePass, R, Streamed, shard_spans
 
 if TYPE_CHECKING:
@@ -174,7 +174,8 @@ class RayEngine:
                     summaries.append(summary)
                     state["next"] += 1
 
-            self._spread(len(shards), lambda worker, s: worker.run.remote(work, shards[s]), merge_in_order)
+            work_ref = _ray().put(work)  # sent once, however many shards
+            self._spread(len(shards), lambda worker, s: worker.run.remote(work_ref, shards[s]), merge_in_order)
         return Streamed(state["merged"], merge_summaries(images, summaries))
 
     def describe(self) -> dict:
@@ -186,8 +187,6 @@ class RayEngine:
 def merge_summaries(images: ImageSet, parts: list[LoadSummary]) -> LoadSummary:
     """The load summary of the whole image list from those of its shards, in order."""
     whole = images.source
-    from vitcircuits.data.loader import image_list_sha256
-
     return LoadSummary(spec=whole.spec, n_total=len(whole), n_ok=sum(p.n_ok for p in parts),
                        skipped=tuple(s for p in parts for s in p.skipped), image_list_sha256=image_list_sha256(whole),
                        ignored=whole.ignored, labels=whole.labels, classes=whole.classes)

@@ -232,8 +232,8 @@ def _save_checkpoint(out_dir: Path, sae: SAE, opt: torch.optim.Optimizer, steps_
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = {name: tensor.cpu() for name, tensor in {**sae.state_dict(), "steps_since_fired": steps_since_fired_F}.items()}
-    atomic_save_safetensors(state, tmp / "state.safetensors")
+    tensors = {name: tensor.cpu() for name, tensor in {**sae.state_dict(), "steps_since_fired": steps_since_fired_F}.items()}
+    atomic_save_safetensors(tensors, tmp / "state.safetensors")
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     state = {"step": step, "history": history, "sae_config": dataclasses.asdict(scfg), "train_config": dataclasses.asdict(tcfg),
              "data_key": data_key}

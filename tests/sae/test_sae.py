@@ -182,6 +182,31 @@ def test_resume_with_iterable_source(planted, tmp_path):
     torch.testing.assert_close(resumed.b_dec, straight.b_dec, atol=1e-6, rtol=0)
 
 
+def _reference_shuffle(source, capacity_rows: int, batch_size: int, seed: int):
+    """The buffer's rule written plainly: concatenate, permute, emit, keep the rest."""
+    gen = torch.Generator().manual_seed(seed)
+    held, n_held = [], 0
+    for batch in source:
+        held.append(batch.reshape(-1, batch.shape[-1]))
+        n_held += held[-1].shape[0]
+        if n_held < capacity_rows:
+            continue
+        pool = torch.cat(held)[torch.randperm(n_held, generator=gen)]
+        n_out = (n_held - capacity_rows // 2) // batch_size * batch_size
+        yield from pool[:n_out].split(batch_size)
+        held, n_held = [pool[n_out:]], n_held - n_out
+    if n_held:
+        yield from torch.cat(held)[torch.randperm(n_held, generator=gen)].split(batch_size)
+
+
+def test_shuffle_buffer_emits_the_plain_rule_and_its_batches_stay_valid():
+    x_ND = torch.randn(7000, 8, generator=torch.Generator().manual_seed(2))
+    source = list(x_ND.split(700)) + [x_ND[:1500]]  # a larger last chunk makes the buffers grow
+    got = list(ShuffleBuffer(source, capacity_rows=2000, batch_size=128, seed=5))
+    want = list(_reference_shuffle(source, 2000, 128, 5))
+    assert len(got) == len(want) and all(torch.equal(g, w) for g, w in zip(got, want))  # held batches were not overwritten
+
+
 def test_shuffle_buffer_yields_each_row_once_with_bounded_memory():
     ids_N = torch.arange(5000, dtype=torch.float32)
     source = [chunk[:, None].expand(-1, 4) for chunk in ids_N.split(300)]

@@ -102,6 +102,10 @@ class ShuffleBuffer:
     smaller). Every source row is yielded exactly once per pass; at most ``capacity_rows - 1`` plus one
     source batch are held. Each pass re-iterates ``source`` and uses the same seed, so passes over a
     deterministic source are identical. ``peak_rows`` records the largest pool seen.
+
+    The pool and its shuffled copy live in two buffers allocated once per pass (grown only for a
+    larger source batch), and each emitted batch is its own copy: the allocations do not change
+    size from one refill to the next, so a long pass does not fragment the heap.
     """
 
     def __init__(self, source: Iterable[torch.Tensor], capacity_rows: int, batch_size: int, seed: int = 0) -> None:
@@ -110,26 +114,35 @@ class ShuffleBuffer:
         self.source, self.capacity_rows, self.batch_size, self.seed = source, capacity_rows, batch_size, seed
         self.peak_rows = 0
 
-    def _shuffled(self, pool_ND: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        self.peak_rows = max(self.peak_rows, pool_ND.shape[0])
-        return pool_ND[torch.randperm(pool_ND.shape[0], generator=gen)]
+    def _shuffled(self, pool_ND: torch.Tensor, out_ND: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """``pool_ND`` in a random order, written into ``out_ND``."""
+        n = pool_ND.shape[0]
+        self.peak_rows = max(self.peak_rows, n)
+        return torch.index_select(pool_ND, 0, torch.randperm(n, generator=gen), out=out_ND[:n])
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         gen = torch.Generator().manual_seed(self.seed)
-        held: list[torch.Tensor] = []
+        pool_ND = shuffled_ND = torch.empty(0)
         n_held = 0
         for batch in self.source:
             batch_ND = batch.reshape(-1, batch.shape[-1])
-            held.append(batch_ND)
+            if n_held + batch_ND.shape[0] > pool_ND.shape[0] or pool_ND.dtype != batch_ND.dtype:
+                size = max(self.capacity_rows + batch_ND.shape[0], n_held + batch_ND.shape[0])
+                grown = batch_ND.new_empty(size, batch_ND.shape[-1])
+                if n_held:
+                    grown[:n_held] = pool_ND[:n_held]
+                pool_ND, shuffled_ND = grown, batch_ND.new_empty(size, batch_ND.shape[-1])
+            pool_ND[n_held : n_held + batch_ND.shape[0]] = batch_ND
             n_held += batch_ND.shape[0]
             if n_held < self.capacity_rows:
                 continue
-            pool_ND = self._shuffled(torch.cat(held), gen)
+            mixed_ND = self._shuffled(pool_ND[:n_held], shuffled_ND, gen)
             n_out = (n_held - self.capacity_rows // 2) // self.batch_size * self.batch_size
-            yield from pool_ND[:n_out].split(self.batch_size)
-            held, n_held = [pool_ND[n_out:]], n_held - n_out
+            yield from (b.clone() for b in mixed_ND[:n_out].split(self.batch_size))
+            pool_ND[: n_held - n_out] = mixed_ND[n_out:]
+            n_held -= n_out
         if n_held:
-            yield from self._shuffled(torch.cat(held), gen).split(self.batch_size)
+            yield from (b.clone() for b in self._shuffled(pool_ND[:n_held], shuffled_ND, gen).split(self.batch_size))
 
 
 def training_batches(reader: ShardReader, batch_size: int, epochs: int, holdout_every: int, capacity_rows: int, seed: int) -> Iterator[torch.Tensor]:

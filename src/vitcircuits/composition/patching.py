@@ -67,6 +67,12 @@ class PatchEffects:
     def mean(self) -> torch.Tensor:
         return self.sum_SJLHM / max(self.n_images, 1)
 
+    def merge(self, later: PatchEffects) -> None:
+        """Add the effects of later images (same senders and controls)."""
+        self.sum_SJLHM += later.sum_SJLHM
+        self.per_image_ISJLHU += later.per_image_ISJLHU
+        self.n_images += later.n_images
+
     def per_image(self) -> torch.Tensor:
         """``[I, S + R, 3, L, H, 2]``."""
         return torch.cat(self.per_image_ISJLHU) if self.per_image_ISJLHU else torch.zeros(0, *self.sum_SJLHM.shape[:4], 2)
@@ -139,9 +145,10 @@ class _Receiver:
 
 @torch.no_grad()
 def path_patch_batch(model: HookedViT, images_BCHW: torch.Tensor, senders: list[tuple[int, int]], effects: PatchEffects,
-                     stats: ZStats | None, config: PatchingConfig) -> None:
+                     stats: ZStats | None, config: PatchingConfig, first_image: int | None = None) -> None:
     """Add one batch's path-patching effects of every sender (and of the random-direction controls
-    of ``effects``) on every later head to ``effects``."""
+    of ``effects``) on every later head to ``effects``. The controls' directions are seeded by the
+    batch's position among the images, ``first_image`` (default: the images ``effects`` holds)."""
     if not senders:
         raise ValueError("path patching needs at least one sender head")
     L = model.cfg.n_layers
@@ -160,7 +167,8 @@ def path_patch_batch(model: HookedViT, images_BCHW: torch.Tensor, senders: list[
     jobs = [(sl, L - 1, deltas[(sl, sh)]) for sl, sh in senders]
     for sl, sh, draw, last in effects.randoms:
         delta_BND = deltas[(sl, sh)]
-        direction = random_directions(delta_BND.shape, draw, config.seed * 7919 + effects.n_images).to(delta_BND)
+        position = effects.n_images if first_image is None else first_image
+        direction = random_directions(delta_BND.shape, draw, config.seed * 7919 + position).to(delta_BND)
         jobs.append((sl, last, direction * delta_BND.norm(dim=-1, keepdim=True)))
     for i, (sl, last, delta_BND) in enumerate(jobs):
         for rl in range(sl + 1, last + 1):

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -72,12 +73,23 @@ class CompositionResult:
     """What the task metric was: kind, target, clean mean, floor, images."""
 
 
-def _patch(model: HookedViT, batches: list[torch.Tensor], heads: list[tuple[int, int]], stats: ZStats, config: PatchingConfig,
-           advance: Callable[[], None], random_draws: dict[tuple[int, int], list[int]] | None = None) -> PatchEffects:
+def _patch_batch(heads: list[tuple[int, int]], stats: ZStats, config: PatchingConfig, random_draws: dict | None, model: HookedViT,
+                 item: tuple[torch.Tensor, int]) -> PatchEffects:
+    """One batch's path patching, from the batch and the number of images before it."""
+    images_BCHW, first_image = item
     effects = PatchEffects(heads, model.cfg.n_layers, model.cfg.n_heads, random_draws)
-    for images_BCHW in batches:
-        path_patch_batch(model, images_BCHW, heads, effects, stats, config)
-        advance()
+    path_patch_batch(model, images_BCHW, heads, effects, stats, config, first_image)
+    return effects
+
+
+def _patch(model: HookedViT, batches: list[torch.Tensor], heads: list[tuple[int, int]], stats: ZStats, config: PatchingConfig,
+           advance: Callable[[], None], engine: Engine, random_draws: dict[tuple[int, int], list[int]] | None = None) -> PatchEffects:
+    """Path patching of every batch, batch by batch on ``engine``'s model replicas, merged in order."""
+    effects = PatchEffects(heads, model.cfg.n_layers, model.cfg.n_heads, random_draws)
+    starts = [sum(len(x) for x in batches[:i]) for i in range(len(batches))]
+    items = [(images_BCHW.cpu(), start) for images_BCHW, start in zip(batches, starts)]
+    for part in engine.map_items(model, partial(_patch_batch, heads, stats, config, random_draws), items, advance):
+        effects.merge(part)
     return effects
 
 
@@ -119,7 +131,8 @@ def run_composition(model: HookedViT, image_batches: Callable[[], Iterable[torch
     """Everything but writing files. ``image_batches()`` yields the image batches; it is called once,
     so the images are decoded once (the samples and the transfer probes' images are kept from that
     pass); ``probe`` is the fitted probe metric when ``config.task_metric`` is ``probe``;
-    ``progress`` shows progress bars; the exact task-level checks run on ``engine``'s replicas."""
+    ``progress`` shows progress bars; path patching and the exact task-level checks run on
+    ``engine``'s model replicas."""
     with progress_steps(progress) as steps:
         return _run(model, image_batches, atlas, config, probe, steps, engine)
 
@@ -143,8 +156,8 @@ def _run(model: HookedViT, image_batches: Callable[[], Iterable[torch.Tensor]], 
     for images_BCHW, _ in pairs:
         stats.update(model, images_BCHW)
     draws = {(layer, head): random_controls(layer, H, L) for layer, head in heads}
-    clean = _patch(model, [x for x, _ in pairs], heads, stats, config.patching, steps("composition: path patching", len(pairs)), draws)
-    shuffled = _patch(model, [xs for _, xs in pairs], heads, stats, config.patching, steps("composition: shuffled images", len(pairs)))
+    clean = _patch(model, [x for x, _ in pairs], heads, stats, config.patching, steps("composition: path patching", len(pairs)), engine, draws)
+    shuffled = _patch(model, [xs for _, xs in pairs], heads, stats, config.patching, steps("composition: shuffled images", len(pairs)), engine)
     kept_LH = attention_kept(model, pairs)
     task = task_evidence(model, task_images_BCHW, stats, metric, config, steps, engine) if task_images_BCHW is not None else None
     rows = edge_rows(scores, senders, clean, shuffled, kept_LH, task, model.layout.patch_start > 0, config)

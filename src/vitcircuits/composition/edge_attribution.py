@@ -99,6 +99,12 @@ class EdgeAttribution:
         """``[sender L, sender H]``: the direct path into the final residual stream."""
         self.n_images = 0
 
+    def merge(self, later: EdgeAttribution) -> None:
+        """Add the sums of other images."""
+        self.sum_LHJLH += later.sum_LHJLH
+        self.sum_direct_LH += later.sum_direct_LH
+        self.n_images += later.n_images
+
     def mean(self) -> tuple[torch.Tensor, torch.Tensor]:
         n = max(self.n_images, 1)
         return self.sum_LHJLH / n, self.sum_direct_LH / n

@@ -13,7 +13,13 @@ import torch
 from vitcircuits.composition.ablation import ZStats
 from vitcircuits.composition.circuits import EdgeRow, verdict
 from vitcircuits.composition.config import ComposeConfig
-from vitcircuits.composition.edge_attribution import EdgeAttribution, attribution_chunk, edge_attribution_batch, spearman
+from vitcircuits.composition.edge_attribution import (
+    EdgeAttribution,
+    EdgeAttributionConfig,
+    attribution_chunk,
+    edge_attribution_batch,
+    spearman,
+)
 from vitcircuits.composition.evidence import MIN_NULL, Line, below_floor, bootstrap_intervals, fill_count, judge
 from vitcircuits.composition.patching import METRICS, PATHS, QUERY_SETS, VERDICT_METRIC, PatchEffects
 from vitcircuits.composition.task_metric import TaskMetric
@@ -77,8 +83,9 @@ def spread_drops(engine: Engine, model: HookedViT, images_BCHW: torch.Tensor, ta
                  stats: ZStats, metric: TaskMetric, n_random: dict[EdgeKey, int], seed: int, into: EdgeDrops,
                  advance_of: Callable[[int], Callable[[], None]]) -> None:
     """:func:`~vitcircuits.composition.task_patching.edge_drops` of the edges not yet in ``into``
-    and their random draws, in chunks of about :data:`CHECK_CHUNK` runs through ``map_items``.
-    Each edge and each draw is computed alone, so the chunking does not change the result."""
+    and their random draws, in chunks of about :data:`CHECK_CHUNK` runs spread over ``engine``'s
+    model replicas (``advance_of(n_chunks)`` gives the progress callback). Each edge and each draw
+    is computed alone, so the chunking does not change the result."""
     units = [([e], {}) for e in edges if e not in into.drops] + [([], {e: k}) for e, k in n_random.items() if k]
     chunks: list[tuple[list[EdgeKey], dict[EdgeKey, int]]] = []
     cost = CHECK_CHUNK
@@ -95,6 +102,15 @@ def spread_drops(engine: Engine, model: HookedViT, images_BCHW: torch.Tensor, ta
         into.random.update(random)
 
 
+def _attribute_chunk(metric: TaskMetric, stats: ZStats, config: EdgeAttributionConfig, model: HookedViT,
+                     item: tuple[torch.Tensor, torch.Tensor]) -> EdgeAttribution:
+    """The attribution sums of one chunk of images (``item``: images and their targets)."""
+    sums = EdgeAttribution(model.cfg.n_layers, model.cfg.n_heads)
+    images_BCHW, targets = item
+    edge_attribution_batch(model, images_BCHW.to(model.device, model.dtype), targets.to(model.device), metric, stats, sums, config)
+    return sums
+
+
 @torch.no_grad()
 def task_evidence(model: HookedViT, images_BCHW: torch.Tensor, stats: ZStats, metric: TaskMetric, config: ComposeConfig,
                   steps: Steps = no_steps, engine: Engine = LOCAL) -> TaskEvidence:
@@ -109,10 +125,10 @@ def task_evidence(model: HookedViT, images_BCHW: torch.Tensor, stats: ZStats, me
     clean_I = torch.cat([metric.value(out.double(), t) for out, t in zip(clean, targets_chunks)]).cpu()
     targets = torch.cat(targets_chunks)
     sums = EdgeAttribution(model.cfg.n_layers, H)
-    advance = steps("composition: edge attribution", len(chunks))
-    for x, t in zip(chunks, targets_chunks):
-        edge_attribution_batch(model, x, t, metric, stats, sums, config.attribution)
-        advance()
+    items = [(x.cpu(), t.cpu()) for x, t in zip(chunks, targets_chunks)]
+    attribute = partial(_attribute_chunk, metric, stats, config.attribution)
+    for part in engine.map_items(model, attribute, items, steps("composition: edge attribution", len(chunks))):
+        sums.merge(part)
     est_LHJLH, direct_LH = (t.numpy() for t in sums.mean())
     edges = all_edges(model)
     everything = len(edges) <= config.max_task_edges

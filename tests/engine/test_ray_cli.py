@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from vitcircuits.cli import app
@@ -59,7 +60,15 @@ def test_an_unknown_engine_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_hunt_is_the_same_answer_on_ray(tmp_path, cluster):
+    """Byte for byte, with the driver at the workers' one torch thread in both runs: the edge
+    attribution's backward passes and the transfer probes reduce in an order that depends on the
+    thread count (other thread counts agree to about 1e-7 relative)."""
     common = ["hunt", "--model", "bundled:shapes-vit", "--images", "bundled:shapes", "--device", "cpu", "--quick", "--max-images", "120"]
-    assert _cli([*common, "--out", str(tmp_path / "local")]).exit_code == 0
-    assert _cli([*common, "--out", str(tmp_path / "ray"), "--engine", "ray"]).exit_code == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert _cli([*common, "--out", str(tmp_path / "local")]).exit_code == 0
+        assert _cli([*common, "--out", str(tmp_path / "ray"), "--engine", "ray"]).exit_code == 0
+    finally:
+        torch.set_num_threads(threads)
     assert _compare(tmp_path / "local", tmp_path / "ray") == []

@@ -169,7 +169,8 @@ def _run(model: HookedViT, image_batches: Callable[[], Iterable[torch.Tensor]], 
     transfer, transfer_skipped = {}, None if transfer_config.radius >= 1 else f"a patch grid {grid} wide has no ring of neighbours around an inner patch"
     if transfer_config.radius >= 1:
         try:
-            transfer = transfer_curves(model, transfer_batches, transfer_config, {k: v for k, v in ablations.items() if v}, stats, config.patching.ablation)
+            transfer = transfer_curves(model, transfer_batches, transfer_config, {k: v for k, v in ablations.items() if v}, stats,
+                                       config.patching.ablation, engine)
         except TooFewImages as err:
             transfer_skipped = f"too few images for the transfer probes: {err}"
     result = CompositionResult(scores, senders, rows, circuits, {"clean": clean.mean()[: len(heads)].numpy(), "shuffled": shuffled.mean().numpy()},

@@ -41,12 +41,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from vitcircuits.composition.ablation import AblationKind, ZStats, ablation_hooks
+from vitcircuits.engine import LOCAL, Engine
 from vitcircuits.models.hooked_vit import HookedViT
 from vitcircuits.models.hooks import HookFn
 from vitcircuits.plotting.figures import plt, save_figure
@@ -107,12 +109,13 @@ def offsets_within(radius: int) -> list[tuple[int, int]]:
     return [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
 
 
-def _indexed(batches: Iterable[torch.Tensor]) -> Iterable[tuple[torch.Tensor, list[int]]]:
-    """Batches of images with consecutive image indices (image ``i`` of the concatenation is ``i``)."""
-    start = 0
+def _items(batches: Iterable[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
+    """Each batch (on the CPU) with the index of its first image (image ``i`` of the concatenation is ``i``)."""
+    items, start = [], 0
     for images_BCHW in batches:
-        yield images_BCHW, list(range(start, start + len(images_BCHW)))
+        items.append((images_BCHW.cpu(), start))
         start += len(images_BCHW)
+    return items
 
 
 @dataclass(frozen=True, eq=False)
@@ -123,27 +126,37 @@ class TargetBasis:
     components_DK: torch.Tensor
     variance_kept: float
     """Fraction of the embedding variance the kept components explain."""
-    n_images: int
-    """Images seen (all splits), to check that later passes see the same ones."""
 
     def project(self, embed_BPD: torch.Tensor) -> torch.Tensor:
         return (embed_BPD.double() - self.mean_D.to(embed_BPD.device)) @ self.components_DK.to(embed_BPD.device)
 
 
 @torch.no_grad()
-def fit_target_basis(model: HookedViT, batches: Iterable[torch.Tensor], config: TransferConfig) -> TargetBasis:
-    """PCA of ``model.embed`` over every patch of the training images of ``batches`` (a
-    re-iterable of image tensors, indexed consecutively); only the patch embedding is run."""
+def _basis_sums(config: TransferConfig, model: HookedViT, item: tuple[torch.Tensor, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``e^T e``, ``sum e`` and the rows of one batch's training images (``item``: the batch and
+    the index of its first image)."""
+    images_BCHW, start = item
     D = model.cfg.d_model
-    moment_DD, sum_D, n, n_images = torch.zeros(D, D, dtype=torch.float64), torch.zeros(D, dtype=torch.float64), 0, 0
-    for images_BCHW, indices in _indexed(batches):
-        n_images += len(indices)
-        train = [i for i, index in enumerate(indices) if image_split(index, config) != "test"]
-        if train:
-            e_nD = model.embed(images_BCHW[train].to(model.device, model.dtype)).flatten(0, 1).double().cpu()
-            moment_DD += e_nD.T @ e_nD
-            sum_D += e_nD.sum(0)
-            n += len(e_nD)
+    moment_DD, sum_D, n = torch.zeros(D, D, dtype=torch.float64), torch.zeros(D, dtype=torch.float64), 0
+    train = [i for i in range(len(images_BCHW)) if image_split(start + i, config) != "test"]
+    if train:
+        e_nD = model.embed(images_BCHW[train].to(model.device, model.dtype)).flatten(0, 1).double().cpu()
+        moment_DD += e_nD.T @ e_nD
+        sum_D += e_nD.sum(0)
+        n += len(e_nD)
+    return moment_DD, sum_D, n
+
+
+def fit_target_basis(model: HookedViT, batches: Iterable[torch.Tensor], config: TransferConfig, engine: Engine = LOCAL) -> TargetBasis:
+    """PCA of ``model.embed`` over every patch of the training images of ``batches`` (image
+    tensors, indexed consecutively); only the patch embedding is run, batch by batch on
+    ``engine``'s model replicas."""
+    D = model.cfg.d_model
+    moment_DD, sum_D, n = torch.zeros(D, D, dtype=torch.float64), torch.zeros(D, dtype=torch.float64), 0
+    for moment, total, rows in engine.map_items(model, partial(_basis_sums, config), _items(batches)):
+        moment_DD += moment
+        sum_D += total
+        n += rows
     if n == 0:
         raise TooFewImages("no image fell in the probes' training split: add images or lower test_fraction")
     mean_D = sum_D / n
@@ -151,7 +164,7 @@ def fit_target_basis(model: HookedViT, batches: Iterable[torch.Tensor], config: 
     variance_D, vectors_DD = variance_D.flip(0).clamp_min(0), vectors_DD.flip(1)
     k = int((variance_D > _NULL_COMPONENT * variance_D[0]).sum())
     k = k if config.pca_dims is None else min(k, config.pca_dims)
-    return TargetBasis(mean_D, vectors_DD[:, :k].contiguous(), float(variance_D[:k].sum() / variance_D.sum()), n_images)
+    return TargetBasis(mean_D, vectors_DD[:, :k].contiguous(), float(variance_D[:k].sum() / variance_D.sum()))
 
 
 @dataclass(frozen=True, eq=False)
@@ -235,6 +248,21 @@ class TransferProbe:
                 self.gram_SLEE[s, layer] += x_nE.T @ x_nE
                 self.cross_SLOEK[s, layer] += torch.einsum("ne,onk->oek", x_nE, y_OnK)
 
+    def merge(self, later: TransferProbe) -> TransferProbe:
+        """Add the statistics of later images (same config and basis); returns self."""
+        for split in SPLITS:
+            self.n_images[split] += later.n_images[split]
+        if later.gram_SLEE is None:
+            return self
+        if self.gram_SLEE is None:
+            self.layer_names, self.centres_per_image = later.layer_names, later.centres_per_image
+            self.gram_SLEE, self.cross_SLOEK, self.ysq_SO = later.gram_SLEE, later.cross_SLOEK, later.ysq_SO
+        else:
+            self.gram_SLEE += later.gram_SLEE.to(self.gram_SLEE.device)
+            self.cross_SLOEK += later.cross_SLOEK.to(self.cross_SLOEK.device)
+            self.ysq_SO += later.ysq_SO.to(self.ysq_SO.device)
+        return self
+
     def _stats(self, layer: int, *splits: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``[x, 1]^T [x, 1]`` ``[E, E]``, ``[x, 1]^T y`` ``[O, E, K]`` and ``sum |y|^2`` ``[O]`` of
         one layer over the union of ``splits``."""
@@ -312,38 +340,47 @@ class TransferProbe:
         )
 
 
+def _probe_batch(config: TransferConfig, basis: TargetBasis, ablations: dict[str, list[tuple[int, int]]], stats: ZStats | None,
+                 kind: AblationKind, model: HookedViT, item: tuple[torch.Tensor, int]) -> dict[str, TransferProbe]:
+    """The clean and ablated probes' statistics of one batch (``item``: the batch and the index of
+    its first image); ``resample`` ablation is seeded by that index."""
+    images_BCHW, start = item
+    indices = list(range(start, start + len(images_BCHW)))
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + start)
+    probes = {"clean": TransferProbe(config, basis), **{name: TransferProbe(config, basis) for name in ablations}}
+    probes["clean"].update(model, images_BCHW, indices)
+    test = [i for i, index in enumerate(indices) if image_split(index, config) == "test"]
+    for name, heads in ablations.items():
+        if test:
+            hooks = ablation_hooks(heads, kind, stats, generator)
+            probes[name].update(model, images_BCHW[test], [indices[i] for i in test], fwd_hooks=hooks)
+    return probes
+
+
 def transfer_curves(model: HookedViT, batches: Iterable[torch.Tensor], config: TransferConfig = TransferConfig(),
                     ablations: dict[str, list[tuple[int, int]]] | None = None, stats: ZStats | None = None,
-                    ablation_kind: AblationKind = "mean") -> dict[str, TransferResult]:
+                    ablation_kind: AblationKind = "mean", engine: Engine = LOCAL) -> dict[str, TransferResult]:
     """Clean probes (key ``'clean'``) and, per named set of ``(layer, head)``, the clean probes
     evaluated with those heads ablated on the test images.
 
-    ``batches`` is a re-iterable of image tensors (a list, or a non-shuffling loader), indexed
-    consecutively; it is read twice (target PCA, then probes). The ablation is ``ablation_kind``
-    with ``stats``; without ``stats``, kinds that need them (mean, position_mean) become ``zero``.
+    ``batches`` are image tensors, indexed consecutively; each batch is run on ``engine``'s model
+    replicas (once for the target PCA, once for the probes) and the statistics are added in order.
+    The ablation is ``ablation_kind`` with ``stats``; without ``stats``, kinds that need them
+    (mean, position_mean) become ``zero``.
     """
     ablations = ablations or {}
     if "clean" in ablations:
         raise ValueError("'clean' is reserved for the unablated probes")
     kind = "zero" if stats is None and ablation_kind in ("mean", "position_mean") else ablation_kind
-    generator = torch.Generator().manual_seed(config.seed)
-    hooks = {name: ablation_hooks(heads, kind, stats, generator) for name, heads in ablations.items()}
-    basis = fit_target_basis(model, batches, config)
-    clean = TransferProbe(config, basis)
-    ablated = {name: TransferProbe(config, basis) for name in ablations}
-    n_images = 0
-    for images_BCHW, indices in _indexed(batches):
-        n_images += len(indices)
-        clean.update(model, images_BCHW, indices)
-        test = [i for i, index in enumerate(indices) if image_split(index, config) == "test"]
-        for name, probe in ablated.items():
-            if test:
-                probe.update(model, images_BCHW[test], [indices[i] for i in test], fwd_hooks=hooks[name])
-    if n_images != basis.n_images:
-        raise ValueError(f"batches gave {basis.n_images} images, then {n_images}: pass a re-iterable, not a generator")
-    results = {"clean": clean.result()}
-    for name, probe in ablated.items():
-        results[name] = probe.result(fit_from=clean, ablation=f"{kind}: {ablations[name]}")
+    items = _items(batches)
+    basis = fit_target_basis(model, [x for x, _ in items], config, engine)
+    probes = {"clean": TransferProbe(config, basis), **{name: TransferProbe(config, basis) for name in ablations}}
+    for part in engine.map_items(model, partial(_probe_batch, config, basis, ablations, stats, kind), items):
+        for name, probe in part.items():
+            probes[name].merge(probe)
+    results = {"clean": probes["clean"].result()}
+    for name in ablations:
+        results[name] = probes[name].result(fit_from=probes["clean"], ablation=f"{kind}: {ablations[name]}")
     return results
 
 

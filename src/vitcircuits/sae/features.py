@@ -91,8 +91,9 @@ class FeatureStats:
         return cls(**{name: tensors[name] for name in _TENSOR_FIELDS}, n_rows=int(meta["n_rows"]), grid=tuple(meta["grid"]))
 
 
-class _Accumulator:
-    """Running sums and the running top-k of every feature."""
+class FeatureAccumulator:
+    """Running sums and the running top-k of every feature (:func:`feature_stats`); accumulators
+    of disjoint rows merge (:meth:`merge`)."""
 
     def __init__(self, n_features: int, grid: tuple[int, int], top_k: int) -> None:
         R, C = grid
@@ -119,11 +120,25 @@ class _Accumulator:
         self.rows_P += torch.bincount(pos_N, minlength=R * C).double()
         # chunk top-k first (k x F), then merge with the running top-k: memory O(F * (k + chunk))
         value_TF, idx_TF = feats_NF.topk(min(self.k, feats_NF.shape[0]), dim=0)
-        value_FM = torch.cat([self.value_FT, value_TF.T], dim=1)
-        image_FM = torch.cat([self.image_FT, image_N.long()[idx_TF].T], dim=1)
-        pos_FM = torch.cat([self.pos_FT, pos_N[idx_TF].T], dim=1)
+        self._keep_top(value_TF.T, image_N.long()[idx_TF].T, pos_N[idx_TF].T)
+
+    def _keep_top(self, value_FM: torch.Tensor, image_FM: torch.Tensor, pos_FM: torch.Tensor) -> None:
+        """Merge candidates ``[F, M]`` into the running top-k (the running ones first)."""
+        value_FM = torch.cat([self.value_FT, value_FM], dim=1)
+        image_FM = torch.cat([self.image_FT, image_FM], dim=1)
+        pos_FM = torch.cat([self.pos_FT, pos_FM], dim=1)
         self.value_FT, keep_FT = value_FM.topk(self.k, dim=1)
         self.image_FT, self.pos_FT = image_FM.gather(1, keep_FT), pos_FM.gather(1, keep_FT)
+
+    def merge(self, later: FeatureAccumulator) -> FeatureAccumulator:
+        """Add the rows of ``later`` (rows after this one's); returns self."""
+        self.n_rows += later.n_rows
+        self.count_F += later.count_F
+        self.sum_F += later.sum_F
+        self.sum_FP += later.sum_FP
+        self.rows_P += later.rows_P
+        self._keep_top(later.value_FT, later.image_FT, later.pos_FT)
+        return self
 
     def result(self) -> FeatureStats:
         R, C = self.grid
@@ -149,7 +164,14 @@ def feature_stats(sae: SAE, rows: Iterable[tuple[torch.Tensor, torch.Tensor, tor
                   config: FeatureStatsConfig = FeatureStatsConfig(), progress: bool = False) -> FeatureStats:
     """Statistics of every feature of ``sae`` over ``rows``: chunks of ``(acts_ND, image_index_N, row_N, col_N)``
     holding patch tokens only (raw activations, as :meth:`SAE.encode` takes them)."""
-    acc = _Accumulator(sae.cfg.d_sae, tuple(grid), config.top_k)
+    return feature_accumulator(sae, rows, grid, config, progress).result()
+
+
+@torch.no_grad()
+def feature_accumulator(sae: SAE, rows: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], grid: tuple[int, int],
+                        config: FeatureStatsConfig = FeatureStatsConfig(), progress: bool = False) -> FeatureAccumulator:
+    """The accumulator of :func:`feature_stats` over ``rows`` (to merge with others)."""
+    acc = FeatureAccumulator(sae.cfg.d_sae, tuple(grid), config.top_k)
     device = sae.W_enc.device
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("feature statistics", total=None)
@@ -157,4 +179,4 @@ def feature_stats(sae: SAE, rows: Iterable[tuple[torch.Tensor, torch.Tensor, tor
             feats_NF = sae.encode(acts_ND.to(device, sae.W_enc.dtype)).cpu()
             acc.add(feats_NF, image_N.cpu(), row_N.cpu(), col_N.cpu())
             bar.advance(task, acts_ND.shape[0])
-    return acc.result()
+    return acc

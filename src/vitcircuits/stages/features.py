@@ -6,7 +6,10 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import asdict, dataclass, field
+from functools import partial, reduce
 from pathlib import Path
+
+from rich.progress import Progress
 
 from vitcircuits.composition.necessity import ZStatsPass
 from vitcircuits.files import read_json, write_json, write_text
@@ -15,7 +18,7 @@ from vitcircuits.layout import LAYOUT
 from vitcircuits.models.loading import LoadedModel
 from vitcircuits.runs import Run
 from vitcircuits.sae.dependence import DependenceConfig, circuit_dependence, circuit_heads_from
-from vitcircuits.sae.features import FeatureStatsConfig, feature_stats
+from vitcircuits.sae.features import FeatureAccumulator, FeatureStatsConfig, feature_accumulator
 from vitcircuits.sae.gallery import plot_dependence, plot_feature_gallery, plot_mean_maps, sae_feature_maps
 from vitcircuits.sae.harvest import ShardReader
 from vitcircuits.sae.io import load_sae
@@ -57,7 +60,12 @@ def run_features(root: Path, loaded: LoadedModel, images: ImageSet, circuits: li
     sae = load_sae(root / LAYOUT.sae_weights)
     reader = ShardReader(root / LAYOUT.activations, hook)
     grid = (model.layout.rows, model.layout.cols)
-    stats = feature_stats(sae, _patch_rows(reader), grid, config.stats, progress=progress)
+    shards = list(range(len(reader.index["shards"])))
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("feature statistics (shards)", total=len(shards))
+        parts = images.engine.map_items(model, partial(_shard_statistics, sae, root / LAYOUT.activations, hook, grid, config.stats), shards,
+                                        lambda: bar.advance(task))
+    stats = reduce(FeatureAccumulator.merge, parts).result()
     out = root / LAYOUT.features
     stats.save(out)
     heads = circuit_heads_from(circuits or [], layer_or_minus_one(hook))
@@ -88,7 +96,12 @@ def run_features(root: Path, loaded: LoadedModel, images: ImageSet, circuits: li
     return summary
 
 
-def _patch_rows(reader: ShardReader):
-    for rows in reader.rows():
+def _shard_statistics(sae, folder: Path, hook: str, grid: tuple[int, int], config: FeatureStatsConfig, model, shard: int) -> FeatureAccumulator:
+    """The feature statistics of one harvest shard (run on any model replica; the model is unused)."""
+    return feature_accumulator(sae, _patch_rows(ShardReader(folder, hook), [shard]), grid, config)
+
+
+def _patch_rows(reader: ShardReader, order: list[int]):
+    for rows in reader.rows(order):
         kept = rows.select((rows.view_N == 0) & (rows.row_N >= 0))
         yield kept.acts_ND, kept.image_index_N, kept.row_N, kept.col_N

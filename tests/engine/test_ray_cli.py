@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from vitcircuits.cli import app
 from vitcircuits.engine import EngineOptions
 from vitcircuits.inputs import ModelOptions
+from vitcircuits.testing.checkpoints import noise_image_folder
 
 pytest.importorskip("ray", reason="the ray engine needs the ray extra (pip install 'vitcircuits[ray]')")
 
@@ -72,3 +73,15 @@ def test_hunt_is_the_same_answer_on_ray(tmp_path, cluster):
     finally:
         torch.set_num_threads(threads)
     assert _compare(tmp_path / "local", tmp_path / "ray") == []
+
+
+def test_skipped_images_are_counted_and_warned_as_locally(tmp_path, cluster, caplog):
+    folder = noise_image_folder(tmp_path / "images", 12)
+    (folder / "05.png").write_bytes(b"not an image")
+    common = ["heads", "--model", "bundled:shapes-vit", "--images", str(folder), "--device", "cpu", "--batch-size", "4"]
+    assert _cli([*common, "--out", str(tmp_path / "ray"), "--engine", "ray"]).exit_code == 0
+    assert any("skipped 1 of 12 images" in r.getMessage() for r in caplog.records)  # the driver warns, not only the worker
+    assert _cli([*common, "--out", str(tmp_path / "local")]).exit_code == 0
+    assert _compare(tmp_path / "local", tmp_path / "ray") == []
+    images = json.loads((tmp_path / "ray" / "manifest.json").read_text())["images"]
+    assert images["n_ok"] == 11 and [s["id"] for s in images["skipped"]] == ["05.png"]

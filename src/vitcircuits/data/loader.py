@@ -134,6 +134,12 @@ class SkipLog:
             self.n_warned += 1
             logger.warning("skipped image %s: %s", skipped.id, skipped.reason)
 
+    def warn_total(self, n_total: int) -> None:
+        """One summary line when this pass warned about any input."""
+        if self.n_warned:
+            logger.warning("skipped %d of %d images in %s; the list with reasons is in the run manifest (images.skipped)",
+                           len(self), n_total, display_id(self.spec))
+
     @property
     def skipped(self) -> tuple[SkippedImage, ...]:
         """All recorded inputs, sorted by source index."""
@@ -265,11 +271,7 @@ class ImageBatches:
                     if batch.indices:
                         yield batch
         finally:
-            if self.skip_log.n_warned:
-                logger.warning(
-                    "skipped %d of %d images in %s; the list with reasons is in the run manifest (images.skipped)",
-                    len(self.skip_log), len(self.source), display_id(self.source.spec),
-                )
+            self.skip_log.warn_total(len(self.source))
 
     def summary(self) -> LoadSummary:
         """Counts, skipped inputs and image list hash of the latest pass."""

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from vitcircuits.data.loader import LoadSummary, image_list_sha256
+from vitcircuits.data.loader import LoadSummary, SkipLog, image_list_sha256
 from vitcircuits.engine import EngineOptions, ImagePass, R, Streamed, shard_spans
 
 if TYPE_CHECKING:
@@ -185,8 +185,12 @@ class RayEngine:
 
 
 def merge_summaries(images: ImageSet, parts: list[LoadSummary]) -> LoadSummary:
-    """The load summary of the whole image list from those of its shards, in order."""
+    """The load summary of the whole image list from those of its shards, in order; the driver
+    warns about the skipped inputs as a local pass would (the workers' logs stay with them)."""
     whole = images.source
-    return LoadSummary(spec=whole.spec, n_total=len(whole), n_ok=sum(p.n_ok for p in parts),
-                       skipped=tuple(s for p in parts for s in p.skipped), image_list_sha256=image_list_sha256(whole),
-                       ignored=whole.ignored, labels=whole.labels, classes=whole.classes)
+    skip_log = SkipLog(whole.spec)
+    for skipped in (s for p in parts for s in p.skipped):
+        skip_log.record(skipped)
+    skip_log.warn_total(len(whole))
+    return LoadSummary(spec=whole.spec, n_total=len(whole), n_ok=sum(p.n_ok for p in parts), skipped=skip_log.skipped,
+                       image_list_sha256=image_list_sha256(whole), ignored=whole.ignored, labels=whole.labels, classes=whole.classes)

@@ -61,6 +61,8 @@ def run_features(root: Path, loaded: LoadedModel, images: ImageSet, circuits: li
     reader = ShardReader(root / LAYOUT.activations, hook)
     grid = (model.layout.rows, model.layout.cols)
     shards = list(range(len(reader.index["shards"])))
+    if not shards:
+        raise ValueError(f"{root / LAYOUT.activations}: the harvest holds no shard to compute feature statistics on")
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("feature statistics (shards)", total=len(shards))
         parts = images.engine.map_items(model, partial(_shard_statistics, sae, root / LAYOUT.activations, hook, grid, config.stats), shards,

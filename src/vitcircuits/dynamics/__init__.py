@@ -1,0 +1,1 @@
+"""Training dynamics: when heads and circuits form, read off a series of checkpoints."""

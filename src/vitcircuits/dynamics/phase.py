@@ -1,0 +1,127 @@
+"""When does a metric change? The step at which a per-image metric, followed over a series of
+training checkpoints, crosses a fraction of its total change, with a bootstrap interval over images.
+
+A metric's **crossing** is the first step at which the mean over images reaches
+``initial + fraction × (final − initial)`` (``fraction`` ½ by default: the half-way point of its
+change), interpolated linearly in log(step) between the two checkpoints around it, since
+checkpoints are spaced log-uniformly and formation is read on a log axis. The interval comes from
+resampling the images (the same resamples for every metric, so that the **lag** between two
+crossings, e.g. a composition edge's and the compositional classes' loss drop, gets an interval
+of its own). A metric without change (final = initial), or whose resample never crosses, has no
+crossing: the result says so and counts the resamples that did, and nothing is interpolated.
+
+Shape letters local to this module: ``G`` the checkpoints of the series (in training order).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    """How a crossing is fitted."""
+
+    fraction: float = 0.5
+    """Share of the total change (initial to final checkpoint) whose crossing is reported."""
+    n_boot: int = 1000
+    """Bootstrap resamples of the images."""
+    seed: int = 0
+    """Seeds the resamples."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction < 1:
+            raise ValueError(f"fraction {self.fraction}: must lie strictly between 0 and 1")
+
+
+@dataclass(frozen=True)
+class Crossing:
+    """A metric's crossing step (module docstring)."""
+
+    step: float | None
+    """Interpolated step of the crossing of the image mean; None when it does not change or never crosses."""
+    lo: float | None
+    """2.5th percentile of the resamples' crossing steps (over those that cross)."""
+    hi: float | None
+    """97.5th percentile."""
+    change: float
+    """Final minus initial value of the image mean."""
+    crossed_share: float
+    """Share of the resamples with a crossing (the interval is over those)."""
+
+
+def crossing_step(steps_G: np.ndarray, values_G: np.ndarray, fraction: float = 0.5) -> float | None:
+    """The first step where ``values_G`` reaches ``initial + fraction × (final − initial)``,
+    interpolated linearly in log(step); None without change or crossing."""
+    steps_G, values_G = np.asarray(steps_G, dtype=np.float64), np.asarray(values_G, dtype=np.float64)
+    change = values_G[-1] - values_G[0]
+    if not np.isfinite(change) or change == 0:
+        return None
+    progress_G = (values_G - values_G[0]) / change
+    above = np.nonzero(progress_G >= fraction)[0]
+    if len(above) == 0:
+        return None
+    g = int(above[0])
+    if g == 0:
+        return float(steps_G[0])
+    t0, t1 = np.log(steps_G[g - 1]), np.log(steps_G[g])
+    w = (fraction - progress_G[g - 1]) / (progress_G[g] - progress_G[g - 1])
+    return float(np.exp(t0 + w * (t1 - t0)))
+
+
+def _check(steps_G: np.ndarray, values_IG: np.ndarray) -> None:
+    if values_IG.ndim != 2 or values_IG.shape[1] != len(steps_G) or len(steps_G) < 2:
+        raise ValueError(f"need per-image values [images, {len(steps_G)} checkpoints] over at least 2 checkpoints, got {values_IG.shape}")
+    if np.any(np.asarray(steps_G) <= 0) or np.any(np.diff(steps_G) <= 0):
+        raise ValueError("checkpoint steps must be positive and increasing (the fit reads them on a log axis)")
+
+
+def resampled_crossings(steps_G: np.ndarray, values_IG: np.ndarray, config: PhaseConfig = PhaseConfig()) -> np.ndarray:
+    """The crossing step of each bootstrap resample of the images ``[Z]``. NaN marks a resample
+    without a crossing; :func:`fit_crossing` and :func:`fit_lag` leave those out and count them,
+    so no NaN reaches a result."""
+    values_IG = np.asarray(values_IG, dtype=np.float64)
+    _check(steps_G, values_IG)
+    n = values_IG.shape[0]
+    counts_ZI = np.random.default_rng(config.seed).multinomial(n, np.full(n, 1.0 / n), size=config.n_boot)
+    means_ZG = counts_ZI @ values_IG / n
+    return np.array([np.nan if (step := crossing_step(steps_G, m, config.fraction)) is None else step for m in means_ZG])
+
+
+def fit_crossing(steps_G: np.ndarray, values_IG: np.ndarray, config: PhaseConfig = PhaseConfig()) -> Crossing:
+    """The crossing of the image mean of ``values_IG`` ``[I, G]`` and its bootstrap interval."""
+    values_IG = np.asarray(values_IG, dtype=np.float64)
+    _check(steps_G, values_IG)
+    mean_G = values_IG.mean(0)
+    samples_Z = resampled_crossings(steps_G, values_IG, config)
+    crossed = samples_Z[np.isfinite(samples_Z)]
+    lo, hi = (float(v) for v in np.quantile(crossed, [0.025, 0.975])) if len(crossed) else (None, None)
+    return Crossing(step=crossing_step(steps_G, mean_G, config.fraction), lo=lo, hi=hi, change=float(mean_G[-1] - mean_G[0]),
+                    crossed_share=len(crossed) / config.n_boot)
+
+
+@dataclass(frozen=True)
+class Lag:
+    """How many times later one metric crosses than another (a ratio of steps, since formation is
+    read on a log axis), with a bootstrap interval over the same image resamples."""
+
+    ratio: float | None
+    """``step_b / step_a``: above 1 when ``b`` crosses after ``a``; None when either does not cross."""
+    lo: float | None
+    hi: float | None
+    both_crossed_share: float
+    """Share of the resamples in which both cross (the interval is over those)."""
+
+
+def fit_lag(steps_G: np.ndarray, a_IG: np.ndarray, b_IG: np.ndarray, config: PhaseConfig = PhaseConfig()) -> Lag:
+    """The lag of ``b``'s crossing behind ``a``'s; ``a_IG`` and ``b_IG`` are per-image values of
+    the same images, resampled together."""
+    a, b = fit_crossing(steps_G, a_IG, config), fit_crossing(steps_G, b_IG, config)
+    if np.asarray(a_IG).shape[0] != np.asarray(b_IG).shape[0]:
+        raise ValueError("the two metrics must be measured on the same images")
+    ratio_Z = resampled_crossings(steps_G, b_IG, config) / resampled_crossings(steps_G, a_IG, config)
+    both = ratio_Z[np.isfinite(ratio_Z)]
+    lo, hi = (float(v) for v in np.quantile(both, [0.025, 0.975])) if len(both) else (None, None)
+    ratio = None if a.step is None or b.step is None else b.step / a.step
+    return Lag(ratio=ratio, lo=lo, hi=hi, both_crossed_share=len(both) / config.n_boot)

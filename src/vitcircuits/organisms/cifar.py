@@ -28,6 +28,7 @@ import os
 import platform
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -313,8 +314,10 @@ def train_loop(
     steps_per_epoch: int,
     total_steps: int,
     progress: bool,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> list[dict]:
-    """Run `total_steps` optimiser steps; return per-epoch mean train loss/accuracy."""
+    """Run `total_steps` optimiser steps; return per-epoch mean train loss/accuracy. `on_step(n,
+    loss)` is called after the n-th step of this call (from 1) with that step's training loss."""
     columns = (
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
@@ -339,6 +342,8 @@ def train_loop(
                 optimizer.step()
                 scheduler.step()
                 step += 1
+                if on_step is not None:
+                    on_step(step, loss.item())
                 loss_sum += loss.item() * len(index_B)
                 correct += int((logits_BC.argmax(-1) == labels_I[index_B]).sum())
                 seen += len(index_B)

@@ -21,6 +21,8 @@ def test_steps_are_log_uniform_from_one_to_the_last():
 
 
 def test_a_series_is_saved_without_changing_the_training(tmp_path):
+    stale = tmp_path / "a" / SERIES / "step_00000999"
+    stale.mkdir(parents=True)  # left by an earlier run into the same folder
     with_series = train_shapes_organism(ShapesOrganismConfig(**TINY, checkpoints=6), tmp_path / "a", progress=False)
     without = train_shapes_organism(ShapesOrganismConfig(**TINY), tmp_path / "b", progress=False)
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
@@ -28,7 +30,7 @@ def test_a_series_is_saved_without_changing_the_training(tmp_path):
     assert timeless(with_series["history"]) == timeless(without["history"])
     total = with_series["steps"]
     series = json.loads((tmp_path / "a" / SERIES / "series.json").read_text())
-    assert series["steps"] == checkpoint_steps(total, 6) and not (tmp_path / "b" / SERIES).exists()
+    assert series["steps"] == checkpoint_steps(total, 6) and not (tmp_path / "b" / SERIES).exists() and not stale.exists()
     last = tmp_path / "a" / SERIES / f"step_{total:08d}"
     record = json.loads((last / "checkpoint.json").read_text())
     assert record["step"] == total and {"train_loss", "loss", "accuracy", "compositional_loss", "compositional_accuracy",

@@ -11,6 +11,7 @@ the same weights as one without.
 """
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,6 +25,11 @@ from vitcircuits.organisms.cifar import normalize_images
 
 SERIES = "checkpoints"
 """The series' folder inside the organism's folder."""
+
+
+def clear_series(folder: Path) -> None:
+    """Remove a series left in ``folder`` by an earlier training run (it would mix with the new one)."""
+    shutil.rmtree(folder / SERIES, ignore_errors=True)
 
 
 def checkpoint_steps(total_steps: int, n: int) -> list[int]:

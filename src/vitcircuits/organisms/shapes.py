@@ -36,7 +36,7 @@ from timm.optim import create_optimizer_v2
 from vitcircuits.files import write_json, write_with
 from vitcircuits.organisms import shapes_task
 from vitcircuits.organisms.cifar import TIMM_ARCHITECTURE, CifarOrganismConfig, lr_factor, normalize_images, timm_hub_config, train_loop
-from vitcircuits.organisms.series import checkpoint_steps, group_metrics, write_checkpoint
+from vitcircuits.organisms.series import checkpoint_steps, clear_series, group_metrics, write_checkpoint
 
 _ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BUNDLED_MODEL_DIR = _ASSETS / "organisms" / "shapes-vit"
@@ -197,6 +197,7 @@ def train_shapes_organism(cfg: ShapesOrganismConfig, out_dir: str | os.PathLike,
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
         history, step = [], 0
         wanted, losses = set(checkpoint_steps(total_steps, cfg.checkpoints)), []
+        clear_series(Path(out_dir))
 
         def on_step(n: int, loss: float) -> None:
             losses.append(loss)

@@ -75,8 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         streamed = replace(images, engine=engine).map(loaded, TimedMerge(work, merges), progress=False)
         seconds = time.perf_counter() - t0
-        if hasattr(engine, "close"):
-            engine.close()
+        engine.close()
         results[name] = streamed.result.acc
         rows.append({"engine": name, "start_s": round(started, 2), "images_per_s": round(len(images) / seconds, 1),
                      "merge_share": round(sum(merges) / seconds, 4), "n_images": streamed.result.acc.n_images})

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from vitcircuits.data.augment import AugmentConfig, with_views
 from vitcircuits.data.loader import ImageBatch
+from vitcircuits.engine import ImagePass, fold
 from vitcircuits.files import read_json, write_json, write_with
 from vitcircuits.models.hooked_vit import HookedViT
 
@@ -95,7 +96,7 @@ class Harvested:
 
 
 @dataclass(frozen=True)
-class HarvestPass:
+class HarvestPass(ImagePass[Harvested]):
     """The harvest as an :class:`~vitcircuits.engine.ImagePass`: every image not in ``done`` is
     cached into shard files of about ``config.shard_rows`` rows, each named by its first image
     (a shard run again overwrites its own files); merging records the shards in ``index``, so a
@@ -201,10 +202,7 @@ def write_cache(folder: Path, model: HookedViT, batches: Iterable[ImageBatch], c
     :func:`harvest` for an image set on any engine); returns the index."""
     index = CacheIndex(folder, config, made_from)
     work = HarvestPass(folder, config, index, index.done_images)
-    part = work.start(model)
-    for batch in batches:
-        part = work.step(model, part, batch)
-    work.merge(work.start(model), work.finish(model, part))
+    work.merge(work.start(model), fold(work, model, batches))
     return index
 
 

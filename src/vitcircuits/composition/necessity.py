@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from vitcircuits.composition.ablation import AblationKind, ZStats, ablation_hooks, check_ablation
+from vitcircuits.engine import ImagePass
 from vitcircuits.models.hooked_vit import HookedViT
 
 Head = tuple[int, int]
@@ -102,7 +103,7 @@ def labelled(batch) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 @dataclass(frozen=True)
-class ZStatsPass:
+class ZStatsPass(ImagePass[ZStats]):
     """:func:`zstats_of` as an :class:`~vitcircuits.engine.ImagePass` over image batches (of the
     labelled images, or with ``labelled_only=False`` of every image)."""
 
@@ -117,16 +118,13 @@ class ZStatsPass:
             stats.update(model, pair[0].to(model.device, model.dtype))
         return stats
 
-    def finish(self, model: HookedViT, stats: ZStats) -> ZStats:
-        return stats
-
     def merge(self, first: ZStats, later: ZStats) -> ZStats:
         first.merge(later)
         return first
 
 
 @dataclass(frozen=True)
-class PredictionsPass:
+class PredictionsPass(ImagePass[dict[str, list[torch.Tensor]]]):
     """:func:`ablated_predictions` as an :class:`~vitcircuits.engine.ImagePass` over image batches:
     ``{condition: predictions, "labels": labels}`` lists, in image order. The ``resample``
     ablation is seeded per batch by its first image index, so any split of the images gives the
@@ -146,9 +144,6 @@ class PredictionsPass:
             for name, predictions_B in _predict(model, pair[0], hooks).items():
                 part[name].append(predictions_B)
             part["labels"].append(pair[1].cpu())
-        return part
-
-    def finish(self, model: HookedViT, part: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
         return part
 
     def merge(self, first: dict[str, list[torch.Tensor]], later: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:

@@ -35,7 +35,7 @@ from vitcircuits.composition.task_metric import TaskMetric
 from vitcircuits.composition.task_patching import EdgeKey
 from vitcircuits.composition.transfer import TooFewImages, TransferResult, transfer_curves
 from vitcircuits.composition.weights import CompositionScores, composition_scores
-from vitcircuits.engine import LOCAL, Engine
+from vitcircuits.engine import LOCAL, Engine, numbered
 from vitcircuits.heads.atlas import HeadAtlas
 from vitcircuits.models.hooked_vit import HookedViT
 from vitcircuits.sampling import reservoir
@@ -86,9 +86,7 @@ def _patch(model: HookedViT, batches: list[torch.Tensor], heads: list[tuple[int,
            advance: Callable[[], None], engine: Engine, random_draws: dict[tuple[int, int], list[int]] | None = None) -> PatchEffects:
     """Path patching of every batch, batch by batch on ``engine``'s model replicas, merged in order."""
     effects = PatchEffects(heads, model.cfg.n_layers, model.cfg.n_heads, random_draws)
-    starts = [sum(len(x) for x in batches[:i]) for i in range(len(batches))]
-    items = [(images_BCHW.cpu(), start) for images_BCHW, start in zip(batches, starts)]
-    for part in engine.map_items(model, partial(_patch_batch, heads, stats, config, random_draws), items, advance):
+    for part in engine.map_items(model, partial(_patch_batch, heads, stats, config, random_draws), numbered(batches), advance):
         effects.merge(part)
     return effects
 

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from vitcircuits.composition.ablation import AblationKind, ZStats, ablation_hooks
-from vitcircuits.engine import LOCAL, Engine
+from vitcircuits.engine import LOCAL, Engine, numbered
 from vitcircuits.models.hooked_vit import HookedViT
 from vitcircuits.models.hooks import HookFn
 from vitcircuits.plotting.figures import plt, save_figure
@@ -109,15 +109,6 @@ def offsets_within(radius: int) -> list[tuple[int, int]]:
     return [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
 
 
-def _items(batches: Iterable[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
-    """Each batch (on the CPU) with the index of its first image (image ``i`` of the concatenation is ``i``)."""
-    items, start = [], 0
-    for images_BCHW in batches:
-        items.append((images_BCHW.cpu(), start))
-        start += len(images_BCHW)
-    return items
-
-
 @dataclass(frozen=True, eq=False)
 class TargetBasis:
     """Principal components of the patch embeddings of the training images."""
@@ -153,7 +144,7 @@ def fit_target_basis(model: HookedViT, batches: Iterable[torch.Tensor], config: 
     ``engine``'s model replicas."""
     D = model.cfg.d_model
     moment_DD, sum_D, n = torch.zeros(D, D, dtype=torch.float64), torch.zeros(D, dtype=torch.float64), 0
-    for moment, total, rows in engine.map_items(model, partial(_basis_sums, config), _items(batches)):
+    for moment, total, rows in engine.map_items(model, partial(_basis_sums, config), numbered(batches)):
         moment_DD += moment
         sum_D += total
         n += rows
@@ -372,7 +363,7 @@ def transfer_curves(model: HookedViT, batches: Iterable[torch.Tensor], config: T
     if "clean" in ablations:
         raise ValueError("'clean' is reserved for the unablated probes")
     kind = "zero" if stats is None and ablation_kind in ("mean", "position_mean") else ablation_kind
-    items = _items(batches)
+    items = numbered(batches)
     basis = fit_target_basis(model, [x for x, _ in items], config, engine)
     probes = {"clean": TransferProbe(config, basis), **{name: TransferProbe(config, basis) for name in ablations}}
     for part in engine.map_items(model, partial(_probe_batch, config, basis, ablations, stats, kind), items):

@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from vitcircuits.data.loader import LoadSummary, SkipLog, image_list_sha256
-from vitcircuits.engine import EngineOptions, ImagePass, R, Streamed, shard_spans
+from vitcircuits.engine import EngineOptions, ImagePass, R, Streamed, fold, shard_spans
 
 if TYPE_CHECKING:
     from vitcircuits.inputs import ImageSet, ModelOptions
@@ -71,10 +71,7 @@ class Replica:
 
     def run(self, work: ImagePass[R], shard: ImageSet) -> tuple[R, LoadSummary]:
         batches = shard.batches(progress=False)
-        partial = work.start(self.loaded.model)
-        for batch in batches:
-            partial = work.step(self.loaded.model, partial, batch)
-        return work.finish(self.loaded.model, partial), batches.summary()
+        return fold(work, self.loaded.model, batches), batches.summary()
 
 
 class RayEngine:
@@ -159,24 +156,25 @@ class RayEngine:
         spans = shard_spans(len(images), self.options.shard_images, images.batch_size)
         shards = [images.slice(start, stop) for start, stop in spans]
         arrived: dict[int, tuple[R, LoadSummary]] = {}
-        state = {"merged": work.start(loaded.model), "next": 0}
+        merged, next_shard = work.start(loaded.model), 0
         summaries: list[LoadSummary] = []
         columns = (TextColumn(f"images ({len(self.workers)} workers)"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
             task = bar.add_task("images", total=len(images))
 
             def merge_in_order(s: int, result: tuple[R, LoadSummary]) -> None:
+                nonlocal merged, next_shard
                 arrived[s] = result
                 bar.advance(task, len(shards[s]))
-                while state["next"] in arrived:
-                    partial, summary = arrived.pop(state["next"])
-                    state["merged"] = work.merge(state["merged"], partial)
+                while next_shard in arrived:
+                    partial, summary = arrived.pop(next_shard)
+                    merged = work.merge(merged, partial)
                     summaries.append(summary)
-                    state["next"] += 1
+                    next_shard += 1
 
             work_ref = _ray().put(work)  # sent once, however many shards
             self._spread(len(shards), lambda worker, s: worker.run.remote(work_ref, shards[s]), merge_in_order)
-        return Streamed(state["merged"], merge_summaries(images, summaries))
+        return Streamed(merged, merge_summaries(images, summaries))
 
     def describe(self) -> dict:
         o = self.options

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from rich.console import Console
 
+from vitcircuits.engine import ImagePass, fold
 from vitcircuits.heads.atlas import AtlasConfig, HeadAtlas, accumulate, build_atlas, new_accumulator
 from vitcircuits.heads.offsets import HeadStatsAccumulator
 from vitcircuits.models.hooked_vit import HookedViT
@@ -25,7 +26,7 @@ class Scanned:
 
 
 @dataclass(frozen=True)
-class AtlasPass:
+class AtlasPass(ImagePass[Scanned]):
     """The head scan as an :class:`~vitcircuits.engine.ImagePass`: statistics over disjoint images
     add up (:meth:`HeadStatsAccumulator.merge`), and the bootstrap weights depend on the image
     index only, so any split of the images gives the same atlas."""
@@ -41,9 +42,6 @@ class AtlasPass:
         part.kept += [(batch.indices[j], batch.paths[j], batch.images_BCHW[j : j + 1]) for j in range(min(room, len(batch.indices)))]
         return part
 
-    def finish(self, model: HookedViT, part: Scanned) -> Scanned:
-        return part
-
     def merge(self, first: Scanned, later: Scanned) -> Scanned:
         first.acc.merge(later.acc)
         first.kept = (first.kept + later.kept)[:N_OVERLAY_IMAGES]
@@ -53,10 +51,7 @@ class AtlasPass:
 def scan_heads(model: HookedViT, batches: Iterable, config: AtlasConfig, model_id: str) -> tuple[HeadAtlas, list[tuple[int, str, torch.Tensor]]]:
     """Accumulate over all ``batches`` (each with ``images_BCHW``, ``indices`` and ``paths``, the
     image ids) in this process; also keep a few images (index, id, tensor) for overlays."""
-    work = AtlasPass(config)
-    part = work.start(model)
-    for batch in batches:
-        part = work.step(model, part, batch)
+    part = fold(AtlasPass(config), model, batches)
     return build_atlas(model, part.acc, config, model_id), part.kept
 
 

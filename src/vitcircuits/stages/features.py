@@ -61,11 +61,9 @@ def run_features(root: Path, loaded: LoadedModel, images: ImageSet, circuits: li
     reader = ShardReader(root / LAYOUT.activations, hook)
     grid = (model.layout.rows, model.layout.cols)
     shards = list(range(len(reader.index["shards"])))
-    if not shards:
-        raise ValueError(f"{root / LAYOUT.activations}: the harvest holds no shard to compute feature statistics on")
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("feature statistics (shards)", total=len(shards))
-        parts = images.engine.map_items(model, partial(_shard_statistics, sae, root / LAYOUT.activations, hook, grid, config.stats), shards,
+        parts = images.engine.map_items(model, partial(_shard_statistics, sae, reader, grid, config.stats), shards,
                                         lambda: bar.advance(task))
     stats = reduce(FeatureAccumulator.merge, parts).result()
     out = root / LAYOUT.features
@@ -98,9 +96,9 @@ def run_features(root: Path, loaded: LoadedModel, images: ImageSet, circuits: li
     return summary
 
 
-def _shard_statistics(sae, folder: Path, hook: str, grid: tuple[int, int], config: FeatureStatsConfig, model, shard: int) -> FeatureAccumulator:
+def _shard_statistics(sae, reader: ShardReader, grid: tuple[int, int], config: FeatureStatsConfig, model, shard: int) -> FeatureAccumulator:
     """The feature statistics of one harvest shard (run on any model replica; the model is unused)."""
-    return feature_accumulator(sae, _patch_rows(ShardReader(folder, hook), [shard]), grid, config)
+    return feature_accumulator(sae, _patch_rows(reader, [shard]), grid, config)
 
 
 def _patch_rows(reader: ShardReader, order: list[int]):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vitcircuits.engine import ImagePass
 from vitcircuits.files import write_json, write_text
 from vitcircuits.inputs import ImageSet, check_folder_classes, images_manifest
 from vitcircuits.layout import LAYOUT
@@ -27,7 +28,7 @@ class Predicted:
 
 
 @dataclass(frozen=True)
-class PredictionPass:
+class PredictionPass(ImagePass[Predicted]):
     """Predictions over images (an :class:`~vitcircuits.engine.ImagePass`), keeping the first ``n_draw`` images."""
 
     n_draw: int
@@ -43,9 +44,6 @@ class PredictionPass:
         part.rows += [(i, p, label, pred) for i, p, label, pred in zip(batch.indices, batch.paths, labels, preds)]
         room = self.n_draw - len(part.to_draw)
         part.to_draw += [(batch.indices[j], batch.paths[j], batch.images_BCHW[j : j + 1]) for j in range(min(room, len(batch.indices)))]
-        return part
-
-    def finish(self, model: HookedViT, part: Predicted) -> Predicted:
         return part
 
     def merge(self, first: Predicted, later: Predicted) -> Predicted:

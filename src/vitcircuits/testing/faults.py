@@ -11,7 +11,7 @@ from vitcircuits.models.hooked_vit import HookedViT
 
 
 @dataclass(frozen=True)
-class KillOnce:
+class KillOnce(ImagePass):
     """Runs ``work``, but the first process to reach the image with index ``at`` creates
     ``marker`` and dies by SIGKILL before stepping on it (a worker lost mid-shard, after it has
     already stepped on the shard's earlier batches). Runs again (the marker exists) step normally."""

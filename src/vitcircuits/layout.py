@@ -52,6 +52,17 @@ class RunLayout:
     dependence_csv: str = "sae/features/dependence.csv"
     cache: str = "activations"
     """Shards of ``vitcircuits cache``."""
+    dynamics: str = "dynamics"
+    """Training dynamics (``vitcircuits dynamics``): per-checkpoint measurements and the formation fits."""
+    dynamics_checkpoints: str = "dynamics/checkpoints"
+    """A bundled series, unpacked (float16 checkpoints in the timm hub layout)."""
+    dynamics_steps: str = "dynamics/steps"
+    """One folder per checkpoint: its atlas (``heads/``), ``measures.safetensors`` and ``key.json``."""
+    formation_json: str = "dynamics/formation.json"
+    """Every followed metric's curve and formation step, and the lags."""
+    formation_csv: str = "dynamics/formation.csv"
+    lags_csv: str = "dynamics/lags.csv"
+    dynamics_figures: str = "dynamics/figures.json"
 
 
 LAYOUT = RunLayout()

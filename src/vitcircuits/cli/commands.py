@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vitcircuits.cli.errors import DEBUG, Typer
+from vitcircuits.cli.dynamics import dynamics_cmd
 from vitcircuits.cli.necessity import necessity_cmd
 from vitcircuits.cli.options import ArchOpt, DeviceOpt, DtypeOpt, ImgSizeOpt, MaxImagesOpt, RandomOpt, RunOptions, TaskMetricOpt, run_options
 from vitcircuits.cli.organisms import organism_app
@@ -26,6 +27,7 @@ app = Typer(add_completion=False, no_args_is_help=True, help="Mechanistic interp
 app.add_typer(sae_app, name="sae")
 app.add_typer(organism_app, name="train-organism")
 app.command(name="necessity")(necessity_cmd)
+app.command(name="dynamics")(dynamics_cmd)
 ORGANISMS = {"cifar10": ("bundled:cifar10-vit", "bundled:cifar10"), "shapes": ("bundled:shapes-vit", "bundled:shapes")}
 """``vitcircuits demo --organism NAME``: the bundled model and images of each organism."""
 QUICK_IMAGES = 256

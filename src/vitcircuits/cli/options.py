@@ -87,14 +87,22 @@ class RunOptions:
         return run, loaded, self.images.open(loaded, engine)
 
 
-def run_options(*, batch_size: int = 32, resume: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+MODEL_OPTIONS = ("model", "arch", "img_size", "random_weights")
+"""The shared options that name the model (a command whose models come otherwise goes without)."""
+
+
+def run_options(*, batch_size: int = 32, resume: bool = False, model: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Give a command the shared options (``--model``, ``--images``, ``--out``, ``--arch``,
     ``--img-size``, ``--device``, ``--dtype``, ``--batch-size`` (default ``batch_size``),
     ``--max-images``, ``--seed``, ``--num-workers``, ``--random-weights``, ``--engine``,
     ``--ray-address``, ``--workers``, ``--gpus-per-worker``, ``--force`` and, with
-    ``resume``, ``--resume``); the command takes them as one keyword argument ``options``."""
+    ``resume``, ``--resume``; without ``model``, none of :data:`MODEL_OPTIONS`, and
+    ``options.model.model`` is empty for the command to fill); the command takes them as one
+    keyword argument ``options``."""
     batch = ("batch_size", Annotated[int, typer.Option("--batch-size", min=1, help="images per forward pass")], batch_size)
     shared = [*_SHARED[:7], batch, *_SHARED[7:], *([_RESUME] if resume else [])]
+    if not model:
+        shared = [option for option in shared if option[0] not in MODEL_OPTIONS]
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in inspect.signature(command, eval_str=True).parameters.values()
@@ -104,7 +112,8 @@ def run_options(*, batch_size: int = 32, resume: bool = False) -> Callable[[Call
 
         @functools.wraps(command)
         def run(**kwargs: Any) -> Any:
-            v = {name: kwargs.pop(name, default) for name, _, default in shared}
+            v = {"model": "", "arch": None, "img_size": None, "random_weights": False,
+                 **{name: kwargs.pop(name, default) for name, _, default in shared}}
             options = RunOptions(
                 model=ModelOptions(model=v["model"], arch=v["arch"], img_size=v["img_size"], random_weights=v["random_weights"],
                                    device=v["device"], dtype=v["dtype"], seed=v["seed"]),

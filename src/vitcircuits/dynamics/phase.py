@@ -7,16 +7,35 @@ change), interpolated linearly in log(step) between the two checkpoints around i
 checkpoints are spaced log-uniformly and formation is read on a log axis. The interval comes from
 resampling the images (the same resamples for every metric, so that the **lag** between two
 crossings, e.g. a composition edge's and the compositional classes' loss drop, gets an interval
-of its own). A metric without change (final = initial), or whose resample never crosses, has no
+of its own). A metric that is not a plain mean over images (a ratio such as a class group's loss,
+or the modular score, a product of means) is given as per-image **components** ``[I, G, M]`` and a
+**statistic** that maps their image means ``[..., G, M]`` to the metric ``[..., G]``; it is
+recomputed on every resample. A metric without change (final = initial), or whose resample never crosses, has no
 crossing: the result says so and counts the resamples that did, and nothing is interpolated.
 
-Shape letters local to this module: ``G`` the checkpoints of the series (in training order).
+Shape letters local to this module: ``G`` the checkpoints of the series (in training order), ``M``
+a metric's per-image components.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+Statistic = Callable[[np.ndarray], np.ndarray]
+"""Image means of the components ``[..., G, M]`` to the metric ``[..., G]``."""
+
+
+def first_component(means_GM: np.ndarray) -> np.ndarray:
+    """The statistic of a plain mean over images (one component)."""
+    return means_GM[..., 0]
+
+
+def _components(values: np.ndarray) -> np.ndarray:
+    """``[I, G]`` or ``[I, G, M]`` as float64 ``[I, G, M]``."""
+    values = np.asarray(values, dtype=np.float64)
+    return values[..., None] if values.ndim == 2 else values
 
 
 @dataclass(frozen=True)
@@ -70,31 +89,40 @@ def crossing_step(steps_G: np.ndarray, values_G: np.ndarray, fraction: float = 0
     return float(np.exp(t0 + w * (t1 - t0)))
 
 
-def _check(steps_G: np.ndarray, values_IG: np.ndarray) -> None:
-    if values_IG.ndim != 2 or values_IG.shape[1] != len(steps_G) or len(steps_G) < 2:
-        raise ValueError(f"need per-image values [images, {len(steps_G)} checkpoints] over at least 2 checkpoints, got {values_IG.shape}")
+def _check(steps_G: np.ndarray, values_IGM: np.ndarray) -> None:
+    if values_IGM.ndim != 3 or values_IGM.shape[1] != len(steps_G) or len(steps_G) < 2 or values_IGM.shape[0] == 0:
+        raise ValueError(f"need per-image values [images, {len(steps_G)} checkpoints(, components)] over at least 2 checkpoints, "
+                         f"got {values_IGM.shape}")
     if np.any(np.asarray(steps_G) <= 0) or np.any(np.diff(steps_G) <= 0):
         raise ValueError("checkpoint steps must be positive and increasing (the fit reads them on a log axis)")
 
 
-def resampled_crossings(steps_G: np.ndarray, values_IG: np.ndarray, config: PhaseConfig = PhaseConfig()) -> np.ndarray:
+def curve(values: np.ndarray, statistic: Statistic = first_component) -> np.ndarray:
+    """``[G]``: the metric at every checkpoint, from per-image values ``[I, G]`` or components ``[I, G, M]``."""
+    return statistic(_components(values).mean(0))
+
+
+def resampled_crossings(steps_G: np.ndarray, values: np.ndarray, config: PhaseConfig = PhaseConfig(),
+                        statistic: Statistic = first_component) -> np.ndarray:
     """The crossing step of each bootstrap resample of the images ``[Z]``. NaN marks a resample
     without a crossing; :func:`fit_crossing` and :func:`fit_lag` leave those out and count them,
     so no NaN reaches a result."""
-    values_IG = np.asarray(values_IG, dtype=np.float64)
-    _check(steps_G, values_IG)
-    n = values_IG.shape[0]
+    values_IGM = _components(values)
+    _check(steps_G, values_IGM)
+    n = values_IGM.shape[0]
     counts_ZI = np.random.default_rng(config.seed).multinomial(n, np.full(n, 1.0 / n), size=config.n_boot)
-    means_ZG = counts_ZI @ values_IG / n
-    return np.array([np.nan if (step := crossing_step(steps_G, m, config.fraction)) is None else step for m in means_ZG])
+    curves_ZG = statistic(np.einsum("zi,igm->zgm", counts_ZI, values_IGM) / n)
+    return np.array([np.nan if (step := crossing_step(steps_G, c, config.fraction)) is None else step for c in curves_ZG])
 
 
-def fit_crossing(steps_G: np.ndarray, values_IG: np.ndarray, config: PhaseConfig = PhaseConfig()) -> Crossing:
-    """The crossing of the image mean of ``values_IG`` ``[I, G]`` and its bootstrap interval."""
-    values_IG = np.asarray(values_IG, dtype=np.float64)
-    _check(steps_G, values_IG)
-    mean_G = values_IG.mean(0)
-    samples_Z = resampled_crossings(steps_G, values_IG, config)
+def fit_crossing(steps_G: np.ndarray, values: np.ndarray, config: PhaseConfig = PhaseConfig(),
+                 statistic: Statistic = first_component) -> Crossing:
+    """The crossing of the metric (the image mean of ``values`` ``[I, G]``, or ``statistic`` of
+    the components' means ``[I, G, M]``) and its bootstrap interval."""
+    values_IGM = _components(values)
+    _check(steps_G, values_IGM)
+    mean_G = statistic(values_IGM.mean(0))
+    samples_Z = resampled_crossings(steps_G, values_IGM, config, statistic)
     crossed = samples_Z[np.isfinite(samples_Z)]
     lo, hi = (float(v) for v in np.quantile(crossed, [0.025, 0.975])) if len(crossed) else (None, None)
     return Crossing(step=crossing_step(steps_G, mean_G, config.fraction), lo=lo, hi=hi, change=float(mean_G[-1] - mean_G[0]),
@@ -114,14 +142,15 @@ class Lag:
     """Share of the resamples in which both cross (the interval is over those)."""
 
 
-def fit_lag(steps_G: np.ndarray, a_IG: np.ndarray, b_IG: np.ndarray, config: PhaseConfig = PhaseConfig()) -> Lag:
-    """The lag of ``b``'s crossing behind ``a``'s; ``a_IG`` and ``b_IG`` are per-image values of
-    the same images, resampled together."""
-    a, b = fit_crossing(steps_G, a_IG, config), fit_crossing(steps_G, b_IG, config)
-    if np.asarray(a_IG).shape[0] != np.asarray(b_IG).shape[0]:
+def fit_lag(steps_G: np.ndarray, a: np.ndarray, b: np.ndarray, config: PhaseConfig = PhaseConfig(),
+            statistic_a: Statistic = first_component, statistic_b: Statistic = first_component) -> Lag:
+    """The lag of ``b``'s crossing behind ``a``'s; ``a`` and ``b`` are per-image values (or
+    components, with their statistics) of the same images, resampled together."""
+    if np.asarray(a).shape[0] != np.asarray(b).shape[0]:
         raise ValueError("the two metrics must be measured on the same images")
-    ratio_Z = resampled_crossings(steps_G, b_IG, config) / resampled_crossings(steps_G, a_IG, config)
+    fit_a, fit_b = fit_crossing(steps_G, a, config, statistic_a), fit_crossing(steps_G, b, config, statistic_b)
+    ratio_Z = resampled_crossings(steps_G, b, config, statistic_b) / resampled_crossings(steps_G, a, config, statistic_a)
     both = ratio_Z[np.isfinite(ratio_Z)]
     lo, hi = (float(v) for v in np.quantile(both, [0.025, 0.975])) if len(both) else (None, None)
-    ratio = None if a.step is None or b.step is None else b.step / a.step
+    ratio = None if fit_a.step is None or fit_b.step is None else fit_b.step / fit_a.step
     return Lag(ratio=ratio, lo=lo, hi=hi, both_crossed_share=len(both) / config.n_boot)

@@ -118,20 +118,20 @@ class HeadAtlas:
         )
 
 
-def new_accumulator(model: HookedViT, config: AtlasConfig) -> HeadStatsAccumulator:
+def new_accumulator(model: HookedViT, config: AtlasConfig, keep_per_image: bool = False) -> HeadStatsAccumulator:
     return HeadStatsAccumulator(model.layout, model.cfg.n_layers, model.cfg.n_heads, config.radius, model.cfg.patch_size,
-                                n_boot=config.n_boot, seed=config.seed)
+                                n_boot=config.n_boot, seed=config.seed, keep_per_image=keep_per_image)
 
 
 @torch.no_grad()
-def accumulate(model: HookedViT, acc: HeadStatsAccumulator, images_BCHW: torch.Tensor, image_indices: list[int]) -> None:
+def accumulate(model: HookedViT, acc: HeadStatsAccumulator, images_BCHW: torch.Tensor, image_indices: list[int]) -> torch.Tensor:
     """Run one batch, feeding each layer's attention pattern to ``acc`` as it is computed (no
-    pattern is kept), and return nothing."""
+    pattern is kept); return the model's output."""
 
     def feed(pattern_BHQK: torch.Tensor, hook) -> None:
         acc.update(int(hook.name.split(".")[1]), pattern_BHQK, image_indices)
 
-    model.run_with_hooks(images_BCHW, fwd_hooks=[(lambda name: name.endswith("attn.hook_pattern"), feed)])
+    return model.run_with_hooks(images_BCHW, fwd_hooks=[(lambda name: name.endswith("attn.hook_pattern"), feed)])
 
 
 def build_atlas(model: HookedViT, acc: HeadStatsAccumulator, config: AtlasConfig, model_id: str) -> HeadAtlas:

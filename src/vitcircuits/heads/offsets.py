@@ -110,14 +110,18 @@ class HeadStatsAccumulator:
       self_sum_LH, neighbour_sum_LHP, raw_neighbour_sum_LHP, distance_sum_LH (patches), distance_px_sum_LH;
       pattern_sum_LHPP / pattern_sq_sum_LHPP: per-(query, key) first and second moments over images;
       boot_sum_ZLHM / boot_weight_Z: Poisson-bootstrap replicates of per-image metrics
-      (``M``: the :data:`BOOT_METRICS`, then the 8 direction kernel values).
+      (``M``: the :data:`BOOT_METRICS`, then the 8 direction kernel values);
+      per_image_L: with ``keep_per_image``, per layer the per-image metrics ``[B, H, M]`` of each
+      batch, in the order they came (:meth:`per_image_ILHM`); they grow with the images, so they
+      are kept only when asked (training dynamics resample images across checkpoints).
     """
 
     n_metrics = len(BOOT_METRICS) + N_DIRECTIONS
 
     def __init__(self, layout: TokenLayout, n_layers: int, n_heads: int, radius: int, patch_hw: tuple[int, int],
-                 n_boot: int = 200, seed: int = 0) -> None:
+                 n_boot: int = 200, seed: int = 0, keep_per_image: bool = False) -> None:
         self.layout, self.n_layers, self.n_heads = layout, n_layers, n_heads
+        self.per_image_L: list[list[torch.Tensor]] | None = [[] for _ in range(n_layers)] if keep_per_image else None
         self.geometry = OffsetGeometry(layout.rows, layout.cols, radius)
         self.patch_hw, self.n_boot, self.seed = patch_hw, n_boot, seed
         L, H, P, O = n_layers, n_heads, layout.n_patches, self.geometry.n_offsets
@@ -186,6 +190,8 @@ class HeadStatsAccumulator:
         ], dim=-1)
         weights_ZB = self._boot_weights(image_indices)
         self.boot_sum_ZLHM[:, layer] += torch.einsum("zb,bhm->zhm", weights_ZB, metrics_BHM)
+        if self.per_image_L is not None:
+            self.per_image_L[layer].append(metrics_BHM.float())
         if layer == self.n_layers - 1:
             self.boot_weight_Z += weights_ZB.sum(1)
             self.offset_count_O += self._per_image_count_O() * B
@@ -215,6 +221,16 @@ class HeadStatsAccumulator:
         for name in self._SUM_FIELDS:
             getattr(self, name).add_(getattr(other, name))
         self.n_images += other.n_images
+        if self.per_image_L is not None:
+            for mine, theirs in zip(self.per_image_L, other.per_image_L):
+                mine += theirs
+
+    def per_image_ILHM(self) -> torch.Tensor:
+        """``[I, L, H, M]``: every image's metrics (``keep_per_image`` only), images in the order
+        they were added."""
+        if self.per_image_L is None:
+            raise ValueError("this accumulator keeps no per-image metrics (keep_per_image=False)")
+        return torch.stack([torch.cat(batches) for batches in self.per_image_L], dim=1)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         state = {name: getattr(self, name).numpy() for name in self._SUM_FIELDS}

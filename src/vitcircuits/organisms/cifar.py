@@ -49,6 +49,7 @@ from safetensors.torch import save_file
 from timm.optim import create_optimizer_v2
 
 from vitcircuits.files import write_bytes, write_json, write_text, write_with
+from vitcircuits.organisms.series import SeriesRecorder, group_metrics
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -105,6 +106,10 @@ class CifarOrganismConfig:
     """Stop after this many optimiser steps (the LR schedule is shortened to match)."""
     eval_batch_size: int = 500
     """Batch size for evaluation (does not affect results)."""
+    checkpoints: int = 0
+    """Checkpoints saved through training, log-uniformly spaced in steps, with the test loss and
+    accuracy (:mod:`vitcircuits.organisms.series`); 0: none. They do not change the trained
+    weights."""
 
     def model_args(self) -> dict:
         """Keyword overrides for `timm.create_model(TIMM_ARCHITECTURE, ...)`."""
@@ -269,9 +274,12 @@ def train_cifar_organism(
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, warmup_steps, total_steps)
         )
+        test_inputs_ICHW = normalize_images(test_images_ICHW) if cfg.checkpoints else None
+        recorder = SeriesRecorder(Path(out_dir), total_steps, cfg.checkpoints, model, timm_hub_config(cfg),
+                                  lambda: group_metrics(model, test_inputs_ICHW, test_labels_I, {}, cfg.eval_batch_size))
         history = train_loop(
             cfg, model, optimizer, scheduler, train_images_ICHW, train_labels_I, generator,
-            steps_per_epoch, total_steps, progress,
+            steps_per_epoch, total_steps, progress, recorder,
         )  # fmt: skip
         test_accuracy = evaluate_accuracy(model, test_images_ICHW, test_labels_I, cfg.eval_batch_size)
     finally:

@@ -36,7 +36,7 @@ from timm.optim import create_optimizer_v2
 from vitcircuits.files import write_json, write_with
 from vitcircuits.organisms import shapes_task
 from vitcircuits.organisms.cifar import TIMM_ARCHITECTURE, CifarOrganismConfig, lr_factor, normalize_images, timm_hub_config, train_loop
-from vitcircuits.organisms.series import checkpoint_steps, clear_series, group_metrics, write_checkpoint
+from vitcircuits.organisms.series import SeriesRecorder, group_metrics
 
 _ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BUNDLED_MODEL_DIR = _ASSETS / "organisms" / "shapes-vit"
@@ -196,20 +196,14 @@ def train_shapes_organism(cfg: ShapesOrganismConfig, out_dir: str | os.PathLike,
         warmup_steps = max(1, round(cfg.warmup_epochs * steps_per_epoch))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
         history, step = [], 0
-        wanted, losses = set(checkpoint_steps(total_steps, cfg.checkpoints)), []
-        clear_series(Path(out_dir))
-
-        def on_step(n: int, loss: float) -> None:
-            losses.append(loss)
-            if step + n in wanted:
-                record = {"train_loss": float(np.mean(losses)), **group_metrics(model, test_images, test_labels, GROUPS, cfg.eval_batch_size)}
-                write_checkpoint(Path(out_dir), step + n, model, shapes_hub_config(cfg), record)
-                losses.clear()
+        test_inputs = normalize_images(test_images) if cfg.checkpoints else None
+        recorder = SeriesRecorder(Path(out_dir), total_steps, cfg.checkpoints, model, shapes_hub_config(cfg),
+                                  lambda: group_metrics(model, test_inputs, test_labels, GROUPS, cfg.eval_batch_size))
 
         while step < total_steps:
             steps = min(steps_per_epoch, total_steps - step)
             (epoch,) = train_loop(cfg.loop_config(), model, optimizer, scheduler, train_images, train_labels, generator, steps_per_epoch, steps,
-                                  progress, on_step)
+                                  progress, recorder)
             step += steps
             test = accuracy_report(predict(model, test_images, cfg.eval_batch_size), test_labels)
             history.append({**epoch, "epoch": len(history) + 1, "step": step, "elapsed_s": round(time.perf_counter() - start_time, 1),

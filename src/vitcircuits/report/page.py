@@ -5,6 +5,7 @@ from vitcircuits.files import read_json, write_text
 from vitcircuits.layout import LAYOUT
 from vitcircuits.models.loading import LoadedModel
 from vitcircuits.report import html
+from vitcircuits.report.formation_section import formation_section
 from vitcircuits.report.first_screen import how_to_read_section, summary_section
 from vitcircuits.report.sae_section import sae_section
 from vitcircuits.report.summary import caveats_section, line_text, number, task_metric_text, verdict_section
@@ -185,6 +186,8 @@ def write_report(run: Run, loaded: LoadedModel) -> None:
         sections.append(necessity_section(read_json(run.file(LAYOUT.necessity_json))))
     if run.file(LAYOUT.sae_metrics).exists():
         sections.append(sae_section(run))
+    if run.file(LAYOUT.formation_json).exists():
+        sections.append(formation_section(run))
     sections.append(html.section(
         "Attention maps",
         html.paragraph("Each cell: one head's attention from the outlined query patch to every patch "

@@ -5,7 +5,9 @@ Routes (GET only; every other method gets 405):
 * ``/``: the explorer page;
 * ``/api/run``: the run summary (:meth:`RunState._summarise`);
 * ``/api/image?index=I``: the preprocessed image as PNG;
-* ``/api/attention?index=I&row=R&col=C``: every head's attention from one query patch;
+* ``/api/attention?index=I&row=R&col=C[&step=S]``: every head's attention from one query patch
+  (of checkpoint ``S`` of a dynamics run);
+* ``/api/atlas?step=S``: the head atlas of checkpoint ``S`` of a dynamics run;
 * ``/files/<path>``: a file inside the run folder, nothing outside it.
 
 Every error is ``{"error": "one line"}`` with a 4xx/5xx status; tracebacks go to the log only.
@@ -202,7 +204,10 @@ class ExplorerHandler(BaseHTTPRequestHandler):
                 index = self._index(params)
                 summary = self.server.state.summary
                 row, col = int_param(params, "row", summary["rows"]), int_param(params, "col", summary["cols"])
-                self._send_json(self.server.state.attention(index, row, col))
+                step = int_param(params, "step", None) if "step" in params else None
+                self._send_json(self.server.state.attention(index, row, col, step))
+            elif path == "/api/atlas":
+                self._send_json(self.server.state.atlas_at(int_param(params, "step", None)))
             elif path.startswith("/files/"):
                 # The path is still percent-encoded and un-normalised: safe_run_file judges what was sent.
                 self._send_file(safe_run_file(self.server.state.root, path[len("/files/"):]))

@@ -141,7 +141,10 @@ class RunState:
         self._image_cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         # The run's files first: a damaged run is refused before a model is loaded for it.
         atlas, predictions = self._atlas(), self._predictions()
-        panels = {**(atlas or {"atlas": [], "kernels": None}), **self._composition(), "features": self._features(), "files": self._files()}
+        self.steps = self._steps()
+        panels = {**(atlas or {"atlas": [], "kernels": None}), **self._composition(), "features": self._features(), "files": self._files(),
+                  "steps": sorted(self.steps)}
+        self._step_models: OrderedDict[int, object] = OrderedDict()
         self._open_model(model, images, device)
         self.summary = finite(self._summarise(atlas, predictions, panels))
         self.image_indices = {row["index"] for row in self.summary["images"]}
@@ -203,18 +206,53 @@ class RunState:
         image.save(buf, format="PNG")
         return buf.getvalue()
 
-    def attention(self, index: int, row: int, col: int) -> dict:
-        """Every head's attention from patch ``(row, col)`` of image ``index``: ``[L][H][rows*cols]``."""
+    def attention(self, index: int, row: int, col: int, step: int | None = None) -> dict:
+        """Every head's attention from patch ``(row, col)`` of image ``index``: ``[L][H][rows*cols]``;
+        with ``step``, of that checkpoint of a dynamics run's series."""
         from vitcircuits.plotting.attention import patch_attention
 
         self._require_live()
-        model = self.loaded.model
         with self.lock, torch.no_grad():
+            model = self.loaded.model if step is None else self._step_model(step)
             image_1CHW = self._image(index).to(model.device, model.dtype)
             maps_LHYX = patch_attention(model, image_1CHW, (row, col))
         L, H, rows, cols = maps_LHYX.shape
         return {"index": index, "row": row, "col": col, "rows": rows, "cols": cols,
                 "attention": maps_LHYX.reshape(L, H, rows * cols).tolist()}
+
+    def _step_model(self, step: int):
+        """The checkpoint of ``step`` (a few kept loaded); call under ``self.lock``."""
+        from vitcircuits.models.loading import load_model
+
+        if step not in self.steps or self.steps[step] is None:
+            raise Unavailable(f"step {step}: this run has no checkpoint of that step to load")
+        if step not in self._step_models:
+            model = self.loaded.model
+            self._step_models[step] = load_model(str(self.steps[step]), device=model.device, dtype=model.dtype).model
+            if len(self._step_models) > 4:
+                self._step_models.popitem(last=False)
+        self._step_models.move_to_end(step)
+        return self._step_models[step]
+
+    def atlas_at(self, step: int) -> dict:
+        """The head atlas of one checkpoint of a dynamics run (``dynamics/steps/step_N/heads``)."""
+        if step not in self.steps:
+            raise Unavailable(f"step {step}: this run measured no checkpoint of that step")
+        path = self.root / LAYOUT.dynamics_steps / f"step_{step:08d}" / "heads" / "atlas.json"
+        with reading(path):
+            return finite(self._read_atlas(path))
+
+    def _steps(self) -> dict[int, Path | None]:
+        """A dynamics run's measured steps, each with its checkpoint folder (None where the
+        manifest does not list it)."""
+        folder = self.root / LAYOUT.dynamics_steps
+        series = self.manifest.get("series") or {}
+        folders = dict(zip(series.get("steps", []), series.get("folders", [])))
+        steps = {}
+        for atlas in sorted(folder.glob("step_*/heads/atlas.json")) if folder.is_dir() else []:
+            step = int(atlas.parent.parent.name.removeprefix("step_"))
+            steps[step] = Path(folders[step]) if step in folders else None
+        return steps
 
     # -- the run's files ---------------------------------------------------------------------
     def _summarise(self, atlas: dict | None, predictions: list[dict] | None, panels: dict) -> dict:
@@ -260,11 +298,14 @@ class RunState:
         return [{**row, "label_name": name(row["label"]), "prediction_name": name(row["prediction"])} for row in predictions or []]
 
     def _atlas(self) -> dict | None:
+        path = _existing(self.root, LAYOUT.atlas)
+        return None if path is None else self._read_atlas(path)
+
+    @staticmethod
+    def _read_atlas(path: Path) -> dict:
+        """An atlas (``atlas.json`` at ``path``, ``kernels.npz`` beside it) as the page draws it."""
         from vitcircuits.heads.atlas import HeadAtlas
 
-        path = _existing(self.root, LAYOUT.atlas)
-        if path is None:
-            return None
         read_json(path)
         arrays = path.parent / "kernels.npz"
         with reading(arrays):

@@ -163,6 +163,7 @@ def dynamics(out: str, checkpoints: str, model: ModelOptions, images: ImageOptio
         shutil.rmtree(run.file(LAYOUT.dynamics), ignore_errors=True)
     series = resolve_checkpoints(checkpoints, run)
     final = replace(model, model=str(series[-1][1]))
+    run.config["model"] = final.to_dict()  # the run's model is the last checkpoint (the explorer opens it)
     with run.timed("load_model"):
         loaded = final.load()
     started = engine.start(final, loaded)

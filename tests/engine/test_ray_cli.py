@@ -85,3 +85,27 @@ def test_skipped_images_are_counted_and_warned_as_locally(tmp_path, cluster, cap
     assert _compare(tmp_path / "local", tmp_path / "ray") == []
     images = json.loads((tmp_path / "ray" / "manifest.json").read_text())["images"]
     assert images["n_ok"] == 11 and [s["id"] for s in images["skipped"]] == ["05.png"]
+
+
+def test_dynamics_measures_checkpoints_on_the_workers_with_the_same_answer(tmp_path, cluster):
+    """One checkpoint per work item on two replicas; at one torch thread in driver and workers the
+    step folders and the formation tables are byte-identical to a local run."""
+    from vitcircuits.organisms.shapes import ShapesOrganismConfig, train_shapes_organism
+
+    organism = tmp_path / "organism"
+    train_shapes_organism(ShapesOrganismConfig(epochs=2, batch_size=16, embed_dim=16, depth=2, num_heads=2, n_train=160, n_test=30,
+                                               threads=1, checkpoints=5), organism, progress=False)
+    common = ["dynamics", "--checkpoints", str(organism), "--images", "bundled:shapes", "--max-images", "60", "--device", "cpu", "--quick"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert _cli([*common, "--out", str(tmp_path / "local")]).exit_code == 0
+        spread = _cli([*common, "--out", str(tmp_path / "ray"), "--engine", "ray", "--workers", "2"])
+        assert spread.exit_code == 0, spread.output
+    finally:
+        torch.set_num_threads(threads)
+    assert _compare(tmp_path / "local", tmp_path / "ray") == []
+    steps = sorted((tmp_path / "local" / "dynamics" / "steps").glob("step_*/measures.safetensors"))
+    assert len(steps) >= 4
+    for path in steps:
+        assert path.read_bytes() == (tmp_path / "ray" / path.relative_to(tmp_path / "local")).read_bytes()

@@ -93,3 +93,17 @@ def cifar10(
         export_bundled_images(zip_path, images_out)
     metrics = train_cifar_organism(config, zip_path, out)
     Console().print(f"test accuracy {metrics['test_accuracy']:.4f}; checkpoint in {out}")
+
+
+@organism_app.command("pack")
+def pack(
+    organism: Annotated[Path, typer.Option("--organism", help="a trained organism folder with a checkpoint series (--checkpoints N)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the bundled organism folder to write")],
+    alpha: Annotated[float, typer.Option("--alpha", min=0, help="quantisation step of the differences, in standard deviations of each final tensor")] = 2**-5,
+) -> None:
+    """Pack an organism's checkpoint series small enough to bundle (quantised differences backwards from its last checkpoint)."""
+    from vitcircuits.organisms.packed import pack_organism
+
+    index = pack_organism(organism, out, alpha)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    Console().print(f"{len(index['checkpoints']) + 1} checkpoints packed into {out} ({size / 1e6:.2f} MB with the final model)")

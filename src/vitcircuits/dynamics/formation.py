@@ -115,6 +115,8 @@ def _edge_values_IG(measures: Sequence[StepMeasures], edge: Edge) -> np.ndarray:
 def new_edges(measures: Sequence[StepMeasures], supported: Sequence[Edge], per_input: int) -> list[Edge]:
     """Per input, the ``per_input`` unsupported edges whose mean strength rose most above its
     value at the first checkpoint (module docstring)."""
+    if not measures[0].senders:
+        return []
     means_GSJLHU = np.stack([m.edges_ISJLHU.mean(0) for m in measures])
     rise_SJLHU = means_GSJLHU.max(0) - means_GSJLHU[0]
     taken = {e[:5] for e in supported}

@@ -4,10 +4,10 @@ A series of ~30 float16 checkpoints of the shapes organism takes ~8.5 MB, more t
 bundled images together. Consecutive checkpoints differ little, and the last one is the bundled
 float32 model, so the series is stored as a **chain of quantised differences, backwards from the
 final model**: checkpoint ``g`` is the reconstruction of checkpoint ``g + 1`` plus integer codes
-times a per-tensor step ``q = alpha × rms(final tensor)``. The chain is closed-loop (each
+times a per-tensor step ``q = alpha × std(final tensor)``. The chain is closed-loop (each
 difference is taken from the *reconstructed* later checkpoint), so the error of every checkpoint
 is at most ``q / 2`` per weight and does not accumulate along the chain. The codes (int8, or
-int16 when a tensor's codes do not fit) of each checkpoint are one safetensors file compressed
+int16 or int32 when a tensor's codes do not fit) of each checkpoint are one safetensors file compressed
 with LZMA; ``packed.json`` lists the steps, the step sizes, each checkpoint's record from training
 (:mod:`vitcircuits.organisms.series`) and the sha256 of every reconstructed checkpoint, which
 unpacking checks: a damaged file or a different final model fails instead of giving other weights.
@@ -26,7 +26,7 @@ import torch
 from safetensors.numpy import load, load_file, save
 
 from vitcircuits.files import read_json, write_bytes, write_json
-from vitcircuits.organisms.series import read_series, write_checkpoint
+from vitcircuits.organisms.series import SERIES, read_series, write_checkpoint
 
 PACKED = "packed.json"
 """The index of a packed series."""
@@ -52,15 +52,14 @@ def pack_series(series: Path, final_model: Path, out: Path, alpha: float) -> dic
     last_state = load_file(str(checkpoints[-1][1] / "model.safetensors"))
     if {k: v.astype(np.float16).tobytes() for k, v in final.items()} != {k: v.tobytes() for k, v in last_state.items()}:
         raise ValueError(f"{final_model}: its weights are not the last checkpoint of {series} (the chain starts from them)")
-    step_q = {k: float(alpha * max(np.sqrt(np.mean(v.astype(np.float64) ** 2)), 1e-12)) for k, v in final.items()}
+    step_q = {k: float(alpha * _spread(v)) for k, v in final.items()}
     entries, later = [], final
     for step, folder in reversed(checkpoints[:-1]):
         target = {k: v.astype(np.float32) for k, v in load_file(str(folder / "model.safetensors")).items()}
         codes, rebuilt = {}, {}
         for name, value in target.items():
             code = np.round((value - later[name]) / step_q[name]).astype(np.int64)
-            small = np.abs(code).max(initial=0) <= np.iinfo(np.int8).max
-            codes[name] = code.astype(np.int8 if small else np.int16)
+            codes[name] = code.astype(next(t for t in (np.int8, np.int16, np.int32) if np.abs(code).max(initial=0) <= np.iinfo(t).max))
             rebuilt[name] = later[name] + codes[name].astype(np.float32) * np.float32(step_q[name])
         name = f"step_{step:08d}.safetensors.xz"
         write_bytes(out / name, lzma.compress(save(codes), preset=9))
@@ -74,6 +73,25 @@ def pack_series(series: Path, final_model: Path, out: Path, alpha: float) -> dic
              "checkpoints": entries[::-1]}
     write_json(out / PACKED, index)
     return index
+
+
+def _spread(value: np.ndarray) -> float:
+    """A tensor's scale for its step: the standard deviation over its entries (a LayerNorm gain
+    near 1 varies by far less than its size), or its largest magnitude (1 if all zero) when constant."""
+    std = float(np.std(value.astype(np.float64)))
+    return std if std > 0 else max(float(np.abs(value).max(initial=0)), 1.0)
+
+
+def pack_organism(organism: Path, out: Path, alpha: float) -> dict:
+    """A bundled organism made of a trained organism's series: ``out`` gets its ``config.json`` and
+    ``training.json``, the last checkpoint as its model (float16), and the series packed in
+    ``out/checkpoints``; returns the packed index."""
+    checkpoints = read_series(organism)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "training.json"):
+        write_bytes(out / name, (organism / name).read_bytes())
+    write_bytes(out / "model.safetensors", (checkpoints[-1][1] / "model.safetensors").read_bytes())
+    return pack_series(checkpoints[-1][1].parent, out, out / SERIES, alpha)
 
 
 def _record(folder: Path) -> dict:

@@ -1,4 +1,5 @@
 """The CIFAR-10 ViT model organism: reproducible training and the bundled checkpoint."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from vitcircuits.organisms.cifar import (
     normalize_images,
     train_cifar_organism,
 )
+from vitcircuits.organisms.series import SERIES, checkpoint_steps
 
 TRAIN = "vitcircuits.organisms.cifar.train_cifar_organism"
 
@@ -56,12 +58,16 @@ def test_tiny_training_reduces_loss(tiny_run):
 
 
 @requires_cifar_zip
-def test_tiny_training_is_deterministic(tiny_run, tmp_path):
-    _, first_dir = tiny_run
-    train_cifar_organism(TINY_CFG, CIFAR_ZIP, tmp_path, progress=False)
+def test_tiny_training_is_deterministic_with_or_without_checkpoints(tiny_run, tmp_path):
+    metrics, first_dir = tiny_run
+    train_cifar_organism(dataclasses.replace(TINY_CFG, checkpoints=4), CIFAR_ZIP, tmp_path, progress=False)
     first, second = load_file(first_dir / "model.safetensors"), load_file(tmp_path / "model.safetensors")
     assert first.keys() == second.keys()
     assert all(torch.equal(first[name], second[name]) for name in first)
+    series = json.loads((tmp_path / SERIES / "series.json").read_text())["steps"]
+    assert series == checkpoint_steps(16, 4) and series[-1] == 16
+    last = json.loads((tmp_path / SERIES / "step_00000016" / "checkpoint.json").read_text())
+    assert last["accuracy"] == metrics["test_accuracy"] and {"loss", "train_loss"} <= last.keys()
 
 
 @requires_cifar_zip

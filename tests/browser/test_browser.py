@@ -217,3 +217,48 @@ def test_report_first_screen_table_of_contents_and_galleries(page, run_dir):
     page.wait_for_function("Array.from(document.querySelectorAll('#attention details img')).every(i => i.complete && i.naturalWidth > 0)")
     assert page.locator("#attention details img").first.is_visible()
     assert page.errors == []
+
+
+@pytest.fixture(scope="module")
+def dynamics_url(tmp_path_factory):
+    """The explorer on a `vitcircuits dynamics` run of a tiny organism's checkpoint series."""
+    from typer.testing import CliRunner
+
+    from vitcircuits.cli import app
+    from vitcircuits.organisms.shapes import ShapesOrganismConfig, train_shapes_organism
+    from vitcircuits.serve import RunState, make_server
+
+    root = tmp_path_factory.mktemp("dynamics")
+    train_shapes_organism(ShapesOrganismConfig(epochs=2, batch_size=16, embed_dim=16, depth=2, num_heads=2, n_train=320, n_test=30,
+                                               threads=1, checkpoints=5), root / "organism", progress=False)
+    result = CliRunner().invoke(app, ["dynamics", "--checkpoints", str(root / "organism"), "--images", "bundled:shapes",
+                                      "--out", str(root / "run"), "--device", "cpu", "--quick"])
+    assert result.exit_code == 0, result.output
+    server = make_server(RunState(root / "run", device="cpu"), port=0, quiet=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.url
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def test_the_step_slider_shows_a_checkpoints_atlas_and_attention(page, dynamics_url):
+    page.goto(dynamics_url)
+    page.wait_for_selector("#image-select option", state="attached")
+    run = json.loads(page.request.get(dynamics_url + "api/run").text())
+    steps = run["steps"]
+    assert page.locator("#step-box").is_visible() and page.locator("#step-label").text_content() == f"{steps[-1]} (last)"
+    page.wait_for_selector('#image-canvas[data-image="0"]')
+    maps = "Array.from(document.querySelectorAll('#attention-panel canvas.head-map')).map(c => c.toDataURL())"
+    _click_patch(page, 3, 3, run["rows"], run["cols"])
+    last = page.evaluate(maps)
+    first_atlas = json.loads(page.request.get(dynamics_url + f"api/atlas?step={steps[0]}").text())["atlas"]
+    page.locator("#step-slider").fill("0")  # fires input
+    page.wait_for_selector(f'#step-label:text-is("{steps[0]}")')
+    page.wait_for_selector('#attention-panel[data-state="ready"]')
+    wait_until(page, f"JSON.stringify({maps}) !== {json.dumps(json.dumps(last))}")
+    row = first_atlas[0]
+    page.hover(f'#atlas-grid td[data-head="L{row["layer"]}H{row["head"]}"]')
+    assert f"{row['modular_score']:.3f}" in page.locator("#kernel-box").text_content()
+    assert page.locator("#error").is_hidden() and page.errors == []

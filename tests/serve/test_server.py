@@ -289,7 +289,7 @@ def test_request_targets_that_do_not_parse_as_urls_are_404(server, target):
 
 
 def test_json_is_strict_even_for_non_finite_numbers(server, monkeypatch):
-    monkeypatch.setattr(server.state, "attention", lambda index, row, col: {"attention": [float("nan"), float("inf"), -float("inf"), np.float32("nan"), 0.5]})
+    monkeypatch.setattr(server.state, "attention", lambda index, row, col, step: {"attention": [float("nan"), float("inf"), -float("inf"), np.float32("nan"), 0.5]})
     status, _, body = get(server, "/api/attention?index=0&row=1&col=1")
     assert status == 200 and strict_json(body) == {"attention": [None, None, None, None, 0.5]}
 
@@ -322,6 +322,7 @@ def test_files_route_refuses_paths_outside_the_run(server, path):
     ("/api/attention?index=0&row=1", "col"), ("/api/attention?index=0&row=1.5&col=1", "row"), ("/api/attention?index=0&row=--1&col=1", "row"),
     ("/api/attention?index=0&index=1&row=1&col=1", "index"), ("/api/image", "index"), ("/api/image?index=", "index"),
     ("/api/image?index=%F0%9F%92%A5", "index"), ("/api/image?index=12345678901234567890", "index"),
+    ("/api/atlas", "step"), ("/api/atlas?step=-3", "step"), ("/api/attention?index=0&row=1&col=1&step=x", "step"),
 ])
 def test_bad_parameters_are_400_naming_the_parameter(server, query, name):
     status, headers, body = get(server, query)
@@ -403,3 +404,10 @@ def test_cli_registers_serve(tmp_path):
     assert result.exit_code == 0 and "--no-browser" in result.output and "--port" in result.output
     missing = CliRunner().invoke(app, ["serve", str(tmp_path / "missing"), "--no-browser", "--port", "0"])
     assert missing.exit_code == 2 and "error:" in missing.output and "Traceback" not in missing.output
+
+
+def test_steps_of_a_run_without_dynamics_are_unavailable_in_one_line(server):
+    assert get_json(server, "/api/run")["steps"] == []
+    for path in ("/api/atlas?step=5", "/api/attention?index=0&row=1&col=1&step=5"):
+        status, _, body = get(server, path)
+        assert status == 503 and json.loads(body)["error"].startswith("step 5: this run ")

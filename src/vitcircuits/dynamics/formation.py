@@ -20,6 +20,9 @@ The lags put the circuit first and each group's loss drop and accuracy rise seco
 steps above 1 means the group changes after the circuit forms. ``in_window`` says whether that
 crossing falls inside the circuit's interval, the test that the compositional loss drop happens
 in the same window; the single-patch group is the control, which needs no circuit.
+
+Shape letters local to this module, as in :mod:`~vitcircuits.dynamics.phase`: ``G`` the
+checkpoints, ``V`` a metric's per-image components.
 """
 from __future__ import annotations
 
@@ -86,15 +89,15 @@ class Formation:
         return next(m for m in self.metrics if (m.kind, m.subject, m.name) == (kind, subject, name))
 
 
-def modular_score(means_GM: np.ndarray) -> np.ndarray:
+def modular_score(means_GV: np.ndarray) -> np.ndarray:
     """The atlas's modular score from the means of neighbour mass and the 8 direction masses."""
-    return means_GM[..., 0] * direction_entropy(direction_shares(means_GM[..., 1:]))
+    return means_GV[..., 0] * direction_entropy(direction_shares(means_GV[..., 1:]))
 
 
-def ratio(means_GM: np.ndarray) -> np.ndarray:
+def ratio(means_GV: np.ndarray) -> np.ndarray:
     """Mean of a group's values over its images: components (value × membership, membership)."""
     with np.errstate(invalid="ignore", divide="ignore"):
-        return means_GM[..., 0] / means_GM[..., 1]
+        return means_GV[..., 0] / means_GV[..., 1]
 
 
 def head_name(layer: int, head: int) -> str:
@@ -158,54 +161,66 @@ def formation(steps: Sequence[int], measures: Sequence[StepMeasures], supported:
     if len(measures) != len(steps_G) or len(steps_G) < 2:
         raise ValueError(f"need the measures of at least 2 checkpoints, one per step; got {len(measures)} for {len(steps_G)} steps")
     phase = config.phase
-    final = measures[-1].atlas
     heads_GILHM = np.stack([m.heads_ILHM for m in measures])
-    modular = [(r.layer, r.head) for r in final.rows if r.kind == "modular"]
+    modular = [(r.layer, r.head) for r in measures[-1].atlas.rows if r.kind == "modular"]
     edge_heads = [h for e in supported for h in ((e[0], e[1]), (e[2], e[3]))]
     key_heads = list(dict.fromkeys(modular + edge_heads))[: config.key_heads]
-    metrics: list[Metric] = []
-    for r in final.rows:
-        comps_IGM = heads_GILHM[:, :, r.layer, r.head].transpose(1, 0, 2)
-        extra = {"key": (r.layer, r.head) in key_heads, "layer": r.layer, "head": r.head, "final_kind": r.kind, "peak_dy": r.peak_dy,
-                 "peak_dx": r.peak_dx}
-        subject = head_name(r.layer, r.head)
-        metrics.append(_metric("head", subject, "modular_score", steps_G, comps_IGM, phase, modular_score, **extra))
-        metrics.append(_metric("head", subject, "neighbour_mass", steps_G, comps_IGM[..., :1], phase, **extra))
+    metrics = _head_metrics(steps_G, measures[-1], heads_GILHM, key_heads, phase)
     followed = [(e, True) for e in supported] + [(e, False) for e in new_edges(measures, supported, config.new_edges)]
-    progress = []
+    edge_progress = []
     for edge, is_supported in followed:
         values_IG = _edge_values_IG(measures, edge)
         metrics.append(_metric("edge", edge_name(edge), "strength", steps_G, values_IG, phase, key=is_supported,
                                final_verdict="supported" if is_supported else "other"))
         if is_supported and (p := _progress_IG(values_IG)) is not None:
-            progress.append(p)
-    if not progress:  # no supported edge: the circuit is the modular heads
-        progress = [p for layer, head in modular if (p := _progress_IG(_modular_values_IG(heads_GILHM, layer, head))) is not None]
-    circuit = None
-    if progress:
-        circuit = _metric("circuit", "circuit", "progress", steps_G, np.mean(progress, axis=0), phase, key=True,
-                          parts=len(progress), of="supported edges" if supported else "modular heads")
-        metrics.append(circuit)
-    group_metrics = []
-    if measures[0].labels_I is not None:
-        labels_I = measures[0].labels_I
-        for name, classes in {"all": sorted({c for cs in groups.values() for c in cs}) or sorted(set(labels_I[labels_I >= 0])), **groups}.items():
-            member_I = np.isin(labels_I, list(classes)).astype(np.float64)
-            if not member_I.any():
-                continue
-            for metric_name, field_name in (("loss", "loss_I"), ("accuracy", "correct_I")):
-                values_IG = np.stack([getattr(m, field_name) for m in measures], axis=1)
-                comps_IGM = np.stack([values_IG * member_I[:, None], np.broadcast_to(member_I[:, None], values_IG.shape)], axis=-1)
-                group_metrics.append(_metric("group", name, metric_name, steps_G, comps_IGM, phase, ratio, key=True, images=int(member_I.sum())))
-        metrics += group_metrics
+            edge_progress.append(p)
+    head_progress = [p for layer, head in modular if (p := _progress_IG(_modular_values_IG(heads_GILHM, layer, head))) is not None]
+    parts, of = (edge_progress, "supported edges") if edge_progress else (head_progress, "modular heads")
+    circuit = _metric("circuit", "circuit", "progress", steps_G, np.mean(parts, axis=0), phase, key=True, parts=len(parts), of=of) \
+        if parts else None
+    group_metrics = _group_metrics(steps_G, measures, groups, phase)
+    metrics += ([circuit] if circuit else []) + group_metrics
     lags = [] if circuit is None else [_lag(steps_G, circuit, g, phase) for g in group_metrics]
     return Formation(steps_G, metrics, lags)
 
 
+def _head_metrics(steps_G: np.ndarray, final: StepMeasures, heads_GILHM: np.ndarray, key_heads: list[tuple[int, int]],
+                  phase: PhaseConfig) -> list[Metric]:
+    """Every head's modular score and neighbour mass, labelled by the final atlas."""
+    metrics = []
+    for r in final.atlas.rows:
+        comps_IGV = heads_GILHM[:, :, r.layer, r.head].transpose(1, 0, 2)
+        extra = {"key": (r.layer, r.head) in key_heads, "layer": r.layer, "head": r.head, "final_kind": r.kind, "peak_dy": r.peak_dy,
+                 "peak_dx": r.peak_dx}
+        subject = head_name(r.layer, r.head)
+        metrics.append(_metric("head", subject, "modular_score", steps_G, comps_IGV, phase, modular_score, **extra))
+        metrics.append(_metric("head", subject, "neighbour_mass", steps_G, comps_IGV[..., :1], phase, **extra))
+    return metrics
+
+
+def _group_metrics(steps_G: np.ndarray, measures: Sequence[StepMeasures], groups: Mapping[str, Sequence[int]],
+                   phase: PhaseConfig) -> list[Metric]:
+    """Loss and accuracy of all labelled images (of the groups' classes, when there are groups)
+    and of every group; none without labels."""
+    labels_I = measures[0].labels_I
+    if labels_I is None:
+        return []
+    metrics = []
+    every = sorted({c for cs in groups.values() for c in cs}) or sorted(set(labels_I[labels_I >= 0].tolist()))
+    for name, classes in {"all": every, **groups}.items():
+        member_I = np.isin(labels_I, list(classes)).astype(np.float64)
+        if not member_I.any():
+            continue
+        for metric_name, field_name in (("loss", "loss_I"), ("accuracy", "correct_I")):
+            values_IG = np.stack([getattr(m, field_name) for m in measures], axis=1)
+            comps_IGV = np.stack([values_IG * member_I[:, None], np.broadcast_to(member_I[:, None], values_IG.shape)], axis=-1)
+            metrics.append(_metric("group", name, metric_name, steps_G, comps_IGV, phase, ratio, key=True, images=int(member_I.sum())))
+    return metrics
+
+
 def _modular_values_IG(heads_GILHM: np.ndarray, layer: int, head: int) -> np.ndarray:
     """Per-image modular scores (for the circuit's progress only; the head rows use the atlas's)."""
-    comps_GIM = heads_GILHM[:, :, layer, head]
-    return modular_score(comps_GIM).T
+    return modular_score(heads_GILHM[:, :, layer, head]).T
 
 
 def _lag(steps_G: np.ndarray, a: Metric, b: Metric, config: PhaseConfig) -> dict:

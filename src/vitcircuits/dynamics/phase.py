@@ -8,12 +8,12 @@ checkpoints are spaced log-uniformly and formation is read on a log axis. The in
 resampling the images (the same resamples for every metric, so that the **lag** between two
 crossings, e.g. a composition edge's and the compositional classes' loss drop, gets an interval
 of its own). A metric that is not a plain mean over images (a ratio such as a class group's loss,
-or the modular score, a product of means) is given as per-image **components** ``[I, G, M]`` and a
-**statistic** that maps their image means ``[..., G, M]`` to the metric ``[..., G]``; it is
+or the modular score, a product of means) is given as per-image **components** ``[I, G, V]`` and a
+**statistic** that maps their image means ``[..., G, V]`` to the metric ``[..., G]``; it is
 recomputed on every resample. A metric without change (final = initial), or whose resample never crosses, has no
 crossing: the result says so and counts the resamples that did, and nothing is interpolated.
 
-Shape letters local to this module: ``G`` the checkpoints of the series (in training order), ``M``
+Shape letters local to this module: ``G`` the checkpoints of the series (in training order), ``V``
 a metric's per-image components.
 """
 from __future__ import annotations
@@ -24,16 +24,16 @@ from dataclasses import dataclass
 import numpy as np
 
 Statistic = Callable[[np.ndarray], np.ndarray]
-"""Image means of the components ``[..., G, M]`` to the metric ``[..., G]``."""
+"""Image means of the components ``[..., G, V]`` to the metric ``[..., G]``."""
 
 
-def first_component(means_GM: np.ndarray) -> np.ndarray:
+def first_component(means_GV: np.ndarray) -> np.ndarray:
     """The statistic of a plain mean over images (one component)."""
-    return means_GM[..., 0]
+    return means_GV[..., 0]
 
 
 def _components(values: np.ndarray) -> np.ndarray:
-    """``[I, G]`` or ``[I, G, M]`` as float64 ``[I, G, M]``."""
+    """``[I, G]`` or ``[I, G, V]`` as float64 ``[I, G, V]``."""
     values = np.asarray(values, dtype=np.float64)
     return values[..., None] if values.ndim == 2 else values
 
@@ -89,16 +89,16 @@ def crossing_step(steps_G: np.ndarray, values_G: np.ndarray, fraction: float = 0
     return float(np.exp(t0 + w * (t1 - t0)))
 
 
-def _check(steps_G: np.ndarray, values_IGM: np.ndarray) -> None:
-    if values_IGM.ndim != 3 or values_IGM.shape[1] != len(steps_G) or len(steps_G) < 2 or values_IGM.shape[0] == 0:
+def _check(steps_G: np.ndarray, values_IGV: np.ndarray) -> None:
+    if values_IGV.ndim != 3 or values_IGV.shape[1] != len(steps_G) or len(steps_G) < 2 or values_IGV.shape[0] == 0:
         raise ValueError(f"need per-image values [images, {len(steps_G)} checkpoints(, components)] over at least 2 checkpoints, "
-                         f"got {values_IGM.shape}")
+                         f"got {values_IGV.shape}")
     if np.any(np.asarray(steps_G) <= 0) or np.any(np.diff(steps_G) <= 0):
         raise ValueError("checkpoint steps must be positive and increasing (the fit reads them on a log axis)")
 
 
 def curve(values: np.ndarray, statistic: Statistic = first_component) -> np.ndarray:
-    """``[G]``: the metric at every checkpoint, from per-image values ``[I, G]`` or components ``[I, G, M]``."""
+    """``[G]``: the metric at every checkpoint, from per-image values ``[I, G]`` or components ``[I, G, V]``."""
     return statistic(_components(values).mean(0))
 
 
@@ -107,22 +107,22 @@ def resampled_crossings(steps_G: np.ndarray, values: np.ndarray, config: PhaseCo
     """The crossing step of each bootstrap resample of the images ``[Z]``. NaN marks a resample
     without a crossing; :func:`fit_crossing` and :func:`fit_lag` leave those out and count them,
     so no NaN reaches a result."""
-    values_IGM = _components(values)
-    _check(steps_G, values_IGM)
-    n = values_IGM.shape[0]
+    values_IGV = _components(values)
+    _check(steps_G, values_IGV)
+    n = values_IGV.shape[0]
     counts_ZI = np.random.default_rng(config.seed).multinomial(n, np.full(n, 1.0 / n), size=config.n_boot)
-    curves_ZG = statistic(np.einsum("zi,igm->zgm", counts_ZI, values_IGM) / n)
+    curves_ZG = statistic(np.einsum("zi,igv->zgv", counts_ZI, values_IGV) / n)
     return np.array([np.nan if (step := crossing_step(steps_G, c, config.fraction)) is None else step for c in curves_ZG])
 
 
 def fit_crossing(steps_G: np.ndarray, values: np.ndarray, config: PhaseConfig = PhaseConfig(),
                  statistic: Statistic = first_component) -> Crossing:
     """The crossing of the metric (the image mean of ``values`` ``[I, G]``, or ``statistic`` of
-    the components' means ``[I, G, M]``) and its bootstrap interval."""
-    values_IGM = _components(values)
-    _check(steps_G, values_IGM)
-    mean_G = statistic(values_IGM.mean(0))
-    samples_Z = resampled_crossings(steps_G, values_IGM, config, statistic)
+    the components' means ``[I, G, V]``) and its bootstrap interval."""
+    values_IGV = _components(values)
+    _check(steps_G, values_IGV)
+    mean_G = statistic(values_IGV.mean(0))
+    samples_Z = resampled_crossings(steps_G, values_IGV, config, statistic)
     crossed = samples_Z[np.isfinite(samples_Z)]
     lo, hi = (float(v) for v in np.quantile(crossed, [0.025, 0.975])) if len(crossed) else (None, None)
     return Crossing(step=crossing_step(steps_G, mean_G, config.fraction), lo=lo, hi=hi, change=float(mean_G[-1] - mean_G[0]),

@@ -61,6 +61,8 @@ class RunLayout:
     formation_json: str = "dynamics/formation.json"
     """Every followed metric's curve and formation step, and the lags."""
     formation_csv: str = "dynamics/formation.csv"
+    atlas_by_step_csv: str = "dynamics/atlas_by_step.csv"
+    """Every checkpoint's atlas in one table: kind, modular score, neighbour mass, peak offset per head."""
     lags_csv: str = "dynamics/lags.csv"
     dynamics_figures: str = "dynamics/figures.json"
 

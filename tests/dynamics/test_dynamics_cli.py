@@ -54,6 +54,8 @@ def test_outputs_and_report(run, organism):
     for m in data["metrics"]:
         assert len(m["curve"]) == len(steps) and all(np.isfinite(m["curve"]))
         assert m["step"] is None or (m["step_lo"] <= m["step"] <= m["step_hi"] or m["crossed_share"] < 1)
+    by_step = (run / LAYOUT.atlas_by_step_csv).read_text().splitlines()
+    assert by_step[0].startswith("step,layer,head,kind,modular_score") and len(by_step) == 1 + len(steps) * 4
     text = (run / LAYOUT.formation_csv).read_text()
     assert "nan" not in text.lower() and text.count("\n") == len(data["metrics"]) + 1
     report = (run / LAYOUT.report).read_text()

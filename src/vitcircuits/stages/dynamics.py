@@ -49,6 +49,9 @@ class DynamicsConfig:
     """The formation fits."""
 
 
+ATLAS_COLUMNS = ("layer", "head", "kind", "modular_score", "modular_score_lo", "modular_score_hi", "neighbour_mass", "neighbour_mass_lo",
+                 "neighbour_mass_hi", "peak_dy", "peak_dx", "peak_mass")
+"""The columns of ``atlas_by_step.csv`` (beside the step)."""
 FINAL_STAGES = ("overview", "heads", "composition")
 """The ``hunt`` stages run on the final checkpoint."""
 
@@ -135,6 +138,8 @@ def run_dynamics_stage(run: Run, loaded: LoadedModel, images: ImageSet, checkpoi
         "steps": result.steps_G.tolist(), "groups": groups, "metrics": [{**m.row(), "curve": m.curve_G.tolist()} for m in result.metrics],
         "lags": result.lags, "phase": asdict(config.formation.phase)})
     write_text(run.file(LAYOUT.formation_csv), _csv(rows))
+    write_text(run.file(LAYOUT.atlas_by_step_csv), _csv([{"step": step, **{k: r.as_dict()[k] for k in ATLAS_COLUMNS}}
+                                                          for (step, _), m in zip(checkpoints, measures) for r in m.atlas.rows]))
     write_text(run.file(LAYOUT.lags_csv), _csv(result.lags))
     figures = plot_formation(result, run.file(LAYOUT.dynamics))
     write_json(run.file(LAYOUT.dynamics_figures), [(str(path.relative_to(run.path)), caption) for path, caption in figures])
@@ -179,7 +184,8 @@ def dynamics(out: str, checkpoints: str, model: ModelOptions, images: ImageOptio
     series_key = {**key, "checkpoints": [(s, sha256_file(f / "model.safetensors")) for s, f in series],
                   "measure": asdict(config.measure), "formation": asdict(config.formation), "compose": asdict(config.hunt.compose)}
     runner.stage("dynamics", series_key, lambda: run_dynamics_stage(run, loaded, image_set, series, config, model.dtype),
-                 outputs=(LAYOUT.formation_json, LAYOUT.dynamics_figures), reads=(LAYOUT.circuits,))
+                 outputs=(LAYOUT.formation_json, LAYOUT.formation_csv, LAYOUT.atlas_by_step_csv, LAYOUT.dynamics_figures),
+                 reads=(LAYOUT.circuits,))
     report = STAGES[-1]
     runner.stage(report.name, {"upstream": {n: r["hash"] for n, r in runner.done.items() if n != "report"}},
                  lambda: report.body(run, loaded, image_set, config.hunt), outputs=report.outputs, reads=report.reads)

@@ -88,9 +88,13 @@ def _qkv(block, x_BND: torch.Tensor) -> torch.Tensor:
     return attn.qkv(_ln(block, x_BND)).reshape(B, N, 3, attn.n_heads, attn.d_head).permute(2, 0, 3, 1, 4)
 
 
-def _attend(q_BHNd, k_BHNd, v_BHNd, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log_pattern_BHQK, z_BHNd)``."""
-    log_pattern_BHQK = ((q_BHNd * scale) @ k_BHNd.transpose(-1, -2)).log_softmax(-1)
+def _attend(q_BHNd, k_BHNd, v_BHNd, scale: float, mask_NN: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log_pattern_BHQK, z_BHNd)``; ``mask_NN`` the layer's additive attention mask, if any."""
+    scores_BHQK = (q_BHNd * scale) @ k_BHNd.transpose(-1, -2)
+    if mask_NN is None:
+        log_pattern_BHQK = scores_BHQK.log_softmax(-1)
+    else:  # blocked keys: log 0 = -inf, kept finite so that 0 · log 0 is 0 in the divergences
+        log_pattern_BHQK = (scores_BHQK + mask_NN.to(scores_BHQK.dtype)).log_softmax(-1).clamp_min(torch.finfo(scores_BHQK.dtype).min)
     return log_pattern_BHQK, log_pattern_BHQK.exp() @ v_BHNd
 
 
@@ -103,7 +107,8 @@ class _Receiver:
         self.scale = model.cfg.d_head**-0.5
         self.start = model.layout.patch_start
         self.qkv = _qkv(self.block, resid_BND)
-        self.log_pattern, self.z = _attend(*self.qkv, self.scale)
+        self.mask_NN = self.block.attn.mask_NN
+        self.log_pattern, self.z = _attend(*self.qkv, self.scale, self.mask_NN)
         self.pattern = self.log_pattern.exp()
         self.p_log_p_BHN = (self.pattern * self.log_pattern).sum(-1)
         self.W_O_HdD = W_O_HdD
@@ -140,7 +145,7 @@ class _Receiver:
         """``(log pattern, z)`` with ``delta`` added to the Q, K or V input only (None: the clean pattern)."""
         q, k, v = self.qkv
         q2, k2, v2 = _qkv(self.block, self.resid + delta_BND)
-        return [_attend(q2, k, v, self.scale), _attend(q, k2, v, self.scale), (None, self.pattern @ v2)]
+        return [_attend(q2, k, v, self.scale, self.mask_NN), _attend(q, k2, v, self.scale, self.mask_NN), (None, self.pattern @ v2)]
 
 
 @torch.no_grad()

@@ -39,6 +39,8 @@ def positional_patterns(model: HookedViT) -> torch.Tensor:
         q_HNd = torch.einsum("nd,hde->hne", x, W_Q[layer]) + b_Q[layer][:, None]
         k_HNd = torch.einsum("nd,hde->hne", x, W_K[layer]) + b_K[layer][:, None]
         scores_HNN = q_HNd @ k_HNd.transpose(-1, -2) * cfg.d_head**-0.5
+        if block.attn.mask_NN is not None:
+            scores_HNN = scores_HNN + block.attn.mask_NN.double()
         patterns.append(scores_HNN.softmax(-1))
     return torch.stack(patterns)
 

@@ -5,6 +5,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 Activation = Literal["gelu", "gelu_tanh", "quick_gelu"]
 FinalNorm = Literal["tokens", "pooled", "none"]
 Pooling = Literal["token", "avg", "none"]
@@ -54,6 +56,16 @@ class TokenLayout:
         if not (0 <= p < self.n_patches):
             raise IndexError(f"token {token} is not a patch token")
         return divmod(p, self.cols)
+
+    def neighbour_block_NN(self) -> torch.Tensor:
+        """``[N, N]`` additive attention mask of a neighbour-blocked layer
+        (:attr:`ViTConfig.neighbour_blocked_layers`): ``-inf`` from each patch query to the patch
+        keys at Chebyshev distance 1, 0 elsewhere."""
+        rows_P, cols_P = (t.flatten() for t in torch.meshgrid(torch.arange(self.rows), torch.arange(self.cols), indexing="ij"))
+        distance_PP = torch.maximum((rows_P[:, None] - rows_P).abs(), (cols_P[:, None] - cols_P).abs())
+        mask_NN = torch.zeros(self.n_tokens, self.n_tokens)
+        mask_NN[self.patch_start :, self.patch_start :] = torch.where(distance_PP == 1, float("-inf"), 0.0)
+        return mask_NN
 
 
 @dataclass(frozen=True)
@@ -111,6 +123,11 @@ class ViTConfig:
     """Classifier outputs; 0 means no head (the model returns pooled features)."""
     head_bias: bool = True
     """The classifier head has a bias (CLIP's projection has none)."""
+    neighbour_blocked_layers: tuple[int, ...] = ()
+    """Layers whose patch queries cannot attend to the 8 patches around them (each patch itself and
+    the prefix tokens stay open): the co-perturbation of the training-dynamics study
+    (``docs/dynamics.md``), read from an organism's ``config.json``. Not a timm feature: timm runs
+    such a model without the block."""
 
     def __post_init__(self) -> None:
         if self.pooling == "token" and not self.class_token:
@@ -120,6 +137,8 @@ class ViTConfig:
         rows, cols = self.grid
         if rows < 1 or cols < 1 or self.img_size[0] % self.patch_size[0] or self.img_size[1] % self.patch_size[1]:
             raise ValueError(f"img_size {self.img_size} is not a positive multiple of patch_size {self.patch_size}")
+        if any(not 0 <= layer < self.n_layers for layer in self.neighbour_blocked_layers):
+            raise ValueError(f"neighbour_blocked_layers {list(self.neighbour_blocked_layers)}: not layers of a {self.n_layers}-layer model")
 
     @property
     def grid(self) -> tuple[int, int]:

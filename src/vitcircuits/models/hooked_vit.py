@@ -62,10 +62,12 @@ ACTIVATIONS = {
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (timm's parameter layout)."""
 
-    def __init__(self, cfg: ViTConfig) -> None:
+    def __init__(self, cfg: ViTConfig, blocked: bool = False) -> None:
         super().__init__()
         self.n_heads, self.d_head = cfg.n_heads, cfg.d_head
         self.scale = cfg.d_head**-0.5
+        self.mask_NN: torch.Tensor | None
+        self.register_buffer("mask_NN", cfg.layout.neighbour_block_NN() if blocked else None, persistent=False)
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.n_heads * cfg.d_head, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.n_heads * cfg.d_head, cfg.d_model)
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
@@ -81,11 +83,13 @@ class Attention(nn.Module):
         k_BHNd = self.hook_k(k_BNHd).transpose(1, 2)
         v_BHNd = self.hook_v(v_BNHd).transpose(1, 2)
         if self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks:
-            scores_BHQK = self.hook_attn_scores((q_BHNd * self.scale) @ k_BHNd.transpose(-2, -1))
+            scores_BHQK = (q_BHNd * self.scale) @ k_BHNd.transpose(-2, -1)
+            scores_BHQK = self.hook_attn_scores(scores_BHQK if self.mask_NN is None else scores_BHQK + self.mask_NN.to(scores_BHQK.dtype))
             pattern_BHQK = self.hook_pattern(scores_BHQK.softmax(dim=-1, dtype=torch.float32).to(q_BHNd.dtype))
             z_BHNd = pattern_BHQK @ v_BHNd
         else:
-            z_BHNd = F.scaled_dot_product_attention(q_BHNd, k_BHNd, v_BHNd)
+            mask_NN = None if self.mask_NN is None else self.mask_NN.to(q_BHNd.dtype)
+            z_BHNd = F.scaled_dot_product_attention(q_BHNd, k_BHNd, v_BHNd, attn_mask=mask_NN)
         z_BNHd = self.hook_z(z_BHNd.transpose(1, 2))
         if self.hook_result.has_hooks:
             W_O_DHd = self.proj.weight.view(-1, self.n_heads, self.d_head)
@@ -107,10 +111,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ViTConfig) -> None:
+    def __init__(self, cfg: ViTConfig, layer: int = 0) -> None:
         super().__init__()
         self.ln1 = LayerNorm(cfg.d_model, cfg.ln_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, blocked=layer in cfg.neighbour_blocked_layers)
         self.ls1 = LayerScale(cfg.d_model) if cfg.layer_scale else nn.Identity()
         self.ln2 = LayerNorm(cfg.d_model, cfg.ln_eps)
         self.mlp = MLP(cfg)
@@ -152,7 +156,7 @@ class HookedViT(WeightViewsMixin, HookedRootModule):
         n_pos = self.layout.n_tokens if cfg.pos_embed_prefix else self.layout.n_patches
         self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, D))
         self.ln_pre = LayerNorm(D, cfg.ln_eps) if cfg.pre_norm else None
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
         self.ln_final = LayerNorm(D, cfg.ln_eps) if cfg.final_norm != "none" else None
         self.head = nn.Linear(D, cfg.n_classes, bias=cfg.head_bias) if cfg.n_classes else None
         has_dist_head = cfg.n_classes and cfg.dist_token and cfg.dist_head

@@ -128,6 +128,10 @@ def _load_timm(config: dict, weights: Path | None, model_id: str, img_size, seed
     arch = config["architecture"]
     kwargs, pretrained_cfg = _timm_kwargs(config, img_size)
     cfg = timm_vit.config_from_timm(timm_vit.build_meta(arch, **kwargs))
+    blocked = config.get("neighbour_blocked_layers") or []
+    if not isinstance(blocked, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in blocked):
+        raise ValueError(f"{model_id}: config.json's neighbour_blocked_layers must be a list of layer indices, got {blocked!r}")
+    cfg = cfg.replace(neighbour_blocked_layers=tuple(blocked))
     model = HookedViT(cfg)
     if weights is None:
         model.init_weights(torch.Generator().manual_seed(seed))

@@ -34,6 +34,7 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.optim import create_optimizer_v2
 
 from vitcircuits.files import write_json, write_with
+from vitcircuits.models.config import TokenLayout
 from vitcircuits.organisms import shapes_task
 from vitcircuits.organisms.cifar import TIMM_ARCHITECTURE, CifarOrganismConfig, lr_factor, normalize_images, timm_hub_config, train_loop
 from vitcircuits.organisms.series import SeriesRecorder, group_metrics
@@ -101,6 +102,10 @@ class ShapesOrganismConfig:
     """Checkpoints saved through training, log-uniformly spaced in steps, with test loss and
     accuracy per class group (:mod:`vitcircuits.organisms.series`); 0: none. They do not change
     the trained weights."""
+    block_layer0_neighbours: bool = False
+    """Layer 0's patch queries cannot attend to the 8 patches around them, in training and in every
+    analysis (``neighbour_blocked_layers`` in ``config.json``): the co-perturbation of
+    ``docs/dynamics.md``."""
 
     def loop_config(self) -> CifarOrganismConfig:
         """The CIFAR organism's config that drives the shared training loop (augmentation off)."""
@@ -123,6 +128,10 @@ def build_model(cfg: ShapesOrganismConfig) -> torch.nn.Module:
             model.pos_embed[0, :1] = 0
     elif cfg.pos_embed_init != "timm":
         raise ValueError(f"pos_embed_init must be one of grid, sincos, timm; got {cfg.pos_embed_init!r}")
+    if cfg.block_layer0_neighbours:
+        grid = shapes_task.GRID
+        mask_NN = TokenLayout(cls_index=0, dist_index=None, register_slice=(1, 1), patch_start=1, rows=grid, cols=grid).neighbour_block_NN()
+        model.blocks[0].attn.register_forward_pre_hook(lambda module, args, kwargs: (args, {**kwargs, "attn_mask": mask_NN}), with_kwargs=True)
     return model
 
 
@@ -144,6 +153,8 @@ def shapes_hub_config(cfg: ShapesOrganismConfig) -> dict:
     config["model_args"] = cfg.model_args()
     config["pretrained_cfg"].update(num_classes=n_classes, label_names=list(shapes_task.CLASSES))
     config["class_groups"] = {name: sorted(classes) for name, classes in GROUPS.items()}
+    if cfg.block_layer0_neighbours:
+        config["neighbour_blocked_layers"] = [0]
     return config
 
 

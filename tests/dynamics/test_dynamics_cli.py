@@ -136,3 +136,14 @@ def test_bad_checkpoints_fail_in_one_line(tmp_path, organism):
     (broken / SERIES / f"step_{read_series(organism)[1][0]:08d}" / "model.safetensors").unlink()
     result = _run(broken, tmp_path / "b")
     assert result.exit_code != 0 and "not a checkpoint" in result.output and "Traceback" not in result.output
+
+
+def test_a_series_of_different_models_fails_in_one_line(tmp_path, organism):
+    other = tmp_path / "other"
+    train_shapes_organism(ShapesOrganismConfig(**{**TINY, "num_heads": 4, "checkpoints": 0}), other, progress=False)
+    first = read_series(organism)[0][1]
+    listing = tmp_path / "list.txt"
+    shutil.copytree(other, tmp_path / "step_00099999")
+    listing.write_text(f"{first}\n{tmp_path / 'step_00099999'}\n")
+    result = _run(listing, tmp_path / "run")
+    assert result.exit_code != 0 and "differ from the last checkpoint's" in result.output and "Traceback" not in result.output

@@ -118,7 +118,11 @@ def measure_series(run: Run, loaded: LoadedModel, images: ImageSet, checkpoints:
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("checkpoints", total=len(todo))
         images.engine.map_items(loaded.model, MeasureStep(images, config, steps_dir), todo, lambda: bar.advance(task))
-    return [StepMeasures.load(steps_dir / f"step_{step:08d}") for step, _ in checkpoints]
+    measures = [StepMeasures.load(steps_dir / f"step_{step:08d}") for step, _ in checkpoints]
+    for (step, folder), m in zip(checkpoints, measures):
+        if m.heads_ILHM.shape != measures[-1].heads_ILHM.shape or m.edges_ISJLHU.shape != measures[-1].edges_ISJLHU.shape:
+            raise ValueError(f"{folder}: its layers, heads or measured images differ from the last checkpoint's; a series is one model's training")
+    return measures
 
 
 def supported_edges(run: Run) -> list[Edge]:

@@ -137,9 +137,9 @@ def bundled_batch(loaded) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
 
 
 def test_recorded_command_reproduces_recorded_config(training, recorded_config):
-    # fields added after the organism was trained (e.g. ``checkpoints``) take their defaults
+    # fields added after the organism was trained (``checkpoints``, ``block_layer0_neighbours``) take their defaults
     added = {k: v for k, v in dataclasses.asdict(ShapesOrganismConfig()).items() if k not in training["config"]}
-    assert added.keys() <= {"checkpoints"}
+    assert added.keys() <= {"checkpoints", "block_layer0_neighbours"}
     assert recorded_config(training["command"], TRAIN) == {**training["config"], **added}
 
 

@@ -3,6 +3,7 @@ images present, clicking a patch renders live attention, traversal refused, atla
 script from a run folder's own HTML or SVG."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -49,8 +50,9 @@ def page(browser):
     context.close()
 
 
-@pytest.fixture(scope="module")
-def server_url(run_dir):
+@contextlib.contextmanager
+def serving(run_dir):
+    """The explorer on ``run_dir`` in a background thread; yields its URL."""
     from vitcircuits.serve import RunState, make_server
 
     server = make_server(RunState(run_dir, device="cpu"), port=0, quiet=True)
@@ -60,6 +62,12 @@ def server_url(run_dir):
     server.shutdown()
     server.server_close()
     thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def server_url(run_dir):
+    with serving(run_dir) as url:
+        yield url
 
 
 def test_report_renders_without_errors(page, run_dir):
@@ -226,7 +234,6 @@ def dynamics_url(tmp_path_factory):
 
     from vitcircuits.cli import app
     from vitcircuits.organisms.shapes import ShapesOrganismConfig, train_shapes_organism
-    from vitcircuits.serve import RunState, make_server
 
     root = tmp_path_factory.mktemp("dynamics")
     train_shapes_organism(ShapesOrganismConfig(epochs=2, batch_size=16, embed_dim=16, depth=2, num_heads=2, n_train=320, n_test=30,
@@ -234,13 +241,8 @@ def dynamics_url(tmp_path_factory):
     result = CliRunner().invoke(app, ["dynamics", "--checkpoints", str(root / "organism"), "--images", "bundled:shapes",
                                       "--out", str(root / "run"), "--device", "cpu", "--quick"])
     assert result.exit_code == 0, result.output
-    server = make_server(RunState(root / "run", device="cpu"), port=0, quiet=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.url
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    with serving(root / "run") as url:
+        yield url
 
 
 def test_the_step_slider_shows_a_checkpoints_atlas_and_attention(page, dynamics_url):

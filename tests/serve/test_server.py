@@ -289,7 +289,8 @@ def test_request_targets_that_do_not_parse_as_urls_are_404(server, target):
 
 
 def test_json_is_strict_even_for_non_finite_numbers(server, monkeypatch):
-    monkeypatch.setattr(server.state, "attention", lambda index, row, col, step: {"attention": [float("nan"), float("inf"), -float("inf"), np.float32("nan"), 0.5]})
+    non_finite = {"attention": [float("nan"), float("inf"), -float("inf"), np.float32("nan"), 0.5]}
+    monkeypatch.setattr(server.state, "attention", lambda index, row, col, step: non_finite)
     status, _, body = get(server, "/api/attention?index=0&row=1&col=1")
     assert status == 200 and strict_json(body) == {"attention": [None, None, None, None, 0.5]}
 

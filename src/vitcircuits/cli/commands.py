@@ -14,8 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vitcircuits.cli.errors import DEBUG, Typer
 from vitcircuits.cli.dynamics import dynamics_cmd
+from vitcircuits.cli.errors import DEBUG, Typer
 from vitcircuits.cli.necessity import necessity_cmd
 from vitcircuits.cli.options import ArchOpt, DeviceOpt, DtypeOpt, ImgSizeOpt, MaxImagesOpt, RandomOpt, RunOptions, TaskMetricOpt, run_options
 from vitcircuits.cli.organisms import organism_app

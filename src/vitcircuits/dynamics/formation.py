@@ -33,7 +33,7 @@ import numpy as np
 
 from vitcircuits.composition.patching import PATHS, QUERY_SETS
 from vitcircuits.dynamics.measure import StepMeasures
-from vitcircuits.dynamics.phase import Crossing, Lag, PhaseConfig, Statistic, curve, first_component, fit_crossing, fit_lag
+from vitcircuits.dynamics.phase import Crossing, PhaseConfig, Statistic, crossing_of, curve, first_component, lag_of, resampled_crossings
 from vitcircuits.heads.metrics import direction_entropy, direction_shares
 
 Edge = tuple[int, int, int, int, str, str]
@@ -67,8 +67,8 @@ class Metric:
     """A key head, a supported edge, a group or the circuit (drawn in the figures)."""
     extra: dict = field(default_factory=dict)
     """Per kind: a head's final kind and peak offset; an edge's verdict at the end."""
-    components: np.ndarray | None = field(default=None, repr=False)
-    statistic: Statistic = field(default=first_component, repr=False)
+    samples_Z: np.ndarray | None = field(default=None, repr=False)
+    """The crossing step of every image resample (NaN: none), for the lags."""
 
     def row(self) -> dict:
         c = self.crossing
@@ -148,8 +148,8 @@ def _progress_IG(values_IG: np.ndarray) -> np.ndarray | None:
 def _metric(kind: str, subject: str, name: str, steps_G: np.ndarray, components: np.ndarray, config: PhaseConfig,
             statistic: Statistic = first_component, **extra) -> Metric:
     key = extra.pop("key", False)
-    return Metric(kind, subject, name, curve(components, statistic), fit_crossing(steps_G, components, config, statistic), key, extra,
-                  components, statistic)
+    curve_G, samples_Z = curve(components, statistic), resampled_crossings(steps_G, components, config, statistic)
+    return Metric(kind, subject, name, curve_G, crossing_of(steps_G, curve_G, samples_Z, config), key, extra, samples_Z)
 
 
 def formation(steps: Sequence[int], measures: Sequence[StepMeasures], supported: Sequence[Edge], groups: Mapping[str, Sequence[int]],
@@ -180,7 +180,7 @@ def formation(steps: Sequence[int], measures: Sequence[StepMeasures], supported:
         if parts else None
     group_metrics = _group_metrics(steps_G, measures, groups, phase)
     metrics += ([circuit] if circuit else []) + group_metrics
-    lags = [] if circuit is None else [_lag(steps_G, circuit, g, phase) for g in group_metrics]
+    lags = [] if circuit is None else [_lag(circuit, g) for g in group_metrics]
     return Formation(steps_G, metrics, lags)
 
 
@@ -207,12 +207,12 @@ def _group_metrics(steps_G: np.ndarray, measures: Sequence[StepMeasures], groups
         return []
     metrics = []
     every = sorted({c for cs in groups.values() for c in cs}) or sorted(set(labels_I[labels_I >= 0].tolist()))
+    values = {"loss": np.stack([m.loss_I for m in measures], axis=1), "accuracy": np.stack([m.correct_I for m in measures], axis=1)}
     for name, classes in {"all": every, **groups}.items():
         member_I = np.isin(labels_I, list(classes)).astype(np.float64)
         if not member_I.any():
             continue
-        for metric_name, field_name in (("loss", "loss_I"), ("accuracy", "correct_I")):
-            values_IG = np.stack([getattr(m, field_name) for m in measures], axis=1)
+        for metric_name, values_IG in values.items():
             comps_IGV = np.stack([values_IG * member_I[:, None], np.broadcast_to(member_I[:, None], values_IG.shape)], axis=-1)
             metrics.append(_metric("group", name, metric_name, steps_G, comps_IGV, phase, ratio, key=True, images=int(member_I.sum())))
     return metrics
@@ -223,8 +223,8 @@ def _modular_values_IG(heads_GILHM: np.ndarray, layer: int, head: int) -> np.nda
     return modular_score(heads_GILHM[:, :, layer, head]).T
 
 
-def _lag(steps_G: np.ndarray, a: Metric, b: Metric, config: PhaseConfig) -> dict:
-    lag: Lag = fit_lag(steps_G, a.components, b.components, config, a.statistic, b.statistic)
+def _lag(a: Metric, b: Metric) -> dict:
+    lag = lag_of(a.crossing, b.crossing, a.samples_Z, b.samples_Z)
     window = (a.crossing.lo, a.crossing.hi)
     in_window = None if b.crossing.step is None or None in window else bool(window[0] <= b.crossing.step <= window[1])
     return {"first": f"{a.subject} {a.name}", "then": f"{b.subject} {b.name}", "ratio": lag.ratio, "ratio_lo": lag.lo, "ratio_hi": lag.hi,

@@ -93,7 +93,7 @@ def measure_checkpoint(model: HookedViT, batches: Iterable, config: MeasureConfi
     for batch in batches:
         images_BCHW = batch.images_BCHW.to(model.device, model.dtype)
         logits_BC = accumulate(model, acc, images_BCHW, list(batch.indices))
-        stats.update(model, images_BCHW)
+        stats.update(model, images_BCHW)  # its own forward: the fused attention, as the composition stage's means
         if batch.labels_B is not None and model.cfg.n_classes:
             labels_B = batch.labels_B.to(logits_BC.device)
             known_B = labels_B >= 0

@@ -115,18 +115,20 @@ def resampled_crossings(steps_G: np.ndarray, values: np.ndarray, config: PhaseCo
     return np.array([np.nan if (step := crossing_step(steps_G, c, config.fraction)) is None else step for c in curves_ZG])
 
 
+def crossing_of(steps_G: np.ndarray, curve_G: np.ndarray, samples_Z: np.ndarray, config: PhaseConfig = PhaseConfig()) -> Crossing:
+    """The crossing of a metric's curve ``[G]`` with the interval of its resamples' crossings
+    ``[Z]`` (:func:`resampled_crossings`)."""
+    crossed = samples_Z[np.isfinite(samples_Z)]
+    lo, hi = (float(v) for v in np.quantile(crossed, [0.025, 0.975])) if len(crossed) else (None, None)
+    return Crossing(step=crossing_step(steps_G, curve_G, config.fraction), lo=lo, hi=hi, change=float(curve_G[-1] - curve_G[0]),
+                    crossed_share=len(crossed) / len(samples_Z))
+
+
 def fit_crossing(steps_G: np.ndarray, values: np.ndarray, config: PhaseConfig = PhaseConfig(),
                  statistic: Statistic = first_component) -> Crossing:
     """The crossing of the metric (the image mean of ``values`` ``[I, G]``, or ``statistic`` of
     the components' means ``[I, G, V]``) and its bootstrap interval."""
-    values_IGV = _components(values)
-    _check(steps_G, values_IGV)
-    mean_G = statistic(values_IGV.mean(0))
-    samples_Z = resampled_crossings(steps_G, values_IGV, config, statistic)
-    crossed = samples_Z[np.isfinite(samples_Z)]
-    lo, hi = (float(v) for v in np.quantile(crossed, [0.025, 0.975])) if len(crossed) else (None, None)
-    return Crossing(step=crossing_step(steps_G, mean_G, config.fraction), lo=lo, hi=hi, change=float(mean_G[-1] - mean_G[0]),
-                    crossed_share=len(crossed) / config.n_boot)
+    return crossing_of(steps_G, curve(values, statistic), resampled_crossings(steps_G, values, config, statistic), config)
 
 
 @dataclass(frozen=True)
@@ -142,15 +144,22 @@ class Lag:
     """Share of the resamples in which both cross (the interval is over those)."""
 
 
+def lag_of(a: Crossing, b: Crossing, samples_a_Z: np.ndarray, samples_b_Z: np.ndarray) -> Lag:
+    """The lag of ``b``'s crossing behind ``a``'s, from both crossings and their resamples' crossings
+    (the same image resamples)."""
+    ratio_Z = samples_b_Z / samples_a_Z
+    both = ratio_Z[np.isfinite(ratio_Z)]
+    lo, hi = (float(v) for v in np.quantile(both, [0.025, 0.975])) if len(both) else (None, None)
+    ratio = None if a.step is None or b.step is None else b.step / a.step
+    return Lag(ratio=ratio, lo=lo, hi=hi, both_crossed_share=len(both) / len(ratio_Z))
+
+
 def fit_lag(steps_G: np.ndarray, a: np.ndarray, b: np.ndarray, config: PhaseConfig = PhaseConfig(),
             statistic_a: Statistic = first_component, statistic_b: Statistic = first_component) -> Lag:
     """The lag of ``b``'s crossing behind ``a``'s; ``a`` and ``b`` are per-image values (or
     components, with their statistics) of the same images, resampled together."""
     if np.asarray(a).shape[0] != np.asarray(b).shape[0]:
         raise ValueError("the two metrics must be measured on the same images")
-    fit_a, fit_b = fit_crossing(steps_G, a, config, statistic_a), fit_crossing(steps_G, b, config, statistic_b)
-    ratio_Z = resampled_crossings(steps_G, b, config, statistic_b) / resampled_crossings(steps_G, a, config, statistic_a)
-    both = ratio_Z[np.isfinite(ratio_Z)]
-    lo, hi = (float(v) for v in np.quantile(both, [0.025, 0.975])) if len(both) else (None, None)
-    ratio = None if fit_a.step is None or fit_b.step is None else fit_b.step / fit_a.step
-    return Lag(ratio=ratio, lo=lo, hi=hi, both_crossed_share=len(both) / config.n_boot)
+    samples_a_Z, samples_b_Z = (resampled_crossings(steps_G, v, config, s) for v, s in ((a, statistic_a), (b, statistic_b)))
+    return lag_of(crossing_of(steps_G, curve(a, statistic_a), samples_a_Z, config), crossing_of(steps_G, curve(b, statistic_b), samples_b_Z, config),
+                  samples_a_Z, samples_b_Z)

@@ -111,7 +111,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ViTConfig, layer: int = 0) -> None:
+    def __init__(self, cfg: ViTConfig, layer: int) -> None:
         super().__init__()
         self.ln1 = LayerNorm(cfg.d_model, cfg.ln_eps)
         self.attn = Attention(cfg, blocked=layer in cfg.neighbour_blocked_layers)

@@ -5,8 +5,8 @@ from vitcircuits.files import read_json, write_text
 from vitcircuits.layout import LAYOUT
 from vitcircuits.models.loading import LoadedModel
 from vitcircuits.report import html
-from vitcircuits.report.formation_section import formation_section
 from vitcircuits.report.first_screen import how_to_read_section, summary_section
+from vitcircuits.report.formation_section import formation_section
 from vitcircuits.report.sae_section import sae_section
 from vitcircuits.report.summary import caveats_section, line_text, number, task_metric_text, verdict_section
 from vitcircuits.report.truth_section import truth_section

@@ -12,6 +12,8 @@ figures and the report's Formation section follow.
 """
 from __future__ import annotations
 
+import csv
+import io
 import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -96,19 +98,19 @@ class MeasureStep:
         return step
 
 
-def step_key(folder: Path, images: ImageSet, config: MeasureConfig, dtype: str) -> dict:
-    """What a step folder's measurements depend on."""
-    return {"weights_sha256": sha256_file(folder / "model.safetensors"), "image_list_sha256": images.image_list_sha256,
-            "measure": asdict(config), "dtype": dtype}
+def weights_sha256(checkpoints: list[tuple[int, Path]]) -> list[str]:
+    """Each checkpoint's weights' sha256 (read once per run: they key the run and every step)."""
+    return [sha256_file(folder / "model.safetensors") for _, folder in checkpoints]
 
 
-def measure_series(run: Run, loaded: LoadedModel, images: ImageSet, checkpoints: list[tuple[int, Path]], config: MeasureConfig,
-                   dtype: str) -> list[StepMeasures]:
-    """Every checkpoint's measurements, reusing the step folders whose key matches."""
+def measure_series(run: Run, loaded: LoadedModel, images: ImageSet, checkpoints: list[tuple[int, Path]], weights: list[str],
+                   config: MeasureConfig, dtype: str) -> list[StepMeasures]:
+    """Every checkpoint's measurements (``weights``: their sha256), reusing the step folders whose
+    key matches."""
     steps_dir = run.file(LAYOUT.dynamics_steps)
     todo = []
-    for step, folder in checkpoints:
-        key = step_key(folder, images, config, dtype)
+    for (step, folder), sha256 in zip(checkpoints, weights):
+        key = {"weights_sha256": sha256, "image_list_sha256": images.image_list_sha256, "measure": asdict(config), "dtype": dtype}
         done = steps_dir / f"step_{step:08d}" / "key.json"
         if not (done.is_file() and read_json(done) == key):
             todo.append((step, folder, key))
@@ -131,15 +133,15 @@ def supported_edges(run: Run) -> list[Edge]:
             if c["verdict"] == "supported"]
 
 
-def run_dynamics_stage(run: Run, loaded: LoadedModel, images: ImageSet, checkpoints: list[tuple[int, Path]], config: DynamicsConfig,
-                       dtype: str) -> Formation:
+def run_dynamics_stage(run: Run, loaded: LoadedModel, images: ImageSet, checkpoints: list[tuple[int, Path]], weights: list[str],
+                       config: DynamicsConfig, dtype: str) -> Formation:
     """Measure the series, fit formation and write ``dynamics/`` (formation tables and figures)."""
-    measures = measure_series(run, loaded, images, checkpoints, config.measure, dtype)
+    measures = measure_series(run, loaded, images, checkpoints, weights, config.measure, dtype)
     groups = dict(loaded.pretrained_cfg.get("class_groups") or {})
     result = formation([step for step, _ in checkpoints], measures, supported_edges(run), groups, config.formation)
     rows = [m.row() for m in result.metrics]
     write_json(run.file(LAYOUT.formation_json), {
-        "steps": result.steps_G.tolist(), "groups": groups, "metrics": [{**m.row(), "curve": m.curve_G.tolist()} for m in result.metrics],
+        "steps": result.steps_G.tolist(), "groups": groups, "metrics": [{**row, "curve": m.curve_G.tolist()} for row, m in zip(rows, result.metrics)],
         "lags": result.lags, "phase": asdict(config.formation.phase)})
     write_text(run.file(LAYOUT.formation_csv), _csv(rows))
     write_text(run.file(LAYOUT.atlas_by_step_csv), _csv([{"step": step, **{k: r.as_dict()[k] for k in ATLAS_COLUMNS}}
@@ -154,11 +156,14 @@ def run_dynamics_stage(run: Run, loaded: LoadedModel, images: ImageSet, checkpoi
 
 
 def _csv(rows: list[dict]) -> str:
+    """Rows as CSV, the columns in order of first appearance; floats to 6 significant digits, None empty."""
     if not rows:
         return ""
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    cell = lambda v: "" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)  # noqa: E731
-    return "\n".join([",".join(columns), *(",".join(cell(r.get(c)) for c in columns) for r in rows)]) + "\n"
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: "" if v is None else f"{v:.6g}" if isinstance(v, float) else v for k, v in r.items()} for r in rows)
+    return buf.getvalue()
 
 
 def dynamics(out: str, checkpoints: str, model: ModelOptions, images: ImageOptions, config: DynamicsConfig, *, force: bool = False,
@@ -185,13 +190,14 @@ def dynamics(out: str, checkpoints: str, model: ModelOptions, images: ImageOptio
     for stage in (s for s in STAGES if s.name in FINAL_STAGES):
         runner.stage(stage.name, {**key, **stage.depends_on(config.hunt, runner.done)},
                      lambda stage=stage: stage.body(run, loaded, image_set, config.hunt), outputs=stage.outputs, reads=stage.reads)
-    series_key = {**key, "checkpoints": [(s, sha256_file(f / "model.safetensors")) for s, f in series],
+    weights = weights_sha256(series)
+    series_key = {**key, "checkpoints": [(s, sha256) for (s, _), sha256 in zip(series, weights)],
                   "measure": asdict(config.measure), "formation": asdict(config.formation), "compose": asdict(config.hunt.compose)}
-    runner.stage("dynamics", series_key, lambda: run_dynamics_stage(run, loaded, image_set, series, config, model.dtype),
+    runner.stage("dynamics", series_key, lambda: run_dynamics_stage(run, loaded, image_set, series, weights, config, model.dtype),
                  outputs=(LAYOUT.formation_json, LAYOUT.formation_csv, LAYOUT.atlas_by_step_csv, LAYOUT.dynamics_figures),
                  reads=(LAYOUT.circuits,))
     report = STAGES[-1]
-    runner.stage(report.name, {"upstream": {n: r["hash"] for n, r in runner.done.items() if n != "report"}},
+    runner.stage(report.name, report.depends_on(config.hunt, runner.done),
                  lambda: report.body(run, loaded, image_set, config.hunt), outputs=report.outputs, reads=report.reads)
     run.write_manifest(outputs={"report": LAYOUT.report, "stages": runner.done})
     started.close()
